@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   train the quick CPU preset on CIFAR-10 (then export and serve it)
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/cifar10
+RUN ?= runs/cpu
+# The CPU build of torch lies on this project's machines; on others pip fetches 2.13.0.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test lint demo clean
+
+$(BIN)/center-embed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/center-embed
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/center-embed train --preset cpu --data $(DATA) --out $(RUN) $(if $(wildcard $(RUN)/last.pt),--resume $(RUN),)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,428 @@
+"""Datasets: read once, cache as uint8 arrays, split, and batch on the training device.
+
+Two on-disk formats are read:
+  * an image-folder tree: `train/<class>/*` and `test/<class>/*`, any format Pillow reads;
+  * the canonical CIFAR-10 python archive: `cifar-10-python.tar.gz` or its extracted
+    `cifar-10-batches-py/` folder (or a folder holding either).
+
+Decoding 60,000 JPEGs takes a while, so the decoded arrays are cached as .npy files keyed
+by the source path, its fingerprint and the image size; a second start memory-maps them.
+Nothing in this file runs per image during training: `BatchLoader` augments whole
+batches with tensor ops on the device that holds the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from center_embed.errors import UserError
+from center_embed.imageio import ImageDecodeError, decode_image, image_extensions
+
+CACHE_VERSION = 1
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST_BATCH = "test_batch"
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, 3) uint8, RGB
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    class_names: list[str]
+    source: str  # where it was read from, for provenance
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_dataset(path: str | Path, image_size: int = 32, cache_dir: str | Path = "") -> Dataset:
+    """Read an image folder or a CIFAR-10 archive, through the cache."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"dataset not found: {path}")
+    kind, source = _detect_format(path)
+    key = _cache_key(kind, source, image_size)
+    cache = _cache_root(cache_dir) / key
+    if (cache / "meta.json").exists():
+        try:
+            return _read_cache(cache, str(source))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    if kind == "folder":
+        dataset = _read_image_folder(source, image_size)
+    else:
+        dataset = _read_cifar(source, kind)
+        if dataset.train.images.shape[1] != image_size:
+            raise UserError(
+                f"{source} holds {dataset.train.images.shape[1]}px images; "
+                f"set data.image_size={dataset.train.images.shape[1]}"
+            )
+    _write_cache(cache, dataset)
+    return dataset
+
+
+def _detect_format(path: Path) -> tuple[str, Path]:
+    if path.is_file():
+        if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return "archive", path
+        raise UserError(f"{path} is a file but not a .tar.gz archive of CIFAR-10")
+    if (path / "data_batch_1").exists() or (path / "batches.meta").exists():
+        return "batches", path
+    if (path / CIFAR_FOLDER).is_dir():
+        return "batches", path / CIFAR_FOLDER
+    if (path / CIFAR_ARCHIVE).is_file():
+        return "archive", path / CIFAR_ARCHIVE
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return "folder", path
+    raise UserError(
+        f"{path} is neither an image folder (train/<class>/*, test/<class>/*) "
+        f"nor a CIFAR-10 archive ({CIFAR_ARCHIVE} or {CIFAR_FOLDER}/)"
+    )
+
+
+def _read_image_folder(root: Path, image_size: int) -> Dataset:
+    train_classes = _class_dirs(root / "train")
+    test_classes = _class_dirs(root / "test")
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise UserError(
+            f"class folders differ between {root / 'train'} and {root / 'test'}: "
+            f"only in train {only_train}, only in test {only_test}"
+        )
+    extensions = image_extensions()
+    splits = []
+    for split in ("train", "test"):
+        files, labels = [], []
+        for label, name in enumerate(train_classes):
+            folder = root / split / name
+            found = sorted(
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in extensions and not p.name.startswith(".")
+            )
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise UserError(f"no images found under {root / split}")
+        splits.append(Split(_decode_files(files, image_size), np.asarray(labels, np.int64)))
+    return Dataset(splits[0], splits[1], train_classes, str(root))
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise UserError(f"no class folders in {folder}")
+    return names
+
+
+def _decode_files(files: list[Path], image_size: int) -> np.ndarray:
+    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
+
+    def work(i: int) -> None:
+        try:
+            images[i] = decode_image(files[i], image_size)
+        except ImageDecodeError as e:
+            raise UserError(f"unreadable image {files[i]}: {e}") from None
+
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for _ in pool.map(work, range(len(files)), chunksize=256):
+            pass
+    return images
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only what CIFAR batches contain (dicts, lists, numpy arrays): no code execution."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name} in CIFAR batch")
+
+
+def _unpickle(data: bytes, name: str) -> dict:
+    try:
+        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise UserError(f"CIFAR batch {name} is corrupt: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"CIFAR batch {name} is not a dict")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_cifar(source: Path, kind: str) -> Dataset:
+    wanted = [*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH, "batches.meta"]
+    blobs: dict[str, bytes] = {}
+    if kind == "archive":
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name in wanted:
+                        blobs[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise UserError(f"archive {source} is truncated or corrupt: {e}") from None
+    else:
+        for name in wanted:
+            if (source / name).is_file():
+                blobs[name] = (source / name).read_bytes()
+    missing = [n for n in wanted if n not in blobs]
+    if missing:
+        raise UserError(f"{source} lacks CIFAR-10 files: {', '.join(missing)}")
+    meta = _unpickle(blobs["batches.meta"], "batches.meta")
+    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
+
+    def split(names: list[str]) -> Split:
+        images, labels = [], []
+        for name in names:
+            batch = _unpickle(blobs[name], name)
+            try:
+                data = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32)
+                batch_labels = np.asarray(batch["labels"], np.int64)
+            except (KeyError, ValueError) as e:
+                raise UserError(f"CIFAR batch {name} is malformed: {e}") from None
+            if len(batch_labels) != len(data):
+                raise UserError(
+                    f"CIFAR batch {name}: {len(data)} images, {len(batch_labels)} labels"
+                )
+            images.append(data.transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
+            labels.append(batch_labels)
+        labels_all = np.concatenate(labels)
+        if labels_all.min() < 0 or labels_all.max() >= len(class_names):
+            raise UserError(f"{source}: labels out of range for {len(class_names)} classes")
+        return Split(np.ascontiguousarray(np.concatenate(images)), labels_all)
+
+    return Dataset(split(CIFAR_TRAIN_BATCHES), split([CIFAR_TEST_BATCH]), class_names, str(source))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_root(cache_dir: str | Path) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("CENTER_EMBED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "center-embed"
+
+
+def _fingerprint(kind: str, source: Path) -> list:
+    """Cheap change detection: sizes and mtimes of files, or of folders for an image tree.
+
+    A folder's mtime changes whenever a file is added, removed or renamed in it, so an
+    image tree is fingerprinted without a stat of each of its files.
+    """
+    if kind == "folder":
+        parts = []
+        for split in ("train", "test"):
+            for d in sorted((source / split).iterdir()):
+                if d.is_dir():
+                    st = d.stat()
+                    parts.append([split, d.name, st.st_mtime_ns])
+        return parts
+    files = [source] if kind == "archive" else sorted(p for p in source.iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _cache_key(kind: str, source: Path, image_size: int) -> str:
+    ident = [CACHE_VERSION, kind, str(source.resolve()), image_size, _fingerprint(kind, source)]
+    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    return f"{source.name}-{digest}"
+
+
+def _write_cache(cache: Path, dataset: Dataset) -> None:
+    """Write into a temporary folder, then rename: a crash never leaves a torn cache."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        for split_name in ("train", "test"):
+            split = getattr(dataset, split_name)
+            np.save(tmp / f"{split_name}_images.npy", split.images)
+            np.save(tmp / f"{split_name}_labels.npy", split.labels)
+        meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process won the race: theirs is as good as ours
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    except OSError:
+        pass  # a read-only cache location only costs the next start its decode time
+
+
+def _read_cache(cache: Path, source: str) -> Dataset:
+    meta = json.loads((cache / "meta.json").read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError("old cache")
+
+    def split(name: str) -> Split:
+        return Split(
+            np.load(cache / f"{name}_images.npy", mmap_mode="r"),
+            np.load(cache / f"{name}_labels.npy"),
+        )
+
+    return Dataset(split("train"), split("test"), meta["class_names"], source)
+
+
+# --------------------------------------------------------------------------- selecting
+
+
+def select_classes(dataset: Dataset, classes: list[str]) -> Dataset:
+    """Keep only the named classes, relabelled 0..k-1 in the order given."""
+    if not classes:
+        return dataset
+    unknown = [c for c in classes if c not in dataset.class_names]
+    if unknown:
+        raise UserError(f"unknown classes {unknown}; the dataset has {dataset.class_names}")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"classes listed twice in {classes}")
+    old_to_new = np.full(len(dataset.class_names), -1, np.int64)
+    for new, name in enumerate(classes):
+        old_to_new[dataset.class_names.index(name)] = new
+
+    def pick(split: Split) -> Split:
+        keep = np.flatnonzero(old_to_new[split.labels] >= 0)
+        return Split(split.images[keep], old_to_new[split.labels[keep]])
+
+    return Dataset(pick(dataset.train), pick(dataset.test), list(classes), dataset.source)
+
+
+def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Hold `val_size` images out of train, chosen by a seeded permutation."""
+    if val_size < 0 or val_size >= len(train):
+        raise UserError(f"data.val_size={val_size} must lie in [0, {len(train) - 1}]")
+    order = np.random.default_rng(seed).permutation(len(train))
+    val_index, train_index = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return train.subset(train_index), train.subset(val_index)
+
+
+def channel_stats(images: np.ndarray, max_images: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels/255, from at most `max_images` images."""
+    sample = np.asarray(images[:max_images], np.float64) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class BatchLoader:
+    """Batches from a uint8 dataset held on the training device, augmented as tensor ops.
+
+    Every random choice comes from a generator seeded by (seed, epoch, step), so an epoch
+    is reproducible from its number alone: resuming mid-run replays it exactly, and every
+    process of a distributed run draws the same global batch, then keeps its own shard.
+    """
+
+    def __init__(
+        self,
+        images,  # torch.Tensor (N, H, W, 3) uint8 on the device
+        labels,  # torch.Tensor (N,) int64 on the device
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        flip: bool = False,
+        translate: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        import torch
+
+        if batch_size % world_size:
+            raise UserError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.images, self.labels = images, labels
+        self.batch_size, self.flip, self.translate, self.seed = batch_size, flip, translate, seed
+        self.rank, self.world_size = rank, world_size
+        device = images.device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size  # drop the last partial batch
+
+    def _generator(self, *key: int):
+        import torch
+
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(hashlib.sha256(repr((self.seed, *key)).encode()).hexdigest()[:15], 16))
+        return g
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
+        """Yield (images (b, 3, H, W) float normalised, labels (b,)) for this process."""
+        import torch
+
+        order = torch.randperm(len(self.labels), generator=self._generator(epoch))
+        order = order.to(self.labels.device)
+        shard = self.batch_size // self.world_size
+        for step in range(start_step, len(self)):
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            rows, cols = self._augment_grid(len(index), self._generator(epoch, step))
+            mine = slice(self.rank * shard, (self.rank + 1) * shard)
+            index, rows, cols = index[mine], rows[mine], cols[mine]
+            pixels = self.images[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+            yield self.normalize(pixels), self.labels[index]
+
+    def normalize(self, pixels):
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory already."""
+        return (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+    def _augment_grid(self, n: int, g):
+        """Per-image row and column indices doing a reflect-padded random crop and flip."""
+        import torch
+
+        device = self.images.device
+        h, w = self.images.shape[1:3]
+        rows = torch.arange(h).expand(n, h)
+        cols = torch.arange(w).expand(n, w)
+        t = self.translate
+        if t > 0:
+            shifts = torch.randint(-t, t + 1, (n, 2), generator=g)
+            rows = _reflect(rows + shifts[:, :1], h)
+            cols = _reflect(cols + shifts[:, 1:], w)
+        if self.flip:
+            flip = torch.rand(n, generator=g) < 0.5
+            cols = torch.where(flip[:, None], cols.flip(1), cols)
+        return rows.to(device), cols.to(device)
+
+
+def _reflect(index, size: int):
+    """Reflect indices in [-size+1, 2*size-2] as F.pad(mode='reflect') does."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()

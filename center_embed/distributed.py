@@ -1,0 +1,55 @@
+"""torchrun support: process-group set-up, the DDP wrapper, and who writes files.
+
+Launched by torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment), training joins
+a process group: gloo on the CPU, nccl on CUDA. Each process takes its shard of every
+global batch (see BatchLoader), DDP averages the model's gradients, CenterLoss all-reduces
+its per-class sums and counts, and only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # we created the process group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str = "auto") -> Context:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Context(rank, local_rank, world_size, owns_group=False)
+    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Context(rank, local_rank, world_size, owns_group=True)
+
+
+def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+    if ctx.world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()

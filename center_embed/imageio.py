@@ -1,0 +1,75 @@
+"""Decoding one image into the uint8 pixels every part of center-embed agrees on.
+
+Needs numpy and Pillow only (no torch): training, export calibration, the HTTP service
+and the batch scorer all decode through `decode_image`, so they can never disagree.
+
+Resize policy: the image is converted to RGB, its shorter side is resized to the model's
+input size with Pillow's bilinear filter (antialiased when shrinking), and the centre is
+cropped to a square. An image already at the input size is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can decode (or decoding failed part-way)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed."""
+
+
+def image_extensions() -> set[str]:
+    """File extensions Pillow can open (lower case, with the dot)."""
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+    """RGB, shorter side resized to `size`, centre-cropped: uint8 (size, size, 3)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image(data: bytes | Path | str, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode bytes or a file into uint8 (size, size, 3) RGB, raising ImageDecodeError.
+
+    `max_pixels` rejects images larger than that before decoding them fully; Pillow's own
+    decompression-bomb guard stays on either way (its warning is raised as an error).
+    """
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"image is {image.width}x{image.height} pixels, "
+                        f"more than the limit of {max_pixels}"
+                    )
+                image.load()
+                return fit_image(image, size)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image format Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        # Truncated or corrupt data surfaces as OSError ("image file is truncated") etc.
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None

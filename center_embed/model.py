@@ -1,0 +1,104 @@
+"""A fast CIFAR CNN of the airbench94 family, split into `embed` and `head`.
+
+    images (B, 3, H, W), normalised
+      -> whitening conv 2x2 (frozen weights from the patch covariance) -> GELU
+      -> 3 x ConvGroup(conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU)
+      -> global max pool -> linear                                  = embed(x)  (B, D)
+      -> linear, scaled by logit_scale                              = head(e)   (B, C)
+
+The center loss acts on `embed(x)`; export wraps `embed` and the centers. The only
+constructor argument is a typed `ModelConfig` (plus the class count), which the
+checkpoint stores, so any tool rebuilds the network from the file alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from center_embed.config import ModelConfig
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a frozen unit scale (only the bias learns), as airbench does."""
+
+    def __init__(self, num_features: int, momentum: float, eps: float = 1e-12) -> None:
+        # airbench states momentum as the weight of the old statistic; torch the new one.
+        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv, dirac-initialised so each layer starts close to the identity."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__(channels_in, channels_out, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        torch.nn.init.dirac_(w[: w.size(1)])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = Conv(channels_in, channels_out)
+        self.norm1 = BatchNorm(channels_out, batchnorm_momentum)
+        self.conv2 = Conv(channels_out, channels_out)
+        self.norm2 = BatchNorm(channels_out, batchnorm_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class EmbeddingNet(nn.Module):
+    WHITEN_KERNEL = 2
+
+    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config, self.num_classes = config, num_classes
+        w1, w2, w3 = config.widths
+        whiten_width = 2 * 3 * self.WHITEN_KERNEL**2
+        self.whiten = nn.Conv2d(3, whiten_width, self.WHITEN_KERNEL, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False  # set from data by init_whitening()
+        nn.init.zeros_(self.whiten.bias)
+        m = config.batchnorm_momentum
+        self.groups = nn.Sequential(
+            ConvGroup(whiten_width, w1, m), ConvGroup(w1, w2, m), ConvGroup(w2, w3, m)
+        )
+        self.embedding = nn.Linear(w3, config.embedding_dim, bias=False)
+        self.classifier = nn.Linear(config.embedding_dim, num_classes, bias=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))  # (B, 24, H-1, W-1)
+        x = self.groups(x)  # (B, w3, H/8, W/8)
+        x = torch.amax(x, dim=(2, 3))  # (B, w3): global max pool
+        return self.embedding(x)  # (B, D)
+
+    def head(self, e: torch.Tensor) -> torch.Tensor:
+        return self.classifier(e) * self.config.logit_scale  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.embed(x)
+        return e, self.head(e)
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first conv to whiten 2x2 patches of `images` (N, 3, H, W), normalised.
+
+        The filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue),
+        and their negatives (so the GELU after it keeps both signs).
+        """
+        k = self.WHITEN_KERNEL
+        c = images.shape[1]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, c, H', W', k, k)
+        patches = patches.transpose(1, 3).reshape(-1, c * k * k)  # (P, c*k*k), conv layout
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
+        filters = eigenvectors.T.reshape(c * k * k, c, k, k).flip(0)
+        filters = filters / torch.sqrt(eigenvalues + eps)
+        self.whiten.weight.copy_(torch.cat((filters, -filters)).to(self.whiten.weight))
