@@ -21,6 +21,12 @@ from center_embed.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("center_embed.cli", "train a model with softmax + center loss"),
     "eval": ("center_embed.cli", "test-split metrics of a checkpoint"),
+    "export": ("export.cli", "write a checkpoint as one verified ONNX model"),
+    "verify": ("export.cli", "accuracy of an ONNX model on a dataset, through onnxruntime"),
+    "inspect": ("export.cli", "print an ONNX model's classes, dims, threshold, provenance"),
+    "serve": ("service.cli", "serve an ONNX model over HTTP"),
+    "score": ("service.score", "score a folder or list of images into Parquet"),
+    "report": ("service.report", "an evaluation report (HTML, JSON, plots) of a model"),
 }
 
 

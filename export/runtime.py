@@ -1,0 +1,190 @@
+"""Opening an exported model: the onnxruntime session, its metadata, and image batches.
+
+This is the one place that creates onnxruntime sessions; the HTTP service, the batch
+scorer and `export verify` all go through it. It imports numpy, Pillow and onnxruntime
+only (never torch), so a serving install stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+from center_embed.imageio import decode_image
+
+PREFIX = "center_embed."
+FORMAT_VERSION = 1
+INPUT = "images"
+OUTPUTS = ("embeddings", "distances", "labels", "min_distances")
+
+
+@dataclass
+class ModelInfo:
+    """What an exported model says about itself (its `center_embed.*` metadata)."""
+
+    class_names: list[str]
+    embedding_dim: int
+    input_size: tuple[int, int]  # (H, W)
+    mean: list[float]
+    std: list[float]
+    distance: str
+    precision: str
+    unknown_threshold: float | None
+    class_thresholds: dict[str, float] | None
+    metadata: dict[str, str] = field(default_factory=dict)  # every key, raw strings
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
+    """Read our metadata_props, raising UserError when they are absent or malformed."""
+    ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
+    if "format_version" not in ours:
+        raise UserError(f"{source} has no center_embed metadata: not exported by center-embed")
+    try:
+        version = int(ours["format_version"])
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{source} has model format version {version}; this center-embed reads "
+                f"version {FORMAT_VERSION}"
+            )
+        threshold = ours.get("unknown_threshold")
+        per_class = ours.get("class_thresholds")
+        return ModelInfo(
+            class_names=list(json.loads(ours["class_names"])),
+            embedding_dim=int(ours["embedding_dim"]),
+            input_size=tuple(json.loads(ours["input_size"])),  # type: ignore[arg-type]
+            mean=[float(v) for v in json.loads(ours["mean"])],
+            std=[float(v) for v in json.loads(ours["std"])],
+            distance=ours.get("distance", "squared_euclidean"),
+            precision=ours.get("precision", "fp32"),
+            unknown_threshold=float(threshold) if threshold not in (None, "") else None,
+            class_thresholds=json.loads(per_class) if per_class else None,
+            metadata=dict(props),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """CUDA when the GPU build of onnxruntime and a GPU are present (or asked for), else CPU."""
+    available = available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("cuda", "gpu"):
+        if "CUDAExecutionProvider" not in available:
+            raise UserError(
+                "CUDA was asked for but this onnxruntime has no CUDA provider; "
+                "install center-embed[gpu] (onnxruntime-gpu) instead of onnxruntime"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise UserError(f"device must be auto, cpu or cuda, not {device!r}")
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(path: str | Path, device: str = "auto", threads: int = 0):
+    """An onnxruntime InferenceSession with every graph optimisation on.
+
+    threads: intra-op threads (0: onnxruntime's default, one per core).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=choose_providers(device))
+    except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+        if "InvalidProtobuf" in type(e).__name__ or "Load model" in str(e) or "protobuf" in str(e):
+            raise UserError(f"{path} is not a readable ONNX model") from None
+        raise
+
+
+class OnnxModel:
+    """An exported center-embed model, ready to run on uint8 image batches."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0) -> None:
+        self.path = Path(path)
+        self.session = create_session(self.path, device, threads)
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.info = parse_metadata(props, str(self.path))
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT] or list(outputs) != list(OUTPUTS):
+            raise UserError(
+                f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
+                f"[{INPUT!r}] and {list(OUTPUTS)}"
+            )
+
+    @property
+    def provider(self) -> str:
+        """The execution provider actually in use (the first one the session kept)."""
+        return self.session.get_providers()[0]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """images uint8 (N, H, W, 3) RGB -> embeddings (N, D), distances (N, C),
+        labels (N,) int64, min_distances (N,)."""
+        h, w = self.info.input_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
+            raise ValueError(f"images must be uint8 (N, {h}, {w}, 3), got {images.dtype} "
+                             f"{images.shape}")  # fmt: skip
+        values = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images)})
+        return dict(zip(OUTPUTS, values, strict=True))
+
+    def decode(self, data: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
+        """One image (bytes or a path) as uint8 (H, W, 3), by the model's resize policy."""
+        h, w = self.info.input_size
+        if h != w:
+            raise UserError(f"{self.path}: only square inputs are supported, got {h}x{w}")
+        return decode_image(data, h, max_pixels)
+
+    def unknown(self, min_distances: np.ndarray) -> np.ndarray:
+        """True where the min distance exceeds the model's global unknown threshold."""
+        if self.info.unknown_threshold is None:
+            return np.zeros(len(min_distances), dtype=bool)
+        return min_distances > self.info.unknown_threshold
+
+
+def stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """A list of decoded (H, W, 3) images as one uint8 batch (N, H, W, 3)."""
+    return np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def default_threads() -> int:
+    return int(os.environ.get("CENTER_EMBED_THREADS", "0"))
+
+
+def describe(info: ModelInfo) -> dict[str, Any]:
+    """Metadata as plain JSON-able values (JSON strings decoded), for `inspect` and /v1/model."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(info.metadata.items()):
+        if not key.startswith(PREFIX):
+            continue
+        try:
+            out[key[len(PREFIX) :]] = json.loads(value)
+        except (ValueError, TypeError):
+            out[key[len(PREFIX) :]] = value
+    return out

@@ -1,0 +1,48 @@
+"""Metrics against brute-force definitions on small hand-made sets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from center_embed.metrics import intra_inter_ratio, retrieval_metrics, squared_distances
+
+
+def brute_force_retrieval(x: list[list[float]], y: list[int]) -> tuple[float, float]:
+    p1, aps, n = 0.0, 0.0, 0
+    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
+        others = [(math.dist(xi, xj), y[j]) for j, xj in enumerate(x) if j != i]
+        others.sort(key=lambda t: t[0])
+        r = sum(1 for _, yj in others if yj == yi)
+        if r == 0:
+            continue
+        n += 1
+        p1 += others[0][1] == yi
+        hits, ap = 0, 0.0
+        for k, (_, yj) in enumerate(others[:r], start=1):
+            if yj == yi:
+                hits += 1
+                ap += hits / k
+        aps += ap / r
+    return p1 / n, aps / n
+
+
+def test_retrieval_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    y[-1] = 7  # a class with a single member is skipped as a query
+    got = retrieval_metrics(x, y, chunk=7)
+    p1, map_r = brute_force_retrieval(x.tolist(), y.tolist())
+    assert got["precision_at_1"] == pytest.approx(p1)
+    assert got["map_at_r"] == pytest.approx(map_r)
+
+
+def test_squared_distances_and_ratio():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    c = torch.tensor([[0.0, 0.0], [6.0, 8.0]])
+    assert squared_distances(x, c).tolist() == [[0.0, 100.0], [25.0, 25.0]]
+    # Own-center distances 0 and 5 (mean 2.5); the two centers are 10 apart.
+    assert intra_inter_ratio(x, torch.tensor([0, 1]), c) == pytest.approx(0.25)

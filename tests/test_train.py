@@ -1,0 +1,72 @@
+"""A short training run end to end: the loss falls, checkpoints reload, bad input is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from center_embed.checkpoint import FORMAT_VERSION, build_model, load_checkpoint, save_checkpoint
+from center_embed.errors import UserError
+from center_embed.evaluate import evaluate_checkpoint
+from center_embed.train import train
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("update", ["paper", "mean", "sgd"])
+def test_short_run_learns_and_checkpoint_reloads(tiny_folder, tmp_path, update):
+    cfg = tiny_config(tiny_folder, loss__update=update, train__epochs="4")
+    result = train(cfg, tmp_path, log=lambda _: None)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    assert history[-1]["train_ce"] < history[0]["train_ce"]
+    assert result["val"]["nearest_center_accuracy"] >= 0.9  # three easy classes
+
+    # weights_only=True: plain types and tensors only.
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION
+    assert raw["class_names"] == ["blue", "green", "red"]
+    assert raw["config"]["loss"]["update"] == update
+    model, criterion, _ = build_model(load_checkpoint(tmp_path / "best.pt"))
+    assert torch.equal(criterion.centers, raw["center_loss"]["centers"])
+    e = model.embed(torch.zeros(2, 3, 32, 32))
+    assert e.shape == (2, cfg.model.embedding_dim) and torch.isfinite(e).all()
+
+
+def test_eval_reports_every_metric(tiny_checkpoint):
+    result = evaluate_checkpoint(tiny_checkpoint, tta=1, bf16="off")
+    for key in ("softmax_accuracy", "nearest_center_accuracy", "precision_at_1"):
+        assert 0.9 <= result[key] <= 1.0, key
+    assert 0.7 <= result["map_at_r"] <= result["precision_at_1"]
+    assert 0 < result["intra_inter_ratio"] < 1
+    assert result["test_images"] == 48 and result["tta"]["level"] == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path):
+    train(tiny_config(tiny_folder, train__epochs="1"), tmp_path / "ok", log=lambda _: None)
+    good = (tmp_path / "ok" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="NaN or infinite"):
+        train(tiny_config(tiny_folder, train__lr="1e30"), tmp_path / "nan", log=lambda _: None)
+    assert not (tmp_path / "nan" / "last.pt").exists()  # nothing half-trained was saved
+    assert (tmp_path / "ok" / "last.pt").read_bytes() == good
+
+
+def test_refuses_to_overwrite_a_run(tiny_folder, tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"precious")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_config(tiny_folder), tmp_path, log=lambda _: None)
+    assert (tmp_path / "last.pt").read_bytes() == b"precious"
+
+
+def test_checkpoint_errors(tmp_path, tiny_checkpoint):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["format_version"] = FORMAT_VERSION + 1
+    save_checkpoint(tmp_path / "future.pt", ckpt)
+    with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1}"):
+        load_checkpoint(tmp_path / "future.pt")
