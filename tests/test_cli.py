@@ -22,7 +22,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_every_command_without_importing_torch():
-    code = "import sys; from center_embed.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys; from center_embed.cli import main\n"
+        "try: main(['--help'])\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().endswith("False")
     for name in COMMANDS:
