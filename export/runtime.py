@@ -100,10 +100,13 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int = 0):
+def create_session(path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True):
     """An onnxruntime InferenceSession with every graph optimisation on.
 
     threads: intra-op threads (0: onnxruntime's default, one per core).
+    spinning: let idle intra-op threads busy-wait for work. Good for back-to-back runs in one
+    process; a server sharing its cores with request handling is faster without it
+    (measured here: 2.5 instead of 3.3 ms of CPU per image).
     """
     import onnxruntime as ort
 
@@ -115,6 +118,8 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0):
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=choose_providers(device))
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
@@ -126,9 +131,11 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0):
 class OnnxModel:
     """An exported center-embed model, ready to run on uint8 image batches."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True
+    ) -> None:
         self.path = Path(path)
-        self.session = create_session(self.path, device, threads)
+        self.session = create_session(self.path, device, threads, spinning)
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = parse_metadata(props, str(self.path))
         inputs = [i.name for i in self.session.get_inputs()]
@@ -153,6 +160,16 @@ class OnnxModel:
                              f"{images.shape}")  # fmt: skip
         values = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images)})
         return dict(zip(OUTPUTS, values, strict=True))
+
+    def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """`run` over any number of images (a memory-mapped split too), in batches."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
+        for start in range(0, len(images), batch_size):
+            for name, value in self.run(np.asarray(images[start : start + batch_size])).items():
+                parts[name].append(value)
+        if not parts[OUTPUTS[0]]:
+            return self.run(np.zeros((0, *self.info.input_size, 3), np.uint8))
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
     def decode(self, data: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
         """One image (bytes or a path) as uint8 (H, W, 3), by the model's resize policy."""

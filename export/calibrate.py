@@ -1,0 +1,130 @@
+"""The images export calibrates and verifies on, and the unknown threshold computed from them.
+
+The unknown threshold is a quantile: the min distance below which a share `quantile` of
+the correctly classified held-out images fall. It is taken on the held-out validation
+split the checkpoint's own run set aside (rebuilt from the config it stores), so it is
+never tuned on the test split, unless that run held nothing out (val_size 0): then the
+test split is used and the calibration metadata says so.
+
+Imports numpy and center_embed's torch-free data readers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.config import Config
+from center_embed.data import Dataset, Split, load_dataset, select_classes, split_validation
+from center_embed.errors import UserError
+
+
+@dataclass
+class CalibrationSet:
+    """Held-out images for the threshold and the parity check, and training images for int8."""
+
+    held_out: Split  # threshold calibration and torch/onnxruntime parity
+    train: Split  # int8 activation-range calibration
+    description: dict[str, Any]  # where `held_out` came from, for the model's metadata
+
+
+def load_run_dataset(ckpt: dict[str, Any], data: str | None = None) -> Dataset:
+    """The checkpoint's dataset with its class selection, checked against its class names.
+
+    `data` overrides where the dataset lies now; otherwise the run's configured path, then
+    the resolved source it recorded, are tried.
+    """
+    cfg = Config.from_dict(ckpt["config"])
+    candidates = [data] if data else [cfg.data.path, ckpt.get("data_source")]
+    path = next((p for p in candidates if p and Path(p).expanduser().exists()), None)
+    if path is None:
+        tried = ", ".join(str(p) for p in candidates if p)
+        raise UserError(f"the run's dataset is not found (tried {tried}); pass its location")
+    dataset = load_dataset(path, cfg.data.image_size, cfg.data.cache_dir)
+    if cfg.data.classes:
+        dataset = select_classes(dataset, cfg.data.classes)
+    check_classes(dataset.class_names, ckpt["class_names"], str(path))
+    return dataset
+
+
+def check_classes(found: list[str], expected: list[str], source: str) -> None:
+    if list(found) != list(expected):
+        raise UserError(
+            f"{source} has classes {list(found)}, but the model was trained on {list(expected)}"
+        )
+
+
+def calibration_set(
+    ckpt: dict[str, Any], data: str | None = None, calibration_data: str | None = None
+) -> CalibrationSet:
+    """The run's validation split (or the test split if it held none out), or the test
+    split of `calibration_data` when given; plus the run's training images."""
+    cfg = Config.from_dict(ckpt["config"])
+    dataset = load_run_dataset(ckpt, data)
+    train, val = split_validation(dataset.train, cfg.data.val_size, cfg.data.seed)
+    if calibration_data:
+        other = load_dataset(calibration_data, cfg.data.image_size, cfg.data.cache_dir)
+        if set(ckpt["class_names"]) <= set(other.class_names):  # same classes, any order
+            other = select_classes(other, ckpt["class_names"])
+        check_classes(other.class_names, ckpt["class_names"], calibration_data)
+        held_out, where = other.test, {"split": "test", "source": other.source}
+    elif len(val):
+        held_out = val
+        where = {"split": "validation", "source": dataset.source}
+        where |= {"val_size": cfg.data.val_size, "seed": cfg.data.seed}
+    else:
+        held_out = dataset.test
+        where = {"split": "test", "source": dataset.source}
+        where["note"] = "the run held out no validation images (val_size 0)"
+    return CalibrationSet(held_out, train, where)
+
+
+def unknown_thresholds(
+    min_distances: np.ndarray,
+    predicted: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    quantile: float,
+) -> tuple[float | None, dict[str, float], dict[str, Any]]:
+    """Global and per-class thresholds: the `quantile` of min distances over correctly
+    classified images (of that class). A class with no correct image gets the global one.
+
+    Returns (global threshold or None if nothing was classified correctly, per-class
+    thresholds, facts for the calibration metadata).
+    """
+    if not 0 < quantile <= 1:
+        raise UserError(f"quantile must lie in (0, 1], not {quantile}")
+    correct = predicted == labels
+    facts: dict[str, Any] = {
+        "quantile": quantile,
+        "images": int(len(labels)),
+        "correct": int(correct.sum()),
+        "rule": "quantile of min_distances over correctly classified held-out images",
+    }
+    if not correct.any():
+        return None, {}, facts
+    overall = float(np.quantile(min_distances[correct], quantile, method="inverted_cdf"))
+    per_class, fallback = {}, []
+    for j, name in enumerate(class_names):
+        mine = correct & (labels == j)
+        if mine.any():
+            per_class[name] = float(
+                np.quantile(min_distances[mine], quantile, method="inverted_cdf")
+            )
+        else:
+            per_class[name] = overall
+            fallback.append(name)
+    if fallback:
+        facts["classes_given_global_threshold"] = fallback
+    return overall, per_class, facts
+
+
+def sample(split: Split, n: int, seed: int = 0) -> Split:
+    """At most n images of a split, drawn without replacement by a seeded permutation."""
+    if len(split) <= n:
+        return split
+    index = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+    return split.subset(index)

@@ -1,0 +1,181 @@
+"""`center-embed export | verify | inspect`: parse arguments, call export's functions.
+
+Nothing heavy is imported at module level: `center-embed inspect` needs onnxruntime only,
+and torch is imported inside `run_export` (and `run_verify --checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from center_embed.errors import UserError
+
+# --------------------------------------------------------------------------- export
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .pt checkpoint written by train")
+    p.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--int8", action="store_true", help="static int8 quantization (QDQ), for CPU serving"
+    )
+    precision.add_argument("--fp16", action="store_true", help="float16 weights, for GPU serving")
+    p.add_argument(
+        "--calibration-data", metavar="DATA",
+        help="a dataset whose test split calibrates the unknown threshold "
+        "(default: the run's validation split)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quantile", type=float, default=0.95,
+        help="share of correctly classified held-out images under the threshold (default 0.95)",
+    )  # fmt: skip
+    p.add_argument("--data", help="where the run's dataset lies now, if it moved")
+    p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_checkpoint
+
+    path = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        int8=args.int8,
+        fp16=args.fp16,
+        calibration_data=args.calibration_data,
+        verify=not args.no_verify,
+        quantile=args.quantile,
+        data=args.data,
+        log=print,
+    )
+    info = _open(path).info
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({info.precision}, {size:.1f} MB, {info.num_classes} classes, "
+          f"unknown threshold {_fmt(info.unknown_threshold)})")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX model written by export")
+    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument(
+        "--checkpoint",
+        help="also evaluate this checkpoint with torch (fp32, no TTA) and compare",
+    )
+    p.add_argument(
+        "--tolerance", type=float,
+        help="largest accuracy difference from the checkpoint, in points "
+        "(default: 0.1, or 0.5 for int8 models)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: default)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from export.verify import compare_with_checkpoint, split_accuracy
+
+    result: dict[str, Any] = split_accuracy(args.model, args.data, args.split, args.threads)
+    print(f"{result['split']} split of {result['data']} ({result['images']} images), "
+          f"{result['precision']} on {result['provider']}")  # fmt: skip
+    print(f"  nearest-center accuracy  {result['nearest_center_accuracy']:.4f}")
+    if "unknown_rate" in result:
+        print(f"  flagged unknown          {result['unknown_rate']:.4f}")
+    print(f"  images/s                 {result['images_per_second']:.0f}")
+    status = 0
+    if args.checkpoint:
+        result.update(compare_with_checkpoint(result, args.checkpoint, args.data))
+        tolerance = args.tolerance
+        if tolerance is None:
+            tolerance = 0.5 if result["precision"] == "int8" else 0.1
+        diff = result["difference_points"]
+        result["tolerance_points"] = tolerance
+        print(f"  torch fp32 (checkpoint)  {result['torch_nearest_center_accuracy']:.4f}  "
+              f"difference {diff:+.2f} points (tolerance {tolerance:g})")  # fmt: skip
+        if abs(diff) > tolerance:
+            print("FAILED: the model's accuracy differs from the checkpoint's")
+            status = 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return status
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX model written by export")
+    p.add_argument("--json", action="store_true", help="print every metadata key as JSON")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from export.runtime import describe
+
+    model = _open(args.model)
+    meta = describe(model.info)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print(format_summary(model, meta))
+    return 0
+
+
+def format_summary(model: Any, meta: dict[str, Any]) -> str:
+    """A screenful: what goes in, what comes out, the threshold, where it came from."""
+    info = model.info
+    h, w = info.input_size
+    training = meta.get("training", {})
+    calibration = meta.get("unknown_threshold_calibration", {})
+    lines = [
+        f"{model.path}",
+        f"  format          {meta.get('format_version')}  precision {info.precision}  "
+        f"center-embed {meta.get('package_version')}",
+        f"  input           images uint8 [N, {h}, {w}, 3] RGB, {meta.get('resize', '')}",
+        f"  normalisation   mean {info.mean}  std {info.std} (of pixels/255)",
+        f"  outputs         embeddings [N, {info.embedding_dim}], distances [N, "
+        f"{info.num_classes}] ({info.distance}), labels [N], min_distances [N]",
+        f"  classes ({info.num_classes})    {', '.join(info.class_names[:20])}"
+        + (" ..." if info.num_classes > 20 else ""),
+        f"  unknown above   {_fmt(info.unknown_threshold)} "
+        f"(q={calibration.get('quantile')} of {calibration.get('correct')} correct "
+        f"{calibration.get('split')} images)",
+    ]
+    if info.class_thresholds:
+        per_class = ", ".join(f"{k} {v:.3g}" for k, v in list(info.class_thresholds.items())[:10])
+        lines.append(f"  per class       {per_class}")
+    if training:
+        val = training.get("val", {}).get("nearest_center_accuracy")
+        test = training.get("test", {}).get("nearest_center_accuracy")
+        lines.append(
+            f"  training        update {training.get('update')}, λ {training.get('center_weight')}"
+            f", α {training.get('alpha')}, {training.get('epochs')} epochs; nearest-center "
+            f"accuracy val {_fmt(val)}, test {_fmt(test)}"
+        )
+    exporter = meta.get("exporter")
+    if exporter:
+        lines.append(
+            f"  exported by     torch {exporter.get('torch')} ({exporter.get('mode')}, "
+            f"opset {exporter.get('opset')})"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open(path: str | Path):
+    from export.runtime import OnnxModel
+
+    if not Path(path).is_file():
+        raise UserError(f"model not found: {path}")
+    return OnnxModel(path, device="cpu")
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"

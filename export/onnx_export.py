@@ -1,0 +1,357 @@
+"""Checkpoint -> one self-describing ONNX file: uint8 pixels in; embeddings, distances to
+every center, the nearest center and the minimum distance out.
+
+The graph (DESIGN.md, "ONNX model"):
+
+    images uint8 (N, H, W, 3) -> float (N, 3, H, W), (x − 255·mean) / (255·std)
+      -> EmbeddingNet.embed                                   = embeddings     (N, D)
+      -> ‖e‖² − 2·e·centersᵀ + ‖c‖², clamped at 0            = distances      (N, C)
+      -> argmin / min over the centers                       = labels, min_distances (N,)
+
+The exporter is pinned (TorchScript exporter, opset 20) rather than left to the torch
+default, which changes between releases. The centers are passed to the exporter as a
+graph input, so constant folding cannot merge them into a transposed anonymous constant;
+afterwards that input becomes an initializer named `centers`, which the distance matmul
+reads and any client can pull out of the file.
+
+The file is written to a temporary name beside the target, verified, calibrated and
+given its metadata there, and renamed only when all of that succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from center_embed import __version__
+from center_embed.checkpoint import build_model, load_checkpoint
+from center_embed.errors import UserError
+from export.calibrate import calibration_set, unknown_thresholds
+from export.runtime import FORMAT_VERSION, INPUT, OUTPUTS, PREFIX, OnnxModel
+from export.verify import PARITY_BATCHES, check_file, check_parity
+
+# Opset 20 has a native Gelu: onnxruntime runs it as one kernel between the int8 convs,
+# where opset 18's Erf expression cost the int8 model about a quarter of its time.
+OPSET = 20
+EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False): fast, deterministic, no onnxscript
+CENTERS = "centers"  # name of the centers initializer
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    int8: bool = False,
+    fp16: bool = False,
+    calibration_data: str | None = None,
+    verify: bool = True,
+    quantile: float = 0.95,
+    data: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write `checkpoint` as one verified ONNX model at `out`; return its path.
+
+    int8: static QDQ quantization (uint8 activations, int8 weights) calibrated on training
+    images. fp16: float16 weights and activations (for GPU serving; the outputs stay float32).
+    calibration_data: a dataset whose test split calibrates the unknown threshold instead of
+    the run's validation split. data: where the run's dataset lies now, if it moved.
+    verify: onnx.checker and torch/onnxruntime parity on real images (raises on failure).
+    log: a callable receiving progress lines (default: silent).
+    """
+    say = log or (lambda _: None)
+    if int8 and fp16:
+        raise UserError("choose at most one of int8 and fp16")
+    out = _check_output(Path(out))
+    ckpt = load_checkpoint(checkpoint)
+    model, criterion, _ = build_model(ckpt)
+    calib = calibration_set(ckpt, data, calibration_data)
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    started = time.perf_counter()
+    fp32, proto = build_graphs(ckpt, model, criterion.centers, calib, precision)
+    say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
+    with _temporary_beside(out) as tmp:
+        save(proto, tmp)
+        shipped = OnnxModel(tmp, device="cpu")
+        meta: dict[str, Any] = {}
+        if verify:
+            check_file(tmp)
+            reference = torch_reference(model, criterion.centers, ckpt["preprocess"])
+            meta["verification"] = check_parity(shipped, reference, calib.held_out.images)
+            say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: "
+                f"{meta['verification']['summary']}")  # fmt: skip
+        held_out = shipped.run_batched(calib.held_out.images)
+        meta |= threshold_metadata(held_out, calib, shipped.info, quantile)
+        say(f"unknown threshold {meta['unknown_threshold'] or 'none'} "
+            f"({meta['unknown_threshold_calibration']['split']} split, q={quantile})")  # fmt: skip
+        if precision != "fp32":
+            meta["precision_loss"] = compare_with_fp32(fp32, held_out, calib, tmp.parent)
+            say(f"{precision} against fp32: {meta['precision_loss']['summary']}")
+        set_metadata(proto, meta)
+        save(proto, tmp)
+        OnnxModel(tmp, device="cpu")  # the final file opens and its metadata parses
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it normal rights
+        os.replace(tmp, out)
+    return out
+
+
+def build_graphs(ckpt: dict[str, Any], model, centers, calib, precision: str):
+    """(the fp32 graph, the graph to ship at `precision`), both with the static metadata.
+
+    The fp32 graph is kept beside a reduced-precision one to measure what precision cost.
+    """
+    fp32 = to_onnx(model, centers, ckpt["preprocess"])
+    set_metadata(fp32, static_metadata(ckpt, "fp32"))
+    if precision == "fp32":
+        return fp32, fp32
+    if precision == "fp16":
+        proto = to_onnx(model, centers, ckpt["preprocess"], fp16=True)
+    else:
+        from export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
+
+        proto = quantize_int8(copy.deepcopy(fp32), calib.train, INT8_CALIBRATION_IMAGES)
+    set_metadata(proto, static_metadata(ckpt, precision))
+    return fp32, proto
+
+
+def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path) -> dict[str, Any]:
+    """Accuracy of the reduced-precision model against the fp32 graph on the held-out
+    images, and how often the two pick the same center."""
+    truth = np.asarray(calib.held_out.labels)
+    with _temporary_beside(folder / "fp32.onnx") as tmp:
+        save(fp32, tmp)
+        reference = OnnxModel(tmp, device="cpu").run_batched(calib.held_out.images)
+    accuracy = float((held_out["labels"] == truth).mean())
+    accuracy_fp32 = float((reference["labels"] == truth).mean())
+    agreement = float((held_out["labels"] == reference["labels"]).mean())
+    drop = 100 * (accuracy_fp32 - accuracy)
+    return {
+        "split": calib.description["split"],
+        "images": int(len(truth)),
+        "nearest_center_accuracy": accuracy,
+        "nearest_center_accuracy_fp32": accuracy_fp32,
+        "accuracy_drop_points": drop,
+        "label_agreement_with_fp32": agreement,
+        "summary": f"{calib.description['split']} nearest-center accuracy {accuracy:.4f} "
+        f"vs {accuracy_fp32:.4f} (drop {drop:.2f} points), same label on {agreement:.2%}",
+    }
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def to_onnx(model, centers, preprocess: dict[str, Any], fp16: bool = False):
+    """The exported graph as an onnx.ModelProto, centers as the initializer `centers`."""
+    net = copy.deepcopy(model)  # fp16 converts it in place; the caller keeps an fp32 model
+    wrapper = ExportGraph(net, preprocess["mean"], preprocess["std"], fp16).eval()
+    h, w = preprocess["input_size"]
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    centers = centers.detach().float().cpu().contiguous()  # (C, D)
+    buffer = io.BytesIO()
+    batch = {0: "N"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            wrapper,
+            (example, centers),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT, CENTERS],
+            output_names=list(OUTPUTS),
+            dynamic_axes={INPUT: batch, **{name: batch for name in OUTPUTS}},
+            do_constant_folding=True,
+            export_params=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _centers_to_initializer(proto, centers.numpy())
+    proto.doc_string = "center-embed: uint8 images -> embeddings, distances to centers"
+    return proto
+
+
+class ExportGraph(nn.Module):
+    """EmbeddingNet.embed with in-graph normalisation and the distances to the centers."""
+
+    def __init__(self, net, mean: list[float], std: list[float], fp16: bool = False) -> None:
+        super().__init__()
+        self.net = net.half() if fp16 else net.float()
+        self.fp16 = fp16
+        # Pixels stay in 0..255: scaling mean and std saves a multiply per pixel.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor, centers: torch.Tensor):
+        x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
+        x = (x - self.pixel_mean) / self.pixel_std
+        e = self.net.embed(x.half() if self.fp16 else x).float()  # (N, D)
+        # The matmul form: one (N, D) x (D, C) product, never an (N, C, D) difference.
+        d = e.pow(2).sum(1, keepdim=True) - 2 * e @ centers.T + centers.pow(2).sum(1)[None, :]
+        d = d.clamp_min(0)  # (N, C)
+        return e, d, d.argmin(1), d.amin(1)
+
+
+def torch_reference(model, centers, preprocess: dict[str, Any]):
+    """The same graph run by torch in fp32: uint8 (N, H, W, 3) numpy -> numpy outputs."""
+    graph = ExportGraph(copy.deepcopy(model), preprocess["mean"], preprocess["std"]).eval()
+    centers = centers.detach().float().cpu()
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        if not images.flags.writeable:  # a memory-mapped split: torch wants its own copy
+            images = images.copy()
+        values = graph(torch.from_numpy(images), centers)
+        return {name: v.numpy() for name, v in zip(OUTPUTS, values, strict=True)}
+
+    return run
+
+
+def _centers_to_initializer(proto, centers: np.ndarray) -> None:
+    """Turn the graph input `centers` into an initializer of the same name."""
+    graph = proto.graph
+    kept = [i for i in graph.input if i.name != CENTERS]
+    if len(kept) == len(graph.input):
+        raise RuntimeError("the exported graph lost its centers input")
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.initializer.append(numpy_helper.from_array(centers.astype(np.float32), CENTERS))
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def static_metadata(ckpt: dict[str, Any], precision: str) -> dict[str, Any]:
+    """Everything but the threshold: what the model is, its inputs, and where it came from."""
+    pre = ckpt["preprocess"]
+    return {
+        "format_version": str(FORMAT_VERSION),
+        "class_names": ckpt["class_names"],
+        "embedding_dim": int(ckpt["embedding_dim"]),
+        "num_classes": len(ckpt["class_names"]),
+        "distance": "squared_euclidean",
+        "input_layout": pre.get("layout", "NHWC uint8 RGB"),
+        "input_size": list(pre["input_size"]),
+        "resize": pre.get("resize", ""),
+        "mean": list(pre["mean"]),
+        "std": list(pre["std"]),
+        "precision": precision,
+        "training": training_facts(ckpt),
+        "exporter": {"torch": torch.__version__, "mode": EXPORTER, "opset": OPSET},
+        "package_version": __version__,
+    }
+
+
+def training_facts(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Update rule, λ, α, epochs and accuracies, from the checkpoint's config and metrics."""
+    loss, metrics = ckpt["config"]["loss"], ckpt.get("metrics", {})
+    test = metrics.get("test") or {}
+    facts = {
+        "update": loss["update"],
+        "center_weight": loss["center_weight"],
+        "alpha": loss["alpha"],
+        "epochs": ckpt["epoch"],
+        "steps": ckpt["step"],
+        "val": _accuracies(metrics.get("val") or {}),
+        "test": _accuracies(test),
+        "checkpoint_package_version": ckpt.get("package_version"),
+        "data_source": ckpt.get("data_source"),
+    }
+    if loss["update"] == "mean":
+        facts["decay"] = loss["decay"]
+    if loss["update"] == "sgd":
+        facts["center_lr"] = loss["center_lr"]
+    return facts
+
+
+def _accuracies(split: dict[str, Any]) -> dict[str, float]:
+    keys = ("nearest_center_accuracy", "softmax_accuracy", "precision_at_1", "map_at_r")
+    return {k: float(split[k]) for k in keys if k in split}
+
+
+def set_metadata(proto, values: dict[str, Any]) -> None:
+    """Set `center_embed.<key>` metadata_props; non-strings are stored as JSON."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        full = PREFIX + key
+        if full in existing:
+            existing[full].value = text
+        else:
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = full, text
+
+
+def threshold_metadata(
+    held_out: dict[str, np.ndarray], calib, info, quantile: float
+) -> dict[str, Any]:
+    """Thresholds from the exported model's own min distances on the held-out images, so
+    that what is calibrated is exactly what the service computes."""
+    threshold, per_class, facts = unknown_thresholds(
+        held_out["min_distances"],
+        held_out["labels"],
+        np.asarray(calib.held_out.labels),
+        info.class_names,
+        quantile,
+    )
+    facts = {**calib.description, **facts, "computed_with": f"onnxruntime {info.precision}"}
+    return {
+        "unknown_threshold": "" if threshold is None else repr(threshold),
+        "class_thresholds": per_class,
+        "unknown_threshold_calibration": facts,
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save(proto, path: Path) -> None:
+    """One file, weights inline (a model too big for that is not ours to handle)."""
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def _check_output(out: Path) -> Path:
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as model.onnx")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {out.parent}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}")
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _temporary_beside(out: Path) -> Iterator[Path]:
+    """A temporary path in out's folder (so the rename is atomic), removed on failure."""
+    try:
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write to {out.parent}: {e.strerror}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)

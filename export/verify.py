@@ -1,0 +1,177 @@
+"""Checking an exported model: the ONNX checker, parity with torch, accuracy on a split.
+
+Parity is measured on real images (the held-out split), not random noise: a network's
+activations on noise are not the ones that matter, and label agreement on noise is
+meaningless. Errors are relative to the largest reference value of each output,
+max|onnx − torch| / max|torch|, because element-wise relative error is undefined near
+zero (distances of an image to its own center are close to it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+from export.runtime import OnnxModel
+
+PARITY_BATCHES = (1, 3, 17)
+# Relative error allowed per output, and the share of labels that may differ from torch's
+# beyond ties. fp32 must agree on every label. int8 embeddings move by about a tenth of
+# their largest value on CIFAR-10 (more on narrow networks); what int8 must keep is the
+# nearest center, which `export` also measures on the whole held-out split.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"embeddings": 1e-4, "distances": 1e-4, "labels": 0.0},
+    "fp16": {"embeddings": 2e-2, "distances": 2e-2, "labels": 0.1},
+    "int8": {"embeddings": 0.5, "distances": 0.25, "labels": 0.2},
+}
+
+
+class VerificationFailed(UserError):
+    """The exported model disagrees with torch beyond its tolerance (the file is removed)."""
+
+
+def check_file(path: str | Path) -> None:
+    """onnx.checker with full_check (shape inference included), as a one-line error."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VerificationFailed(f"the exported model fails onnx.checker: {first}") from None
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    scale = max(float(np.abs(reference).max()), 1e-12) if reference.size else 1.0
+    return float(np.abs(actual.astype(np.float64) - reference).max() / scale)
+
+
+def label_mismatches(labels: np.ndarray, reference: dict[str, np.ndarray], tol: float) -> int:
+    """Labels that differ from torch's, not counting ties: an image whose two candidate
+    centers lie within `tol` (relative) of each other in torch's own distances."""
+    d = reference["distances"]
+    scale = max(float(np.abs(d).max()), 1e-12)
+    rows = np.arange(len(labels))
+    gap = np.abs(d[rows, labels] - d[rows, reference["labels"]]) / scale
+    return int(((labels != reference["labels"]) & (gap > tol)).sum())
+
+
+def check_parity(
+    model: OnnxModel,
+    reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: np.ndarray,
+    batches: tuple[int, ...] = PARITY_BATCHES,
+) -> dict[str, Any]:
+    """Compare onnxruntime with the torch `reference` at each batch size; raise
+    VerificationFailed beyond the model precision's tolerance. Returns the figures."""
+    precision = model.info.precision
+    tol = TOLERANCES[precision]
+    worst = {"embeddings": 0.0, "distances": 0.0}
+    mismatched = compared = 0
+    for b in batches:
+        batch = _take(images, b)
+        got, want = model.run(batch), reference(batch)
+        for name in worst:
+            worst[name] = max(worst[name], relative_error(got[name], want[name]))
+        if got["labels"].shape != (b,) or got["min_distances"].shape != (b,):
+            raise VerificationFailed(f"batch of {b}: outputs have the wrong shape")
+        mismatched += label_mismatches(got["labels"], want, tol["distances"])
+        compared += b
+    report = {
+        "batch_sizes": list(batches),
+        "precision": precision,
+        "max_relative_error": worst,
+        "label_mismatches": mismatched,
+        "labels_compared": compared,
+        "tolerance": tol,
+    }
+    report["summary"] = (
+        f"embeddings {worst['embeddings']:.2e}, distances {worst['distances']:.2e} relative "
+        f"(tolerance {tol['embeddings']:g}, {tol['distances']:g}); "
+        f"{mismatched}/{compared} labels differ"
+    )
+    too_far = [name for name, err in worst.items() if not err <= tol[name]]
+    if too_far or mismatched > tol["labels"] * compared:
+        raise VerificationFailed(f"onnxruntime disagrees with torch: {report['summary']}")
+    return report
+
+
+def _take(images: np.ndarray, n: int) -> np.ndarray:
+    """n images (cycling through a short split), as a contiguous uint8 batch."""
+    index = np.arange(n) % len(images)
+    return np.ascontiguousarray(images[index])
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def split_accuracy(
+    model_path: str | Path,
+    data: str | None = None,
+    split: str = "test",
+    threads: int = 0,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Nearest-center accuracy of an ONNX model on a dataset split, through onnxruntime.
+
+    `data` defaults to the dataset the model was trained on (its training metadata).
+    """
+    from center_embed.data import load_dataset, select_classes
+
+    model = OnnxModel(model_path, device="auto", threads=threads)
+    info = model.info
+    source = data or _training_source(model)
+    if info.input_size[0] != info.input_size[1]:
+        raise UserError(f"{model_path}: only square inputs are supported")
+    dataset = load_dataset(source, info.input_size[0])
+    if dataset.class_names != info.class_names:
+        dataset = select_classes(dataset, info.class_names)  # UserError on unknown classes
+    images = getattr(dataset, split)
+    started = time.perf_counter()
+    out = model.run_batched(images.images, batch_size)
+    seconds = time.perf_counter() - started
+    truth = np.asarray(images.labels)
+    result = {
+        "model": str(model_path),
+        "data": dataset.source,
+        "split": split,
+        "images": int(len(truth)),
+        "precision": info.precision,
+        "provider": model.provider,
+        "nearest_center_accuracy": float((out["labels"] == truth).mean()),
+        "images_per_second": len(truth) / max(seconds, 1e-9),
+    }
+    if info.unknown_threshold is not None:
+        result["unknown_rate"] = float(model.unknown(out["min_distances"]).mean())
+    return result
+
+
+def _training_source(model: OnnxModel) -> str:
+    raw = model.info.metadata.get("center_embed.training", "{}")
+    source = json.loads(raw).get("data_source")
+    if not source or not Path(source).exists():
+        raise UserError(f"{model.path} does not say where its data lies now; pass --data")
+    return source
+
+
+def compare_with_checkpoint(
+    result: dict[str, Any], checkpoint: str | Path, data: str | None = None
+) -> dict[str, Any]:
+    """The checkpoint's own fp32 torch figure on the same split (no TTA, no bf16)."""
+    from center_embed.evaluate import evaluate_checkpoint
+
+    if result["split"] != "test":
+        raise UserError("--checkpoint compares on the test split only")
+    data = data or result["data"]  # the very images onnxruntime just saw
+    torch_result = evaluate_checkpoint(checkpoint, data, device="cpu", tta=0, bf16="off")
+    torch_acc = torch_result["nearest_center_accuracy"]
+    return {
+        "torch_nearest_center_accuracy": torch_acc,
+        "difference_points": 100 * (result["nearest_center_accuracy"] - torch_acc),
+    }

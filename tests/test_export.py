@@ -1,0 +1,347 @@
+"""Export: one ONNX file that agrees with torch, describes itself, and fails cleanly.
+
+References are computed independently of the exported graph: embeddings by the training
+code's own `embed_images` (fp32), distances by brute force over (e − c)².
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from center_embed import __version__
+from center_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
+from center_embed.cli import main
+from center_embed.config import Config
+from center_embed.data import load_dataset, split_validation
+from center_embed.errors import UserError
+from center_embed.evaluate import evaluate_checkpoint
+from center_embed.train import embed_images
+from export.onnx_export import OPSET, export_checkpoint
+from export.runtime import INPUT, OUTPUTS, OnnxModel, parse_metadata
+from export.verify import split_accuracy
+from tests.conftest import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx8") / "model-int8.onnx"
+    return export_checkpoint(tiny_checkpoint, out, int8=True)
+
+
+def splits(checkpoint: Path):
+    """The run's (validation, test) splits, rebuilt as the exporter does."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(ckpt["config"])
+    dataset = load_dataset(cfg.data.path, cfg.data.image_size)
+    _, val = split_validation(dataset.train, cfg.data.val_size, cfg.data.seed)
+    return val, dataset.test
+
+
+def torch_outputs(checkpoint: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    ckpt = load_checkpoint(checkpoint)
+    model, criterion, _ = build_model(ckpt)
+    pre = ckpt["preprocess"]
+    e = embed_images(model, images, pre["mean"], pre["std"], torch.device("cpu")).double()
+    c = criterion.centers.double()
+    d = ((e[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # (N, C), brute force
+    return {"embeddings": e.numpy(), "distances": d.numpy(), "labels": d.argmin(1).numpy()}
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17, 40])
+def test_parity_with_torch(tiny_checkpoint, fp32_model, batch):
+    _, test = splits(tiny_checkpoint)
+    images = np.ascontiguousarray(test.images[:batch])
+    got = OnnxModel(fp32_model, device="cpu").run(images)
+    want = torch_outputs(tiny_checkpoint, images)
+    assert relative(got["embeddings"], want["embeddings"]) < 1e-4
+    assert relative(got["distances"], want["distances"]) < 1e-4
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_allclose(got["min_distances"], want["distances"].min(1), rtol=1e-4, atol=1e-4)
+    assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
+
+
+def test_dynamic_batch_and_io_contract(fp32_model):
+    proto = onnx.load(str(fp32_model))
+    (image_input,) = proto.graph.input
+    dims = image_input.type.tensor_type.shape.dim
+    assert image_input.name == INPUT and dims[0].dim_param and not dims[0].dim_value
+    assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in proto.graph.output] == list(OUTPUTS)
+    model = OnnxModel(fp32_model, device="cpu", threads=1)
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 33):
+        out = model.run(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        assert out["embeddings"].shape == (n, 16) and out["distances"].shape == (n, 3)
+        assert out["labels"].shape == (n,) and out["min_distances"].shape == (n,)
+        # The outputs agree with each other: nearest label and min distance of `distances`.
+        np.testing.assert_array_equal(out["labels"], out["distances"].argmin(1))
+        np.testing.assert_array_equal(out["min_distances"], out["distances"].min(1))
+        assert (out["distances"] >= 0).all()
+    empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
+    assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
+
+
+def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, fp32_model):
+    proto = onnx.load(str(fp32_model), load_external_data=False)
+    assert [p.version for p in proto.opset_import if p.domain in ("", "ai.onnx")] == [OPSET]
+    assert all(not i.external_data for i in proto.graph.initializer)
+    assert list(fp32_model.parent.iterdir()) == [fp32_model]  # no side file, no temp left
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    _, criterion, _ = build_model(load_checkpoint(tiny_checkpoint))
+    np.testing.assert_array_equal(initializers["centers"], criterion.centers.numpy())
+    readers = [n.op_type for n in proto.graph.node if "centers" in n.input]
+    assert readers  # the distance computation reads the named centers
+    onnx.checker.check_model(proto, full_check=True)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_metadata_round_trip(tiny_checkpoint, fp32_model):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    props = {p.key: p.value for p in onnx.load(str(fp32_model)).metadata_props}
+    info = parse_metadata(props)
+    assert info.class_names == ckpt["class_names"] == ["blue", "green", "red"]
+    assert info.embedding_dim == 16 and info.input_size == (32, 32)
+    assert info.mean == ckpt["preprocess"]["mean"] and info.std == ckpt["preprocess"]["std"]
+    assert info.distance == "squared_euclidean" and info.precision == "fp32"
+    assert props["center_embed.format_version"] == "1"
+    assert props["center_embed.input_layout"] == "NHWC uint8 RGB"
+    training = json.loads(props["center_embed.training"])
+    assert training["update"] == "paper" and training["center_weight"] == 0.01
+    assert training["alpha"] == 0.5 and training["epochs"] == ckpt["epoch"]
+    val_acc = ckpt["metrics"]["val"]["nearest_center_accuracy"]
+    assert training["val"]["nearest_center_accuracy"] == pytest.approx(val_acc)
+    assert props["center_embed.package_version"] == __version__
+    verification = json.loads(props["center_embed.verification"])
+    assert verification["batch_sizes"] == [1, 3, 17] and verification["label_mismatches"] == 0
+
+
+def test_threshold_matches_its_definition(tiny_checkpoint, fp32_model):
+    """The global threshold is the 95% quantile of min distances of correctly classified
+    validation images; each class's is the same over that class."""
+    model = OnnxModel(fp32_model, device="cpu")
+    val, _ = splits(tiny_checkpoint)
+    out = model.run_batched(val.images)
+    correct = out["labels"] == val.labels
+    md = out["min_distances"]
+    assert model.info.unknown_threshold == pytest.approx(
+        np.quantile(md[correct], 0.95, method="inverted_cdf"), rel=1e-6
+    )
+    share_below = (md[correct] <= model.info.unknown_threshold).mean()
+    assert 0.95 <= share_below < 0.95 + 2 / correct.sum()
+    for j, name in enumerate(model.info.class_names):
+        mine = correct & (val.labels == j)
+        assert model.info.class_thresholds[name] == pytest.approx(
+            np.quantile(md[mine], 0.95, method="inverted_cdf")
+        )
+    calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
+    assert calibration["split"] == "validation" and calibration["images"] == len(val) == 48
+    assert calibration["correct"] == int(correct.sum()) and calibration["quantile"] == 0.95
+    np.testing.assert_array_equal(model.unknown(md), md > model.info.unknown_threshold)
+
+
+def test_quantile_and_test_split_fallback(tiny_checkpoint, tmp_path):
+    """val_size 0: the test split calibrates, and the metadata says so."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["config"]["data"]["val_size"] = 0
+    save_checkpoint(tmp_path / "noval.pt", ckpt)
+    path = export_checkpoint(tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5)
+    model = OnnxModel(path, device="cpu")
+    calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
+    assert calibration["split"] == "test" and calibration["quantile"] == 0.5
+    _, test = splits(tiny_checkpoint)
+    out = model.run_batched(test.images)
+    correct = out["labels"] == test.labels
+    expected = np.quantile(out["min_distances"][correct], 0.5, method="inverted_cdf")
+    assert model.info.unknown_threshold == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def test_verify_accuracy_equals_torch_eval(tiny_checkpoint, fp32_model):
+    onnx_result = split_accuracy(fp32_model)
+    torch_result = evaluate_checkpoint(tiny_checkpoint, device="cpu", tta=0, bf16="off")
+    assert onnx_result["images"] == torch_result["test_images"] == 48
+    diff = abs(onnx_result["nearest_center_accuracy"] - torch_result["nearest_center_accuracy"])
+    assert diff <= 0.001
+
+
+def test_int8_agrees_with_fp32(tiny_checkpoint, fp32_model, int8_model):
+    fp32, int8 = OnnxModel(fp32_model, device="cpu"), OnnxModel(int8_model, device="cpu")
+    assert int8.info.precision == "int8"
+    proto = onnx.load(str(int8_model))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    kinds = {i.name: i.data_type for i in proto.graph.initializer}
+    assert onnx.TensorProto.INT8 in kinds.values()  # weights
+    assert onnx.TensorProto.UINT8 in kinds.values()  # activation zero points
+    assert kinds["centers"] == onnx.TensorProto.FLOAT
+    val, test = splits(tiny_checkpoint)
+    images = np.concatenate([val.images, test.images])  # 96 images
+    a, b = fp32.run_batched(images), int8.run_batched(images)
+    assert (a["labels"] == b["labels"]).mean() >= 0.99
+    assert relative(b["distances"], a["distances"]) < 0.25
+    loss = json.loads(int8.info.metadata["center_embed.precision_loss"])
+    assert loss["split"] == "validation" and loss["images"] == 48
+    assert loss["accuracy_drop_points"] == pytest.approx(
+        100 * (loss["nearest_center_accuracy_fp32"] - loss["nearest_center_accuracy"])
+    )
+
+
+def test_fp16_outputs_stay_float32(tiny_checkpoint, fp32_model, tmp_path):
+    path = export_checkpoint(tiny_checkpoint, tmp_path / "m16.onnx", fp16=True)
+    fp16, fp32 = OnnxModel(path, device="cpu"), OnnxModel(fp32_model, device="cpu")
+    assert fp16.info.precision == "fp16"
+    kinds = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in kinds.values()
+    assert kinds["centers"] == onnx.TensorProto.FLOAT
+    _, test = splits(tiny_checkpoint)
+    a, b = fp32.run_batched(test.images), fp16.run_batched(test.images)
+    assert b["embeddings"].dtype == b["distances"].dtype == np.float32
+    assert relative(b["distances"], a["distances"]) < 2e-2
+    assert (a["labels"] == b["labels"]).mean() >= 0.99
+    loss = json.loads(fp16.info.metadata["center_embed.precision_loss"])
+    assert loss["label_agreement_with_fp32"] >= 0.99
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_export_inspect_verify(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert "labels differ" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blue, green, red" in printed and "unknown above" in printed
+    assert main(["inspect", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["embedding_dim"] == 16
+    report = tmp_path / "verify.json"
+    args = ["verify", str(out), "--checkpoint", str(tiny_checkpoint), "--json", str(report)]
+    assert main(args) == 0
+    figures = json.loads(report.read_text())
+    assert abs(figures["difference_points"]) <= 0.1 and figures["images"] == 48
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def only_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_missing_corrupt_and_foreign_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out" / "m.onnx"
+    assert main(["export", str(tmp_path / "nope.pt"), "--out", str(out)]) == 1
+    assert "not found" in only_error_line(capsys)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    assert main(["export", str(corrupt), "--out", str(out)]) == 1
+    assert "not a readable checkpoint" in only_error_line(capsys)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["format_version"] = 99
+    save_checkpoint(tmp_path / "v99.pt", ckpt)
+    assert main(["export", str(tmp_path / "v99.pt"), "--out", str(out)]) == 1
+    assert "format version 99" in only_error_line(capsys)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["export", str(tiny_checkpoint), "--out", str(blocker / "m.onnx")]) == 1
+    assert "cannot create" in only_error_line(capsys)
+    assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path)]) == 1
+    assert "is a folder" in only_error_line(capsys)
+
+
+def test_failure_leaves_no_partial_file(tiny_checkpoint, tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    def broken(*args, **kwargs):
+        raise UserError("simulated verification failure")
+
+    monkeypatch.setattr(onnx_export, "check_parity", broken)
+    with pytest.raises(UserError, match="simulated"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_without_our_metadata(tmp_path, capsys):
+    node = onnx.helper.make_node("Identity", ["images"], ["embeddings"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "foreign",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("embeddings", onnx.TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    for command in ("inspect", "verify"):
+        assert main([command, str(path)]) == 1
+        assert "no center_embed metadata" in only_error_line(capsys)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert main(["inspect", str(tmp_path / "junk.onnx")]) == 1
+    assert "not a readable ONNX model" in only_error_line(capsys)
+
+
+def test_calibration_data_with_other_classes(tiny_checkpoint, tmp_path, capsys):
+    other = write_image_folder(tmp_path / "other", {"train": 2, "test": 2}, ["cat", "dog", "red"])
+    out = tmp_path / "m.onnx"
+    args = ["export", str(tiny_checkpoint), "--out", str(out), "--calibration-data", str(other)]
+    assert main(args) == 1
+    assert "trained on ['blue', 'green', 'red']" in only_error_line(capsys)
+    assert not out.exists()
+
+
+def test_calibration_data_with_an_extra_class(tiny_checkpoint, tiny_folder, tmp_path):
+    """A dataset holding the model's classes and more: its classes sort as blue, extra,
+    green, red, and are relabelled to the model's order before calibrating."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    for split in ("train", "test"):
+        shutil.copytree(tiny_folder / split / "red", other / split / "extra")
+    path = export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", calibration_data=str(other))
+    model = OnnxModel(path, device="cpu")
+    calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
+    assert calibration["split"] == "test" and calibration["images"] == 48
+    assert calibration["source"] == str(other)
+    assert calibration["correct"] >= 45  # labels line up with the model's classes
+
+
+def test_inspect_and_verify_need_no_torch(fp32_model):
+    """Serving machines run inspect and verify without torch installed."""
+    code = (
+        "import sys; from center_embed.cli import main; "
+        f"assert main(['inspect', {str(fp32_model)!r}]) == 0; "
+        f"assert main(['verify', {str(fp32_model)!r}]) == 0; "
+        "assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
