@@ -1,0 +1,308 @@
+"""Throughput and latency of `center-embed serve`, measured from a separate process.
+
+    python benchmarks/bench_service.py model.onnx --images ../shared/data/cifar10/test
+    python benchmarks/bench_service.py --checkpoint runs/cpu/best.pt   # exports it first
+
+1. onnxruntime's own throughput, in this process, on pre-decoded images at batch size
+   `--concurrency` (the server is not running yet, so it has the machine to itself).
+2. The service under uvicorn on 127.0.0.1 (`center-embed serve`, one worker), loaded by
+   `--concurrency` clients each sending one image per request, for `--seconds`: images/s,
+   the ratio to (1) (target >= 0.7), the status codes (only 429s may be non-200), the batch
+   sizes the server formed, and the server's resident memory over the run (flat?).
+3. Concurrency 1: p50 and p99 latency of a single-image /v1/classify (target p50 <= 10 ms).
+
+The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams with the
+request bytes prepared once, so that on a small machine it takes as little CPU from the
+server as it can. Everything is bounded in time; the server is stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+TARGET_RATIO = 0.7
+TARGET_P50_MS = 10.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("model", nargs="?", help="an exported ONNX model")
+    p.add_argument("--checkpoint", help="export this checkpoint first (fp32, verified)")
+    p.add_argument("--images", help="a folder of image files to send (default: synthetic PNGs)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=10.0, help="length of one load round")
+    p.add_argument("--rounds", type=int, default=3, help="baseline/service rounds (median)")
+    p.add_argument("--single", type=int, default=500, help="requests at concurrency 1")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    args = p.parse_args()
+    model = Path(args.model) if args.model else None
+    if args.checkpoint:
+        from export.onnx_export import export_checkpoint
+
+        model = export_checkpoint(args.checkpoint, Path(tempfile.mkdtemp()) / "model.onnx")
+    if model is None:
+        p.error("give a model or --checkpoint")
+
+    files = load_files(args.images, 512)
+    print(f"model {model}; {len(files)} distinct images; {os.cpu_count()} CPUs; "
+          f"concurrency {args.concurrency}; {args.rounds} rounds of {args.seconds:g} s load; "
+          f"load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    baseline = Baseline(model, files, args.concurrency, args.threads)
+
+    port = free_port()
+    env = {**os.environ, "CENTER_EMBED_THREADS": str(args.threads)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "center_embed.cli", "serve", str(model), "--port", str(port),
+         "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_ready(port, server)
+        body = [multipart(data) for data in files]
+        asyncio.run(load(port, body[:8], 8, 1.0, server.pid))  # warm the connections and caches
+        ratios, cpu_ratios, rss, statuses = [], [], [], Counter()
+        before = batch_histogram(port)
+        for r in range(args.rounds):
+            # Interleaved, so both sides see the same machine (it may be shared).
+            base_rate, base_cpu = baseline.measure(2.0)
+            cpu_before = cpu_seconds(server.pid)
+            result = asyncio.run(load(port, body, args.concurrency, args.seconds, server.pid))
+            cpu = (cpu_seconds(server.pid) - cpu_before) / max(result["ok"], 1) * 1000
+            rate = result["ok"] / result["seconds"]
+            ratios.append(rate / base_rate)
+            cpu_ratios.append(base_cpu / cpu)
+            rss += result["rss_mb"]
+            statuses.update(result["statuses"])
+            print(f"round {r + 1}: onnxruntime alone at batch {args.concurrency} "
+                  f"{base_rate:6.1f} images/s ({base_cpu:.2f} CPU ms/image); service "
+                  f"{rate:6.1f} images/s ({cpu:.2f} server CPU ms/image); ratio "
+                  f"{ratios[-1]:.2f}")  # fmt: skip
+        after = batch_histogram(port)
+        print(f"service / onnxruntime throughput, median of {args.rounds}: "
+              f"{statistics.median(ratios):.2f} (target >= {TARGET_RATIO}); CPU-time ratio "
+              f"{statistics.median(cpu_ratios):.2f}")  # fmt: skip
+        errors = sum(n for status, n in statuses.items() if status not in (200, 429))
+        print(f"  statuses {dict(statuses)}; errors other than 429: {errors}")
+        runs = after["count"] - before["count"]
+        images = after["sum"] - before["sum"]
+        print(f"  {runs:.0f} onnxruntime runs, mean batch {images / max(runs, 1):.1f} images")
+        half = len(rss) // 2
+        print(f"  server RSS MB over the load: start {rss[0]:.0f}, max {max(rss):.0f}, end "
+              f"{rss[-1]:.0f}; first half mean {statistics.mean(rss[:half]):.1f}, second half "
+              f"{statistics.mean(rss[half:]):.1f}")  # fmt: skip
+        latencies = asyncio.run(sequential(port, body, args.single))
+        p50, p99 = np.percentile(latencies, [50, 99])
+        print(f"concurrency 1, single image, {len(latencies)} requests: p50 {p50:.2f} ms, "
+              f"p99 {p99:.2f} ms (target p50 <= {TARGET_P50_MS:g} ms); load average after: "
+              f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait()
+        stderr = server.stderr.read().decode(errors="replace") if server.stderr else ""
+        print(f"server stopped with exit status {code}")
+        if code != 0:
+            print(stderr[-3000:])
+    return 0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_files(folder: str | None, limit: int) -> list[bytes]:
+    if folder:
+        paths = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        step = max(1, len(paths) // limit)
+        return [p.read_bytes() for p in paths[::step][:limit]]
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for _ in range(limit):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append(buffer.getvalue())
+    return files
+
+
+class Baseline:
+    """OnnxModel.run alone, in this process, on images decoded beforehand."""
+
+    def __init__(self, model: Path, files: list[bytes], batch: int, threads: int) -> None:
+        from export.runtime import OnnxModel
+
+        self.onnx = OnnxModel(model, device="cpu", threads=threads)
+        decoded = np.stack([self.onnx.decode(data) for data in files])
+        self.batch = batch
+        self.batches = [decoded[i : i + batch] for i in range(0, len(decoded) - batch + 1, batch)]
+        self.onnx.run(self.batches[0])
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over `seconds`."""
+        started, cpu, n = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - started < seconds:
+            self.onnx.run(self.batches[n % len(self.batches)])
+            n += 1
+        images = n * self.batch
+        cpu_ms = (time.process_time() - cpu) / images * 1000
+        return images / (time.perf_counter() - started), cpu_ms
+
+
+BOUNDARY = "benchboundary7d1f"
+
+
+def multipart(data: bytes) -> bytes:
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+        with contextlib.suppress(OSError):
+            if http_get(port, "/readyz")[0] == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit("the server did not become ready")
+
+
+def batch_histogram(port: int) -> dict[str, float]:
+    text = http_get(port, "/metrics")[1].decode()
+    values = {}
+    for line in text.splitlines():
+        for key in ("count", "sum"):
+            if line.startswith(f"center_embed_batch_images_{key} "):
+                values[key] = float(line.split()[1])
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> int:
+    """One request on a keep-alive connection; the status code (the body is read whole)."""
+    writer.write(data)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
+
+
+async def load(port: int, bodies: list[bytes], clients: int, seconds: float, pid: int) -> dict:
+    statuses: Counter[int] = Counter()
+    rss: list[float] = [rss_mb(pid)]
+    started = time.perf_counter()
+    stop = started + seconds
+
+    async def client(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        try:
+            while time.perf_counter() < stop:
+                statuses[await request(reader, writer, bodies[i % len(bodies)])] += 1
+                i += clients
+        finally:
+            writer.close()
+
+    async def sample_memory() -> None:
+        while time.perf_counter() < stop:
+            await asyncio.sleep(0.5)
+            rss.append(rss_mb(pid))
+
+    everyone = asyncio.gather(sample_memory(), *(client(k) for k in range(clients)))
+    await asyncio.wait_for(everyone, seconds + 60)
+    elapsed = time.perf_counter() - started
+    rss.append(rss_mb(pid))
+    return {"ok": statuses[200], "statuses": statuses, "seconds": elapsed, "rss_mb": rss}
+
+
+async def sequential(port: int, bodies: list[bytes], n: int) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    latencies = []
+    try:
+        for i in range(n + 20):
+            started = time.perf_counter()
+            status = await asyncio.wait_for(request(reader, writer, bodies[i % len(bodies)]), 10)
+            if status != 200:
+                raise SystemExit(f"status {status} at concurrency 1")
+            if i >= 20:  # the first few warm the path
+                latencies.append((time.perf_counter() - started) * 1000)
+    finally:
+        writer.close()
+    return latencies
+
+
+if __name__ == "__main__":
+    sys.exit(main())

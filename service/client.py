@@ -1,0 +1,245 @@
+"""A Python client for the center-embed HTTP service (needs httpx, numpy and Pillow).
+
+    from service.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key="...") as client:
+        vectors = client.embed(["cat.jpg", "ship.png"])       # float32 (2, D)
+        results = client.classify(["cat.jpg"], top_k=3)        # [Classification]
+        results = client.distances(vectors)                    # same, no images
+
+Images may be paths, bytes (an encoded file), PIL images or uint8 numpy arrays, (H, W, 3),
+(H, W) or a batch (N, H, W, 3). Files and bytes are sent as they are; pixels are sent
+as PNG (lossless). A server error is raised as a `ServiceError` subclass carrying the
+server's code and message.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+# --------------------------------------------------------------------------- errors
+
+
+class ServiceError(Exception):
+    """The service answered with an error (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}" if status else message)
+        self.status, self.code, self.message = status, code, message
+
+
+class ConnectionFailed(ServiceError):
+    pass
+
+
+class BadRequest(ServiceError):  # 400: malformed body, undecodable image, bad base64
+    pass
+
+
+class Unauthorized(ServiceError):  # 401
+    pass
+
+
+class PayloadTooLarge(ServiceError):  # 413
+    pass
+
+
+class UnsupportedMediaType(ServiceError):  # 415
+    pass
+
+
+class ValidationFailed(ServiceError):  # 422
+    pass
+
+
+class Overloaded(ServiceError):  # 429: the queue is full; retry later
+    pass
+
+
+class NotReady(ServiceError):  # 503
+    pass
+
+
+class Timeout(ServiceError):  # 504
+    pass
+
+
+ERRORS: dict[int, type[ServiceError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: ValidationFailed,
+    429: Overloaded,
+    503: NotReady,
+    504: Timeout,
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Classification:
+    label: int
+    class_name: str
+    min_distance: float
+    unknown: bool
+    distances: dict[str, float]  # by class name, nearest first
+    embedding: np.ndarray | None = None  # float32 (D,), when asked for
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Classification:
+        embedding = row.get("embedding")
+        return cls(
+            label=row["label"],
+            class_name=row["class_name"],
+            min_distance=row["min_distance"],
+            unknown=row["unknown"],
+            distances=row["distances"],
+            embedding=None if embedding is None else np.asarray(embedding, np.float32),
+        )
+
+
+ImageLike = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray
+
+
+class Client:
+    def __init__(
+        self, url: str, api_key: str | None = None, timeout: float = 60.0, **httpx_options: Any
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, **httpx_options
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ the API
+
+    def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """float32 (N, D) embeddings of the images."""
+        body = self._post("/v1/embed", files=_files(images))
+        return np.asarray(body["embeddings"], np.float32).reshape(-1, body["dim"])
+
+    def classify(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        top_k: int | None = None,
+        return_embeddings: bool = False,
+    ) -> list[Classification]:
+        params: dict[str, Any] = {"return_embeddings": str(return_embeddings).lower()}
+        if top_k is not None:
+            params["top_k"] = top_k
+        body = self._post("/v1/classify", files=_files(images), params=params)
+        return [Classification.from_json(row) for row in body["results"]]
+
+    def distances(self, embeddings: Any, top_k: int | None = None) -> list[Classification]:
+        """Nearest center and distances for embedding vectors, (N, D) or (D,)."""
+        vectors = np.asarray(embeddings, dtype=np.float64)
+        vectors = vectors[None, :] if vectors.ndim == 1 else vectors
+        params = {"top_k": top_k} if top_k is not None else {}
+        body = self._post("/v1/distances", json={"embeddings": vectors.tolist()}, params=params)
+        return [Classification.from_json(row) for row in body["results"]]
+
+    def model(self) -> dict[str, Any]:
+        """Metadata, limits and execution provider."""
+        return self._get("/v1/model")
+
+    def centers(self) -> tuple[list[str], np.ndarray]:
+        """Class names and float32 (C, D) centers."""
+        body = self._get("/v1/centers")
+        names = [c["class_name"] for c in body["centers"]]
+        return names, np.asarray([c["center"] for c in body["centers"]], np.float32)
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    # ------------------------------------------------------------------ transport
+
+    def _get(self, path: str) -> Any:
+        return self._answer(self._send("GET", path))
+
+    def _post(self, path: str, **kwargs: Any) -> Any:
+        return self._answer(self._send("POST", path, **kwargs))
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as e:
+            raise ConnectionFailed(0, "client_timeout", f"{method} {path}: {e}") from e
+        except httpx.TransportError as e:
+            raise ConnectionFailed(0, "connection_failed", f"{method} {path}: {e}") from e
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> Any:
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", response.text[:500] or response.reason_phrase
+        cls = ERRORS.get(response.status_code, ServiceError)
+        raise cls(response.status_code, code, message)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _files(images: ImageLike | Sequence[ImageLike]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    parts = []
+    for i, (name, data, media) in enumerate(_encode_all(images)):
+        parts.append(("files", (name or f"image{i}.png", data, media)))
+    return parts
+
+
+def _encode_all(images: Any) -> Iterable[tuple[str | None, bytes, str]]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch (N, H, W, 3)
+        yield from (_encode(image) for image in images)
+    elif isinstance(images, str | Path | bytes | bytearray | np.ndarray) or _is_pil(images):
+        yield _encode(images)
+    else:
+        yield from (_encode(image) for image in images)
+
+
+def _is_pil(value: Any) -> bool:
+    return type(value).__module__.startswith("PIL.")
+
+
+def _encode(image: Any) -> tuple[str | None, bytes, str]:
+    """(file name, bytes, media type) for one image."""
+    if isinstance(image, str | Path):
+        path = Path(image)
+        return path.name, path.read_bytes(), "application/octet-stream"
+    if isinstance(image, bytes | bytearray):
+        return None, bytes(image), "application/octet-stream"
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise TypeError(f"arrays must be uint8 (H, W, 3) or (H, W), got {image.dtype} "
+                            f"{image.shape}")  # fmt: skip
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"not an image: {type(image).__name__}")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return None, buffer.getvalue(), "image/png"

@@ -1,0 +1,110 @@
+"""Prometheus metrics, one registry per app (so several apps in one test run never clash).
+
+With `--workers N` the CLI sets PROMETHEUS_MULTIPROC_DIR, every worker writes its values
+there, and /metrics on any worker reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Min distance buckets as multiples of the calibrated unknown threshold: a drift in the
+# input distribution shows as mass moving to the right of 1.
+THRESHOLD_MULTIPLES = (0.125, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
+FALLBACK_DISTANCE_BUCKETS = tuple(10.0**k for k in range(-2, 6))
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        by_route = ["route", "method", "status"]
+        self.requests = Counter(
+            "center_embed_requests", "HTTP requests by route, method and status", by_route,
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "center_embed_request_duration_seconds", "HTTP request latency", by_route,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.images = Counter(
+            "center_embed_images", "images received, by route", ["route"], registry=r
+        )
+        self.batch_images = Histogram(
+            "center_embed_batch_images", "images per onnxruntime run", buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "center_embed_batch_requests", "requests coalesced into one onnxruntime run",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "center_embed_inference_seconds", "duration of one onnxruntime run",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "center_embed_queue_seconds", "time a request waited for its batch to start",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "center_embed_queue_images", "images waiting for a batch",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.ready = Gauge(
+            "center_embed_ready", "1 once the model is loaded and warmed up",
+            multiprocess_mode="livemin", registry=r,
+        )  # fmt: skip
+        self.unknown = Counter(
+            "center_embed_unknown", "images beyond the unknown threshold", registry=r
+        )
+        self.min_distance: Histogram | None = None
+
+    def set_model(self, unknown_threshold: float | None) -> None:
+        """The min-distance histogram's buckets follow the model's threshold."""
+        if self.min_distance is not None:
+            return
+        if unknown_threshold and unknown_threshold > 0:
+            buckets = tuple(unknown_threshold * m for m in THRESHOLD_MULTIPLES)
+            text = f"min distance of each classified image (threshold {unknown_threshold:.4g})"
+        else:
+            buckets, text = FALLBACK_DISTANCE_BUCKETS, "min distance of each classified image"
+        self.min_distance = Histogram(
+            "center_embed_min_distance", text + "; a drift signal", buckets=buckets,
+            registry=self.registry,
+        )  # fmt: skip
+
+    def observe_batch(self, images: int, requests: int, seconds: float) -> None:
+        self.batch_images.observe(images)
+        self.batch_requests.observe(requests)
+        self.inference.observe(seconds)
+
+    def observe_distances(self, min_distances, unknown) -> None:
+        if self.min_distance is not None:
+            for value in min_distances.tolist():
+                self.min_distance.observe(value)
+        self.unknown.inc(int(unknown.sum()))
+
+    def exposition(self) -> tuple[bytes, str]:
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,103 @@
+"""The served model: an `export.runtime.OnnxModel` plus its centers as numpy.
+
+Images go through onnxruntime (the graph computes embeddings, distances, nearest center
+and min distance); embedding vectors sent to /v1/distances go through `distances` here,
+the same formula in numpy, which the warm-up checks against the graph's own outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+from export.runtime import OnnxModel, describe
+from service.centers import read_centers
+
+WARMUP_SEED = 0
+
+
+class ServedModel:
+    """What the app needs of a model; tests may wrap `run` (e.g. to hold a batch back)."""
+
+    def __init__(self, model: OnnxModel, centers: np.ndarray, sha256: str) -> None:
+        self.model = model
+        self.info = model.info
+        self.centers = centers  # (C, D) float32
+        self.center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)  # (C,)
+        self.sha256 = sha256
+        h, w = self.info.input_size
+        if h != w:
+            raise UserError(f"{model.path}: only square inputs are served, not {h}x{w}")
+        if centers.shape != (self.info.num_classes, self.info.embedding_dim):
+            raise ValueError(
+                f"centers have shape {centers.shape}; metadata says "
+                f"({self.info.num_classes}, {self.info.embedding_dim})"
+            )
+
+    @classmethod
+    def open(cls, path: str | Path, device: str = "auto", threads: int = 0) -> ServedModel:
+        path = Path(path)
+        # No spinning: the server's own threads (decoding, HTTP) need the cores between runs.
+        model = OnnxModel(path, device, threads, spinning=False)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return cls(model, read_centers(path), digest)
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""
+        return self.model.run(images)
+
+    def decode(self, data: bytes, max_pixels: int | None) -> np.ndarray:
+        return self.model.decode(data, max_pixels)
+
+    def unknown(self, min_distances: np.ndarray) -> np.ndarray:
+        return self.model.unknown(min_distances)
+
+    def distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,), as the graph:
+        ‖e‖² − 2·e·Cᵀ + ‖c‖², clamped at 0."""
+        e = embeddings.astype(np.float32, copy=False)
+        d = (e * e).sum(1, keepdims=True) - 2 * e @ self.centers.T + self.center_norms[None, :]
+        d = np.maximum(d, 0, out=d)  # (N, C)
+        labels = d.argmin(1)
+        return {"distances": d, "labels": labels, "min_distances": d[np.arange(len(d)), labels]}
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run the graph once per batch size, and check that the centers read from the file
+        give the graph's own distances (so /v1/distances agrees with /v1/classify)."""
+        h, w = self.info.input_size
+        rng = np.random.default_rng(WARMUP_SEED)
+        for n in batch_sizes:
+            images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+            out = self.run(images)
+            if not all(np.isfinite(v).all() for v in out.values()):
+                raise RuntimeError("the model gave non-finite outputs at warm-up")
+        ours = self.distances(out["embeddings"])["distances"]
+        scale = max(1.0, float(np.abs(out["distances"]).max()))
+        error = float(np.abs(ours - out["distances"]).max()) / scale
+        if error > 1e-3:
+            raise RuntimeError(
+                f"distances from the file's centers differ from the graph's by {error:.2e} "
+                "(relative): the centers initializer is not what the graph uses"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """The short description every classify / distances answer carries."""
+        return {
+            "sha256": self.sha256,
+            "precision": self.info.precision,
+            "embedding_dim": self.info.embedding_dim,
+            "num_classes": self.info.num_classes,
+            "unknown_threshold": self.info.unknown_threshold,
+            "provider": self.provider,
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return describe(self.info)

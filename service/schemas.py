@@ -1,0 +1,137 @@
+"""Request and response bodies (they are the OpenAPI schema; tests/openapi.json is a copy).
+
+The routes answer with plain JSON built from numpy (no per-float pydantic validation on the
+hot path); these models describe that JSON, and the tests and the schemathesis run check
+that every answer conforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A 1x1 red PNG: the example request that /docs offers and schemathesis sends.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. bad_image, queue_full")
+    message: str = Field(description="what went wrong, naming the part or field")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ImagesRequest(BaseModel):
+    """Images as strict base64 strings (data URIs such as data:image/png;base64,... too)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"images": [f"data:image/png;base64,{EXAMPLE_PNG}"]}]}
+    )
+    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+
+
+class DistancesRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"embeddings": [[0.5, -1.0]]}]})
+    embeddings: list[list[float]] = Field(
+        min_length=1, description="vectors of the model's embedding dim; finite values"
+    )
+
+
+class ModelSummary(BaseModel):
+    sha256: str = Field(description="SHA-256 of the ONNX file served")
+    precision: str
+    embedding_dim: int
+    num_classes: int
+    unknown_threshold: float | None = Field(description="min distance beyond which unknown")
+    provider: str = Field(description="onnxruntime execution provider in use")
+
+
+class Classification(BaseModel):
+    label: int = Field(description="index of the nearest center")
+    class_name: str = Field(description="class name of the nearest center")
+    min_distance: float = Field(description="squared Euclidean distance to the nearest center")
+    unknown: bool = Field(description="min_distance above the model's unknown threshold")
+    distances: dict[str, float] = Field(
+        description="squared distance to each center by class name, nearest first "
+        "(the top_k nearest when top_k is given)"
+    )
+    embedding: list[float] | None = Field(
+        None, description="the image's embedding (only with return_embeddings=true)"
+    )
+
+
+class ClassifyResponse(BaseModel):
+    results: list[Classification]
+    model: ModelSummary
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+
+
+class Center(BaseModel):
+    label: int
+    class_name: str
+    center: list[float]
+
+
+class CentersResponse(BaseModel):
+    centers: list[Center]
+    dim: int
+
+
+class ModelResponse(BaseModel):
+    metadata: dict[str, Any] = Field(description="the model's center_embed.* metadata")
+    limits: dict[str, float | int] = Field(description="request limits in force")
+    provider: str = Field(description="onnxruntime execution provider actually in use")
+    model: ModelSummary
+
+
+class Status(BaseModel):
+    status: str
+
+
+# ------------------------------------------------------------------ OpenAPI request bodies
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def images_body() -> dict[str, Any]:
+    """The requestBody of /v1/embed and /v1/classify: multipart files or JSON base64."""
+    files = {
+        "type": "object",
+        "properties": {
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "image files, one part each",
+            }
+        },
+        "required": ["files"],
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": files},
+                "application/json": {"schema": _inline(ImagesRequest)},
+            },
+        }
+    }
+
+
+def vectors_body() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline(DistancesRequest)}},
+        }
+    }

@@ -1,0 +1,93 @@
+"""The service's options, each declared once, read from `CENTER_EMBED_*` environment variables.
+
+    CENTER_EMBED_MODEL=model.onnx CENTER_EMBED_MAX_BATCH=32 center-embed serve ...
+
+Settings are built by the app factory (never at import time), so tests build their own
+`Settings(...)` and pass it to `create_app`. `center-embed serve --help` lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from center_embed.errors import UserError
+
+MiB = 1024 * 1024
+
+
+def _split_commas(value: object) -> object:
+    """'a, b,,c' -> ['a', 'b', 'c']: lists come from the environment comma-separated."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CENTER_EMBED_", frozen=True)
+
+    model: Path | None = Field(None, description="the ONNX model to serve")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="execution provider")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: one per core)")
+    decode_threads: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
+
+    max_batch: int = Field(64, ge=1, description="most images in one onnxruntime run")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="longest wait to fill a batch while others are arriving"
+    )
+    max_queue: int = Field(512, ge=1, description="most images waiting; beyond it: 429")
+    timeout_s: float = Field(10.0, gt=0, description="queue + inference time limit; beyond: 504")
+
+    max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body; 413")
+    max_images: int = Field(64, ge=1, description="most images in one request; 413")
+    max_vectors: int = Field(1024, ge=1, description="most vectors in one /v1/distances; 413")
+    max_pixels: int = Field(
+        4096 * 4096, ge=1, description="most pixels in one image, checked before decoding; 413"
+    )
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys; any one opens /v1 (none: open)"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of keys, one per line")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS (none: off)"
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_images > self.max_queue:
+            raise ValueError(
+                f"max_images ({self.max_images}) must not exceed max_queue ({self.max_queue}): "
+                "such a request could never be queued"
+            )
+        return self
+
+    def keys(self) -> list[bytes]:
+        """Every accepted API key: api_keys plus the lines of api_keys_file (# comments).
+
+        A key file that holds no key is an error, never an open API."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read the API key file {self.api_keys_file}: {e}") from None
+            found = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            if not found:
+                raise UserError(f"the API key file {self.api_keys_file} holds no key")
+            keys += found
+        return [k.encode() for k in keys]
+
+    def limits(self) -> dict[str, float | int]:
+        """The limits in force, as /v1/model reports them."""
+        names = ("max_body_bytes", "max_images", "max_vectors", "max_pixels", "max_batch",
+                 "max_wait_ms", "max_queue", "timeout_s")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
