@@ -12,7 +12,9 @@ from detached fp32 features, whenever the module is in training mode:
     sgd:   c is an nn.Parameter moved by the optimizer at its own learning rate.
 
 Every step costs O(B·D): a gather of each sample's own center and a scatter-add of the
-per-class sums. No B×C distance matrix is ever formed, so a million classes cost what ten do.
+per-class sums of the K ≤ B classes in the batch (plus an O(C) count vector; the mean rule
+with a decay below 1 also scales all C sums). No B×C distance matrix and no C×D temporary
+is ever formed, so a million classes cost what ten do.
 
 Under torch.distributed the per-class sums and counts are all-reduced (SUM) before the
 update, so N processes move the centers exactly as one process on the global batch does.
@@ -102,24 +104,35 @@ class CenterLoss(nn.Module):
 
     @torch.no_grad()
     def _update_centers(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        batch_sums = torch.zeros_like(self.centers).index_add_(0, labels, x)  # (C, D)
-        batch_counts = torch.bincount(labels, minlength=self.num_classes).float()  # (C,)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Only the K ≤ B classes present in the (global) batch are touched, so the work is
+        # O(C) for the count vector plus O(B·D), never O(C·D).
+        ones = torch.ones_like(x[:, 0])  # (B,)
+        batch_counts = torch.zeros_like(self.counts).index_add_(0, labels, ones)  # (C,) n_j
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            dist.all_reduce(batch_counts)  # first, so every process knows the same classes
+        present = batch_counts.nonzero().squeeze(1)  # (K,) sorted class ids; a host sync
+        rows = torch.searchsorted(present, labels)  # (B,) each sample's row in `present`
+        batch_sums = x.new_zeros(len(present), self.dim).index_add_(0, rows, x)  # (K, D) S_j
+        if distributed:
             dist.all_reduce(batch_sums)
-            dist.all_reduce(batch_counts)
+        n = batch_counts.index_select(0, present)[:, None]  # (K, 1)
         if self.update == "paper":
-            # Σ_{y_i=j}(c_j − x_i) = n_j·c_j − S_j; absent classes get Δ = 0.
-            delta = (batch_counts[:, None] * self.centers - batch_sums) / (
-                1 + batch_counts[:, None]
-            )
-            self.centers.sub_(self.alpha * delta)
+            # Σ_{y_i=j}(c_j − x_i) = n_j·c_j − S_j; absent classes have Δ = 0 and stay put.
+            c = self.centers.index_select(0, present)  # (K, D)
+            delta = (n * c - batch_sums) / (1 + n)
+            self.centers.index_copy_(0, present, c - self.alpha * delta)
             self.counts.add_(batch_counts)
-        else:  # mean
-            self.sums.mul_(self.decay).add_(batch_sums)
-            self.counts.mul_(self.decay).add_(batch_counts)
-            seen = self.counts > 0
-            means = self.sums / self.counts.clamp_min(1e-12)[:, None]
-            self.centers.copy_(torch.where(seen[:, None], means, self.centers))
+        else:  # mean; an absent class keeps S_j / N_j, which the decay does not change
+            if self.decay != 1:  # the one O(C·D) operation, and only with a decay
+                self.sums.mul_(self.decay)
+                self.counts.mul_(self.decay)
+            self.sums.index_add_(0, present, batch_sums)
+            self.counts.add_(batch_counts)
+            means = (
+                self.sums.index_select(0, present) / self.counts.index_select(0, present)[:, None]
+            )
+            self.centers.index_copy_(0, present, means)
 
     @torch.no_grad()
     def all_reduce_grad(self) -> None:

@@ -84,6 +84,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--data", help="dataset: image folder or CIFAR-10 archive (data.path)")
     p.add_argument("--classes", help="comma-separated class subset (data.classes)")
+    p.add_argument(
+        "--download", action="store_true",
+        help="first fetch CIFAR-10 into --data if it is not there (official archive, md5 checked)",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/default", help="run folder (default: runs/default)")
     p.add_argument(
         "--resume", metavar="RUN", help="continue the run in this folder from its last.pt"
@@ -98,7 +102,9 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.data:
         overrides.append(f"data.path={args.data}")
-    if args.classes:
+    if args.classes is not None:
+        if not args.classes.strip(" ,"):
+            raise UserError("--classes expects comma-separated class names, e.g. cat,dog")
         overrides.append(f"data.classes={args.classes}")
     if args.device:
         overrides.append(f"train.device={args.device}")
@@ -106,6 +112,11 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.resume) if args.resume else Path(args.out)
     if out.is_file():  # `--resume runs/x/last.pt` means the folder
         out = out.parent
+    if args.download:
+        from center_embed.download import download_cifar10
+
+        quiet = int(os.environ.get("RANK", "0")) != 0
+        download_cifar10(cfg.data.path, log=(lambda _: None) if quiet else print)
 
     from center_embed.train import train
 

@@ -312,6 +312,8 @@ def select_classes(dataset: Dataset, classes: list[str]) -> Dataset:
         raise UserError(f"unknown classes {unknown}; the dataset has {dataset.class_names}")
     if len(set(classes)) != len(classes):
         raise UserError(f"classes listed twice in {classes}")
+    if len(classes) < 2:  # one class gives softmax nothing to learn
+        raise UserError(f"a class subset needs at least two classes, got {classes}")
     old_to_new = np.full(len(dataset.class_names), -1, np.int64)
     for new, name in enumerate(classes):
         old_to_new[dataset.class_names.index(name)] = new

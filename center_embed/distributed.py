@@ -3,7 +3,14 @@
 Launched by torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment), training joins
 a process group: gloo on the CPU, nccl on CUDA. Each process takes its shard of every
 global batch (see BatchLoader), DDP averages the model's gradients, CenterLoss all-reduces
-its per-class sums and counts, and only rank 0 writes checkpoints and logs.
+its per-class sums and counts (or, for `sgd`, its centers' gradient), and only rank 0
+writes checkpoints and logs.
+
+What is exact and what is not: the centers move exactly as one process on the global batch
+would move them, and so do the weights of a network without batch statistics. BatchNorm
+layers normalise each process's shard by its own statistics (as DDP always does; torch's
+SyncBatchNorm has no CPU implementation), so a network with BatchNorm trains like one
+process with ghost batches of batch_size / world_size images.
 """
 
 from __future__ import annotations
@@ -48,6 +55,21 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
 
     device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process if `flag` is true on any: a collective, so all must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for every process (a no-op for one)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def teardown(ctx: Context) -> None:

@@ -228,28 +228,43 @@ def train(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train, writing last.pt, best.pt and metrics.jsonl under out_dir. Returns the
-    final validation metrics."""
-    t0 = time.perf_counter()
-    out = Path(out_dir)
+    final validation metrics. Under torchrun every process calls this; rank 0 writes."""
     ctx = distributed.setup(cfg.train.device)
+    if not ctx.is_main:
+        log = _silent
+    try:
+        return _train(cfg, Path(out_dir), resume, log, ctx)
+    finally:  # also on an error or an interruption, so the process group never leaks
+        distributed.teardown(ctx)
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    log: Callable[[str], None],
+    ctx: distributed.Context,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    resumed = None
+    if resume:
+        resumed = load_checkpoint(out / "last.pt")
+        if resumed["config"] != cfg.to_dict():
+            # The run's own config wins: a resumed run is the same run (threads and
+            # precision included, which is why this comes first).
+            cfg = Config.from_dict(resumed["config"])
+            log(f"resuming with the config stored in {out / 'last.pt'}")
+    elif (out / "last.pt").exists():  # every rank checks, so none waits for a failed one
+        raise UserError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
     device = resolve_device(cfg.train.device, ctx.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     bf16 = use_bf16(cfg.train.bf16, device)
     channels_last = use_channels_last(cfg.train.channels_last, device)
-
-    resumed = None
-    if resume:
-        resumed = load_checkpoint(out / "last.pt")
-        if resumed["config"] != cfg.to_dict():
-            # The run's own config wins: a resumed run is the same run.
-            cfg = Config.from_dict(resumed["config"])
-            log(f"resuming with the config stored in {out / 'last.pt'}")
-    elif ctx.is_main and (out / "last.pt").exists():
-        raise UserError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
 
     # ---- data: decoded once (cached), held on the device as uint8
     dataset = select_classes(
@@ -322,17 +337,29 @@ def train(
 
     def metrics_so_far(val: dict[str, float] | None = None) -> dict[str, Any]:
         return {
-            "val": val or (history[-1]["val"] if history else {}),
+            "val": val or (history[-1].get("val", {}) if history else {}),
             "history": history,
             "best_val_nearest_center_accuracy": best,
             "train_seconds": time.perf_counter() - t0,
         }
+
+    def interrupt() -> None:
+        if ctx.is_main:
+            save_checkpoint(out / "last.pt", checkpoint(metrics_so_far()))
+        distributed.barrier(ctx)  # nobody exits (and has torchrun stop rank 0) before it saved
+        launcher = "center-embed" if ctx.world_size == 1 else "torchrun ... -m center_embed.cli"
+        raise TrainingInterrupted(
+            f"interrupted at step {step}/{total_steps}; saved {out / 'last.pt'}. "
+            f"Continue with: {launcher} train --resume {out}"
+        )
 
     # ---- the loop
     stop = _StopFlag()
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     with stop.installed():
         while step < total_steps:
+            if distributed.any_rank(stop.requested, device):  # between epochs
+                interrupt()
             epoch = step // steps_per_epoch
             for g in optimizer.param_groups:
                 if g["name"] == "whiten_bias" and epoch >= cfg.train.whiten_bias_epochs:
@@ -367,15 +394,13 @@ def train(
                     _show(bar, sums, x.shape[0] * ctx.world_size, epoch_start, 10)
                 if device.type == "cpu" or step % 50 == 0:  # a host sync: rare on GPU
                     _check_finite(bad_loss, step, epoch, out)
-                if stop.requested:
-                    if ctx.is_main:
-                        save_checkpoint(out / "last.pt", checkpoint(metrics_so_far()))
-                    raise TrainingInterrupted(
-                        f"interrupted at step {step}/{total_steps}; saved {out / 'last.pt'}. "
-                        f"Continue with: center-embed train --resume {out}"
-                    )
-                if step >= total_steps:
-                    break
+                if step >= total_steps or step % steps_per_epoch == 0:
+                    break  # an epoch's last step stops after the epoch's validation
+                # Processes agree on the step they stop at; on a GPU only every 50 steps,
+                # as a collective is a host sync.
+                agree = ctx.world_size == 1 or device.type == "cpu" or step % 50 == 0
+                if agree and distributed.any_rank(stop.requested, device):
+                    interrupt()
             if bar is not None:
                 bar.close()
             _check_finite(bad_loss, step, epoch, out)
@@ -398,7 +423,7 @@ def train(
                 / (time.perf_counter() - epoch_start),
                 "elapsed_seconds": time.perf_counter() - t0,
             }
-            if len(val_split):
+            if len(val_split) and ctx.is_main:  # the others would only repeat it
                 record["val"], _ = split_metrics(
                     model, criterion.centers, val_split, preprocess, device, bf16
                 )
@@ -414,12 +439,15 @@ def train(
     final = metrics_so_far()
     if ctx.is_main:  # last.pt also records the final best, so a finished run says what it did
         save_checkpoint(out / "last.pt", checkpoint(final))
-    distributed.teardown(ctx)
     return final
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 def _check_finite(bad: torch.Tensor, step: int, epoch: int, out: Path) -> None:
-    if bool(bad):
+    if distributed.any_rank(bool(bad), bad.device):  # all processes stop together
         raise UserError(
             f"the loss became NaN or infinite by step {step} (epoch {epoch + 1}); stopped. "
             f"The last good checkpoint, if any, is {out / 'last.pt'}. "
@@ -473,6 +501,8 @@ class _StopFlag:
         self.requested = False
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.requested = True
 
     @contextlib.contextmanager
