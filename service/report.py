@@ -1,0 +1,367 @@
+"""`center-embed report`: an evaluation report of an exported model that a person can read.
+
+    center-embed report model.onnx --data ../shared/data/cifar10 --run runs/cpu --out report/
+
+writes report/metrics.json, report/index.html (one file: the figures are embedded, and also
+saved beside it as PNG files) and four PNG figures:
+
+    embedding_2d.png       test embeddings in 2-D (PCA unless the model is 2-D), centers marked
+    confusion.png          confusion matrix of nearest-center labels
+    min_distance_hist.png  min distances of correct versus wrong predictions, unknown threshold
+    training_curves.png    the run's metrics.jsonl, per epoch (only with --run)
+
+Where each figure comes from, said again in the report itself: everything about the
+embeddings is computed here, from the ONNX model's outputs on the test split of --data. The
+ONNX model outputs no logits, so softmax accuracy is copied from the run's eval.json
+(written by `center-embed train` / `eval` with the torch checkpoint) when --run is given,
+else from the training facts in the model's metadata.
+
+A development tool, not a serving one: the retrieval and ratio metrics come from the
+torch-based center_embed.metrics, and the centers are read from the ONNX file with the
+`onnx` package (both come with the `train` extra); plots need matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+
+PLOTS = {
+    "embedding_2d": "embedding_2d.png",
+    "confusion": "confusion.png",
+    "min_distance_hist": "min_distance_hist.png",
+    "training_curves": "training_curves.png",
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_centers(model_path: str | Path) -> np.ndarray:
+    """The centers (C, D) float32, from the ONNX initializer the exporter names `centers`."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        if tensor.name == "centers":
+            return numpy_helper.to_array(tensor).astype(np.float32)
+    raise UserError(f"{model_path} has no `centers` initializer: not exported by center-embed")
+
+
+def run_model(model, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The model's four outputs over every image, batch by batch (a memory-mapped split too)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        for name, value in model.run(np.asarray(images[start : start + batch_size])).items():
+            parts.setdefault(name, []).append(value)
+    if not parts:
+        raise UserError("the split has no images")
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def load_test_split(data: str, class_names: list[str], image_size: int, split: str):
+    """(images, labels) of `split`, restricted and relabelled to the model's classes."""
+    from center_embed.data import load_dataset, select_classes
+
+    dataset = load_dataset(data, image_size)
+    if dataset.class_names != class_names:
+        missing = [c for c in class_names if c not in dataset.class_names]
+        if missing:
+            raise UserError(
+                f"{data} lacks the model's classes {missing} (it has {dataset.class_names})"
+            )
+        dataset = select_classes(dataset, class_names)
+    chosen = getattr(dataset, split)
+    return chosen.images, np.asarray(chosen.labels), dataset.source
+
+
+def read_run(run: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(eval.json or None, the per-epoch records of metrics.jsonl) of a run folder."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    evaluation = None
+    if (run / "eval.json").is_file():
+        try:
+            evaluation = json.loads((run / "eval.json").read_text())
+        except ValueError as e:
+            raise UserError(f"{run / 'eval.json'} is not valid JSON: {e}") from None
+    records: dict[float, dict[str, Any]] = {}
+    if (run / "metrics.jsonl").is_file():
+        for n, line in enumerate((run / "metrics.jsonl").read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records[float(record["epoch"])] = record  # a resumed run may repeat an epoch
+            except (ValueError, KeyError, TypeError):
+                raise UserError(
+                    f"{run / 'metrics.jsonl'} line {n} is not a metrics record"
+                ) from None
+    return evaluation, [records[k] for k in sorted(records)]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def embedding_metrics(
+    outputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    centers: np.ndarray,
+    class_names: list[str],
+    unknown: np.ndarray,
+) -> dict[str, Any]:
+    """Every figure the ONNX outputs give on a labelled split."""
+    import torch
+
+    from center_embed.metrics import intra_inter_ratio, retrieval_metrics
+
+    predicted = outputs["labels"]
+    correct = predicted == labels
+    embeddings = torch.from_numpy(outputs["embeddings"])
+    truth = torch.from_numpy(labels.astype(np.int64))
+    per_class = {
+        name: float(correct[labels == j].mean()) if (labels == j).any() else None
+        for j, name in enumerate(class_names)
+    }
+    known = ~unknown
+    return {
+        "nearest_center_accuracy": float(correct.mean()),
+        "per_class_accuracy": per_class,
+        **retrieval_metrics(embeddings, truth),
+        "intra_inter_ratio": intra_inter_ratio(embeddings, truth, torch.from_numpy(centers)),
+        "unknown_rate": float(unknown.mean()),
+        "unknown_rate_correct": float(unknown[correct].mean()) if correct.any() else None,
+        "unknown_rate_wrong": float(unknown[~correct].mean()) if (~correct).any() else None,
+        "accuracy_on_known": float(correct[known].mean()) if known.any() else None,
+    }
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts; rows true class, columns predicted."""
+    flat = labels.astype(np.int64) * num_classes + predicted.astype(np.int64)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def softmax_figures(
+    evaluation: dict[str, Any] | None, training: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Softmax accuracy and its provenance: the run's eval.json, else the model metadata."""
+    if evaluation and "softmax_accuracy" in evaluation:
+        result = {"softmax_accuracy": float(evaluation["softmax_accuracy"])}
+        how = "torch checkpoint" + (", bf16 autocast" if evaluation.get("bf16") else "")
+        result["source"] = f"the run's eval.json ({how}; written by center-embed train/eval)"
+        result["data"] = evaluation.get("data")
+        for key in ("nearest_center_accuracy", "precision_at_1", "map_at_r", "intra_inter_ratio"):
+            if key in evaluation:
+                result[f"torch_{key}"] = float(evaluation[key])
+        if isinstance(evaluation.get("tta"), dict) and "softmax_accuracy" in evaluation["tta"]:
+            result["tta_level"] = evaluation["tta"].get("level")
+            result["tta_softmax_accuracy"] = float(evaluation["tta"]["softmax_accuracy"])
+        return result
+    test = (training or {}).get("test") or {}
+    if "softmax_accuracy" in test:
+        return {
+            "softmax_accuracy": float(test["softmax_accuracy"]),
+            "source": "the model's metadata (center_embed.training.test: measured with the "
+            "torch checkpoint before export)",
+            "data": (training or {}).get("data_source"),
+        }
+    return None
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report(
+    model_path: str | Path,
+    out: str | Path,
+    data: str | None = None,
+    run: str | Path | None = None,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    max_points: int = 5000,
+    device: str = "auto",
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write metrics.json, index.html and the PNGs under `out`; return the metrics."""
+    from export.runtime import OnnxModel, describe
+    from service import report_plots as plots
+    from service.report_html import render_html
+
+    model = OnnxModel(model_path, device, threads)
+    info, meta = model.info, describe(model.info)
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    data = data or training.get("data_source")
+    if not data:
+        raise UserError("the model does not record its dataset; pass --data")
+    if split not in ("train", "test"):
+        raise UserError(f"--split must be train or test, not {split!r}")
+    evaluation, records = read_run(run) if run else (None, [])
+    images, labels, source = load_test_split(str(data), info.class_names, info.input_size[0], split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    outputs = run_model(model, images, batch_size)
+    centers = read_centers(model_path)
+    unknown = model.unknown(outputs["min_distances"])
+    onnx_metrics = embedding_metrics(outputs, labels, centers, info.class_names, unknown)
+    confusion = confusion_matrix(labels, outputs["labels"], info.num_classes)
+
+    written = _plot_all(
+        plots, out, outputs, labels, centers, confusion, info, meta, records, max_points, seed
+    )
+    report = {
+        "model": {
+            "path": str(model_path),
+            "sha256": _sha256(Path(model_path)),
+            "embedding_dim": info.embedding_dim,
+            "classes": info.class_names,
+            "precision": info.precision,
+            "unknown_threshold": info.unknown_threshold,
+            "unknown_threshold_calibration": meta.get("unknown_threshold_calibration"),
+            "provider": model.provider,
+        },
+        "data": {"path": str(data), "source": source, "split": split, "images": len(labels)},
+        "onnx": {
+            "source": f"computed here from the ONNX model's outputs on the {split} split of "
+            f"{data} ({len(labels)} images)",
+            **onnx_metrics,
+            "confusion_matrix": confusion.tolist(),
+        },
+        "softmax": softmax_figures(evaluation, training),
+        "run": str(run) if run else None,
+        "epochs_in_run": len(records),
+        "plots": written,
+    }
+    _write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    _write_text(out / "index.html", render_html(report, out))
+    return report
+
+
+def _plot_all(
+    plots, out, outputs, labels, centers, confusion, info, meta, records, max_points, seed
+) -> dict[str, str]:
+    written = {}
+    pick = _stratified_sample(labels, max_points, seed)
+    points, centers_2d, xlabel, ylabel, what = plots.project_2d(outputs["embeddings"], centers)
+    shown = (
+        f"{len(pick)} of {len(labels)} test images"
+        if len(pick) < len(labels)
+        else (f"{len(labels)} test images")
+    )
+    plots.plot_embedding_2d(
+        points[pick],
+        centers_2d,
+        labels[pick],
+        info.class_names,
+        xlabel,
+        ylabel,
+        f"{what}: {shown}, and the class centers",
+        out / PLOTS["embedding_2d"],
+    )
+    written["embedding_2d"] = PLOTS["embedding_2d"]
+    plots.plot_confusion(confusion, info.class_names, out / PLOTS["confusion"])
+    written["confusion"] = PLOTS["confusion"]
+    calibration = meta.get("unknown_threshold_calibration") or {}
+    note = (
+        ", ".join(f"{k} {calibration[k]}" for k in ("quantile", "split") if k in calibration)
+        or "as stored in the model"
+    )
+    plots.plot_min_distance_histogram(
+        outputs["min_distances"],
+        outputs["labels"] == labels,
+        info.unknown_threshold,
+        note,
+        out / PLOTS["min_distance_hist"],
+    )
+    written["min_distance_hist"] = PLOTS["min_distance_hist"]
+    if records:
+        plots.plot_training_curves(records, out / PLOTS["training_curves"])
+        written["training_curves"] = PLOTS["training_curves"]
+    return written
+
+
+def _stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n indices, the same share of every class, in order (a seeded draw)."""
+    if len(labels) <= n:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [
+        rng.permutation(np.flatnonzero(labels == c))[: max(1, round(n * np.mean(labels == c)))]
+        for c in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX model exported by center-embed")
+    p.add_argument(
+        "--data",
+        help="labelled dataset (image folder or CIFAR-10 archive); default: the one the "
+        "model's metadata records",
+    )
+    p.add_argument(
+        "--run",
+        help="the run folder (metrics.jsonl, eval.json) for training curves and softmax accuracy",
+    )
+    p.add_argument("--out", default="report", help="folder to write (default: report)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--max-points", type=int, default=5000, help="test images drawn in the 2-D figure"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    report = build_report(
+        args.model,
+        args.out,
+        args.data,
+        args.run,
+        split=args.split,
+        batch_size=args.batch_size,
+        max_points=args.max_points,
+        device=args.device,
+        threads=args.threads,
+    )
+    m = report["onnx"]
+    print(
+        f"{report['data']['images']} {report['data']['split']} images: nearest-center accuracy "
+        f"{m['nearest_center_accuracy']:.4f}, precision@1 {m['precision_at_1']:.4f}, "
+        f"MAP@R {m['map_at_r']:.4f}, intra/inter {m['intra_inter_ratio']:.4f}"
+    )
+    if report["softmax"]:
+        print(
+            f"softmax accuracy {report['softmax']['softmax_accuracy']:.4f} "
+            f"(from {report['softmax']['source']})"
+        )
+    print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'metrics.json'}")
+    return 0

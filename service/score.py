@@ -1,0 +1,385 @@
+"""`center-embed score`: a folder, a list of paths or a CIFAR-10 archive -> Parquet.
+
+    center-embed score model.onnx /data/images --out scores.parquet
+    center-embed score model.onnx paths.txt --out scores.parquet --resume
+
+The pipeline, for any number of images in flat memory:
+
+    source.items()  (lazy, fixed order)  ──► batches of --batch-size
+        ──► --workers threads, each taking a whole batch: decode (Pillow), run
+            (onnxruntime, --threads intra-op threads, default 1), build an Arrow table
+        ──► tables in input order  ──► part files  ──► merge
+
+Why whole batches per worker and single-threaded inference: decoding is Python that holds
+the GIL most of the time, while onnxruntime releases it. With one more worker than cores,
+whenever one worker decodes the others keep every core busy with inference, so decoding
+hides behind it. The alternative, one multi-threaded inference call beside a decoding pool,
+measured worse on two cores: when a decoding thread preempts one of onnxruntime's
+intra-op threads, the other spins at the next barrier.
+
+An image that cannot be read or decoded becomes a row with an `error` and no model
+outputs; it never stops the run. Ctrl-C or SIGTERM stops after the last whole part, and
+`--resume` continues from there (score_output.py says how that stays exact).
+
+Imports numpy, Pillow, onnxruntime and pyarrow only: never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+
+MAX_FAILURES_SHOWN = 10
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    rows: int  # rows in the output, failures included
+    failed: int  # rows with an error, in the whole output
+    scored: int  # images this run went through (resumed rows excluded)
+    skipped: int  # files passed over as not images (by extension)
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (id, error), this run
+    resumed_from: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+
+def score(
+    model,  # OnnxModel, or a path to one
+    source,  # score_sources.Source, or a path: folder, list of paths, CIFAR-10 archive
+    out: str | Path,
+    *,
+    fmt: str = "parquet",
+    batch_size: int = 256,
+    workers: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    row_group_size: int = 8192,
+    progress: bool = True,
+    device: str = "auto",
+    threads: int = 0,
+) -> ScoreSummary:
+    """Score every image of `source` into `out`; see the module docstring."""
+    from export.runtime import OnnxModel
+    from service.score_output import PartWriter, count_rows, make_schema
+    from service.score_sources import Source, open_source
+
+    if batch_size < 1 or row_group_size < 1 or workers < 0:
+        raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
+    if not isinstance(model, OnnxModel):  # each worker runs its own batch: 1 thread each
+        model = OnnxModel(model, device, threads or 1)
+    if not isinstance(source, Source):
+        source = open_source(source)
+    info = model.info
+    h, w = info.input_size
+    if h != w:
+        raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
+    out = Path(out)
+    model_sha256 = _sha256(model.path)
+    metadata = {
+        "center_embed.scores_version": "1",
+        "center_embed.model": model.path.name,
+        "center_embed.model_sha256": model_sha256,
+        "center_embed.class_names": json.dumps(info.class_names),
+        "center_embed.embedding_dim": str(info.embedding_dim),
+        "center_embed.distance": info.distance,
+        "center_embed.unknown_threshold": json.dumps(info.unknown_threshold),
+        "center_embed.source": json.dumps(source.describe()),
+    }
+    schema = make_schema(info.num_classes, info.embedding_dim, metadata)
+    manifest = {"model_sha256": model_sha256, "source": source.describe()}
+    writer = PartWriter(out, fmt, manifest, schema, row_group_size, resume, overwrite)
+    done = writer.progress.rows
+    summary = ScoreSummary(out, done, writer.progress.failed, 0, 0, 0.0, resumed_from=done)
+    if writer.complete:  # --resume of a run that had finished
+        summary.rows = summary.resumed_from = count_rows(out, fmt)
+        return summary
+
+    start = time.perf_counter()
+    items = source.items()
+    _skip_written(items, done, writer.progress.last_id)
+    bar = _progress_bar(source.count() if progress else None, done, progress)
+    try:
+        for batch, errors, table in _pipeline(model, schema, items, batch_size, workers):
+            writer.write(table)
+            _count(summary, batch, errors)
+            bar.set_postfix_str(f"failed={summary.failed}", refresh=False)
+            bar.update(len(batch))
+        writer.finish()
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+        summary.skipped = source.skipped
+    return summary
+
+
+def _pipeline(model, schema, items: Iterator, batch_size: int, workers: int) -> Iterator[tuple]:
+    """(items, errors, Arrow table) per batch, in input order.
+
+    At most 2 * workers batches are in flight (no more, so memory stays flat), and the
+    main thread only writes what the workers return.
+    """
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="score") as pool:
+        batches = _batched(items, batch_size)
+        pending = deque(
+            pool.submit(_process, model, schema, b) for b in islice(batches, 2 * workers)
+        )
+        try:
+            while pending:
+                done = pending.popleft().result()
+                following = next(batches, None)
+                if following is not None:
+                    pending.append(pool.submit(_process, model, schema, following))
+                yield done
+        finally:  # interrupted: drop the batches not yet started
+            for future in pending:
+                future.cancel()
+
+
+def default_workers() -> int:
+    """One more than the cores: one worker decodes while the others run inference."""
+    return (os.cpu_count() or 1) + 1
+
+
+def _process(model, schema, batch: list) -> tuple[list, list[str | None], Any]:
+    batch, images, errors = _decode(model, batch)
+    return batch, errors, _score_batch(model, schema, batch, images, errors)
+
+
+def _skip_written(items: Iterator, done: int, last_id: str | None) -> None:
+    """Advance past the rows a previous run wrote, checking the input still agrees."""
+    if not done:
+        return
+    last = deque(islice(items, done), maxlen=1)
+    found = last[0].id if last else None
+    if found != last_id:
+        raise UserError(
+            f"cannot resume: row {done} written was {last_id!r} but the input now has "
+            f"{found!r} there; the input changed since the interrupted run"
+        )
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def _decode(model, batch: list) -> tuple[list, np.ndarray, list[str | None]]:
+    """(items, uint8 (k, H, W, 3) of the k images that decoded, error or None per item)."""
+    from PIL import Image
+
+    from center_embed.imageio import ImageDecodeError, fit_image
+
+    size = model.info.input_size[0]
+    images = np.empty((len(batch), size, size, 3), np.uint8)
+    errors: list[str | None] = [None] * len(batch)
+    k = 0
+    for i, item in enumerate(batch):
+        try:
+            if item.pixels is None:
+                with open(item.path, "rb", buffering=0) as f:  # cheaper than Path.read_bytes
+                    images[k] = model.decode(f.read())
+            elif item.pixels.shape == (size, size, 3):
+                images[k] = item.pixels
+            else:  # a dataset stored at another size than the model's input
+                images[k] = fit_image(Image.fromarray(np.asarray(item.pixels)), size)
+            k += 1
+        except ImageDecodeError as e:
+            errors[i] = str(e)
+        except OSError as e:
+            errors[i] = f"cannot read file: {e.strerror or e}"
+    return batch, images[:k], errors
+
+
+def _score_batch(model, schema, batch: list, images: np.ndarray, errors: list[str | None]):
+    from service.score_output import rows_table
+
+    if len(images):
+        outputs = model.run(images)
+    else:  # every image of the batch failed
+        info = model.info
+        outputs = {
+            "embeddings": np.zeros((0, info.embedding_dim), np.float32),
+            "distances": np.zeros((0, info.num_classes), np.float32),
+            "labels": np.zeros(0, np.int64),
+            "min_distances": np.zeros(0, np.float32),
+        }
+    return rows_table(
+        schema,
+        ids=[item.id for item in batch],
+        paths=[item.path for item in batch],
+        true_classes=[item.true_class for item in batch],
+        errors=errors,
+        outputs=outputs,
+        unknown=model.unknown(outputs["min_distances"]),
+        class_names=model.info.class_names,
+    )
+
+
+def _count(summary: ScoreSummary, batch: list, errors: list[str | None]) -> None:
+    summary.scored += len(batch)
+    summary.rows += len(batch)
+    for item, error in zip(batch, errors, strict=True):
+        if error is not None:
+            summary.failed += 1
+            if len(summary.failures) < MAX_FAILURES_SHOWN:
+                summary.failures.append((item.id, error))
+
+
+def _progress_bar(total: int | None, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        disable=not enabled,
+        dynamic_ncols=True,
+        desc="scoring",
+        file=sys.stderr,
+    )
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX model exported by center-embed")
+    p.add_argument(
+        "input",
+        help="a folder of images (searched recursively), a text file of image paths "
+        "(one a line; relative to the file's folder), or a CIFAR-10 archive or batch folder",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="Parquet file to write (with --format npy: a folder of .npy arrays)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["parquet", "npy"],
+        default="parquet",
+        dest="fmt",
+        help="parquet (default), or npy: a folder of .npy arrays plus rows.jsonl (ids, errors)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into the same --out, skipping what it wrote",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per inference call (memory grows with batch size x workers)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="batches decoded and run at once, one thread each (0: one more than the cores)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads per batch (default 1)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--row-group-size",
+        type=int,
+        default=8192,
+        help="rows per Parquet row group; also how much an interruption can lose",
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "test", "all"],
+        help="which split of a CIFAR-10 input to score (default: all)",
+    )
+    p.add_argument(
+        "--all-files",
+        action="store_true",
+        help="in a folder, try every file instead of only image extensions",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from service.score_sources import DatasetSource, open_source
+
+    source = open_source(args.input, args.split or "all", args.all_files)
+    if args.split and not isinstance(source, DatasetSource):
+        raise UserError("--split applies to a CIFAR-10 archive input only")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as Ctrl-C does
+    try:
+        summary = score(
+            args.model,
+            source,
+            args.out,
+            fmt=args.fmt,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            row_group_size=args.row_group_size,
+            progress=not args.no_progress,
+            device=args.device,
+            threads=args.threads,
+        )
+    except KeyboardInterrupt:
+        partial = Path(args.out).with_name(Path(args.out).name + ".partial")
+        print(
+            f"interrupted: the rows written so far are kept in {partial}; run the same "
+            f"command with --resume to finish",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_summary(summary))
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def format_summary(s: ScoreSummary) -> str:
+    if s.scored == 0 and s.resumed_from == s.rows:
+        return f"{s.out} is complete ({s.rows} rows); nothing to do"
+    lines = [
+        f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
+        + (f", after {s.resumed_from} written before" if s.resumed_from else ""),
+        f"wrote {s.out}: {s.rows} rows, {s.failed} failed"
+        + (f", {s.skipped} files skipped as not images" if s.skipped else ""),
+    ]
+    for image_id, error in s.failures:
+        lines.append(f"  failed: {image_id}: {error}")
+    if s.failed > len(s.failures):
+        lines.append(f"  ... {s.failed - len(s.failures)} more (rows with a non-null error)")
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Where `center-embed score` writes: row batches -> Arrow tables -> Parquet (or .npy files).
+
+One row per image (DESIGN.md, "Scoring output"):
+
+    id            string   relative path, list line as written, or <split>/<index>
+    path          string   the file read (null for images taken from a dataset archive)
+    label         int32    nearest center                      null where the image failed
+    class_name    string   that center's class                 null where the image failed
+    min_distance  float32  squared distance to it              null where the image failed
+    unknown       bool     min_distance > the model's unknown threshold
+    distances     fixed_size_list<float32>[C]  squared distance to every center
+    embedding     fixed_size_list<float32>[D]
+    true_class    string   ground truth, where the input knows it (dataset archives)
+    error         string   why the image could not be scored; null for scored rows
+
+Crash safety: rows go into numbered part files in `<out>.partial/`, each written under a
+temporary name and renamed when whole, so a Ctrl-C or a kill loses at most the part being
+written. `finish` merges the parts, one row group each, into a temporary file that is
+renamed to `out`: the output appears under its final name only when complete. Resuming
+counts the rows in the parts and skips that many inputs, after checking that the last id
+written is the one the input gives at that position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+
+FORMAT_VERSION = 1
+FORMATS = ("parquet", "npy")
+
+
+def make_schema(num_classes: int, embedding_dim: int, metadata: dict[str, str]):
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("path", pa.string()),
+            pa.field("label", pa.int32()),
+            pa.field("class_name", pa.string()),
+            pa.field("min_distance", pa.float32()),
+            pa.field("unknown", pa.bool_()),
+            pa.field("distances", pa.list_(pa.float32(), num_classes)),
+            pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
+            pa.field("true_class", pa.string()),
+            pa.field("error", pa.string()),
+        ],
+        metadata={k.encode(): v.encode() for k, v in metadata.items()},
+    )
+
+
+def rows_table(
+    schema,
+    ids: list[str],
+    paths: list[str | None],
+    true_classes: list[str | None],
+    errors: list[str | None],
+    outputs: dict[str, np.ndarray],
+    unknown: np.ndarray,
+    class_names: list[str],
+):
+    """One batch as an Arrow table. `outputs` and `unknown` hold the scored rows only, in
+    order; rows with an error get nulls in every model column."""
+    import pyarrow as pa
+
+    n = len(ids)
+    failed = np.array([e is not None for e in errors], dtype=bool)
+    ok = ~failed
+
+    def full(values: np.ndarray, fill: Any) -> np.ndarray:
+        out = np.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+        out[ok] = values
+        return out
+
+    mask = pa.array(failed) if failed.any() else None
+    labels = full(outputs["labels"].astype(np.int32), 0)
+    columns = [
+        pa.array(ids, pa.string()),
+        pa.array(paths, pa.string()),
+        pa.array(labels, pa.int32(), mask=failed),
+        pa.DictionaryArray.from_arrays(
+            pa.array(labels, pa.int32(), mask=failed), pa.array(class_names, pa.string())
+        ).cast(pa.string()),
+        pa.array(full(outputs["min_distances"].astype(np.float32), 0), pa.float32(), mask=failed),
+        pa.array(full(unknown.astype(bool), False), pa.bool_(), mask=failed),
+    ]
+    for name in ("distances", "embeddings"):
+        values = full(outputs[name].astype(np.float32), 0)  # (n, C) or (n, D)
+        flat = pa.array(values.reshape(-1), pa.float32())
+        columns.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask))
+    columns += [pa.array(true_classes, pa.string()), pa.array(errors, pa.string())]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class Progress:
+    """What the parts already on disk hold (non-zero only when resuming)."""
+
+    rows: int = 0
+    failed: int = 0
+    last_id: str | None = None
+    parts: list[Path] = field(default_factory=list)
+
+
+class PartWriter:
+    """Buffers batch tables and writes them as whole part files; merges them at the end."""
+
+    def __init__(
+        self,
+        out: Path,
+        fmt: str,
+        manifest: dict[str, Any],
+        schema,
+        rows_per_part: int,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        self.out, self.fmt, self.schema = out, fmt, schema
+        self.rows_per_part = max(1, rows_per_part)
+        self.partial = out.with_name(out.name + ".partial")
+        self.manifest = {"format_version": FORMAT_VERSION, **manifest, "format": fmt}
+        self.buffer: list = []
+        self.buffered = 0
+        self.complete = False
+        self.progress = self._open(resume, overwrite)
+
+    # ---------------------------------------------------------------- start or resume
+
+    def _open(self, resume: bool, overwrite: bool) -> Progress:
+        if self.out.is_dir() and not (self.fmt == "npy" and is_npy_output(self.out)):
+            raise UserError(
+                f"--out {self.out} is a folder"
+                + (" that holds no earlier npy scores" if self.fmt == "npy" else "")
+                + "; give a new path"
+            )
+        if overwrite and not resume:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        if self.partial.is_dir():
+            if not resume:
+                raise UserError(
+                    f"an interrupted run left {self.partial}; pass --resume to continue it "
+                    f"or --overwrite to start again"
+                )
+            return self._resume()
+        if self.out.exists():
+            if resume:
+                self.complete = True  # finished earlier: nothing left to do
+                return Progress()
+            if not overwrite:
+                raise UserError(f"{self.out} exists; pass --overwrite to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.mkdir()
+        _write_json(self.partial / "manifest.json", self.manifest)
+        return Progress()
+
+    def _resume(self) -> Progress:
+        import pyarrow.parquet as pq
+
+        try:
+            before = json.loads((self.partial / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{self.partial} has no readable manifest.json; delete it") from None
+        changed = sorted(
+            k for k in {*before, *self.manifest} if before.get(k) != self.manifest.get(k)
+        )
+        if changed:
+            detail = "; ".join(
+                f"{k}: was {before.get(k)!r}, now {self.manifest.get(k)!r}" for k in changed
+            )
+            raise UserError(f"cannot resume {self.partial}, the run differs: {detail}")
+        for stale in self.partial.glob("*.tmp"):  # what was being written when killed
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        progress = Progress(parts=sorted(self.partial.glob("part-*.parquet")))
+        for part in progress.parts:
+            errors = pq.read_table(part, columns=["error"]).column("error")
+            progress.rows += len(errors)
+            progress.failed += len(errors) - errors.null_count
+        if progress.parts:
+            ids = pq.read_table(progress.parts[-1], columns=["id"]).column("id")
+            progress.last_id = ids[len(ids) - 1].as_py()
+        return progress
+
+    # ---------------------------------------------------------------- writing
+
+    def write(self, table) -> None:
+        self.buffer.append(table)
+        self.buffered += len(table)
+        if self.buffered >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer)
+        part = self.partial / f"part-{len(self.progress.parts):06d}.parquet"
+        tmp = part.with_name(part.name + ".tmp")
+        pq.write_table(table, tmp, compression="none")  # read once more, by the merge
+        os.replace(tmp, part)  # a part exists whole or not at all
+        self.progress.parts.append(part)
+        self.progress.rows += len(table)
+        self.buffer, self.buffered = [], 0
+
+    def finish(self) -> Path:
+        """Merge the parts into `out` (written beside it, then renamed); drop the parts."""
+        if self.complete:
+            return self.out
+        self.flush()
+        tmp = self.partial / f"merged.{self.fmt}.tmp"
+        if self.fmt == "parquet":
+            self._merge_parquet(tmp)
+        else:
+            self._merge_npy(tmp)
+        if self.out.is_dir():
+            shutil.rmtree(self.out)
+        os.replace(tmp, self.out)
+        shutil.rmtree(self.partial)
+        self.complete = True
+        return self.out
+
+    def _merge_parquet(self, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+
+        with pq.ParquetWriter(tmp, self.schema) as writer:
+            for part in self.progress.parts:  # one part in memory at a time
+                table = pq.read_table(part, schema=self.schema)
+                writer.write_table(table, row_group_size=max(len(table), 1))
+
+    def _merge_npy(self, tmp: Path) -> None:
+        """A folder of arrays a reader can memory-map; failed rows hold label -1 and NaN."""
+        import pyarrow.parquet as pq
+
+        tmp.mkdir()
+        n = self.progress.rows
+        c = self.schema.field("distances").type.list_size
+        d = self.schema.field("embedding").type.list_size
+
+        def array(name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+            return np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, shape)
+
+        arrays = {
+            "embeddings": array("embeddings", np.float32, (n, d)),
+            "distances": array("distances", np.float32, (n, c)),
+            "labels": array("labels", np.int64, (n,)),
+            "min_distances": array("min_distances", np.float32, (n,)),
+            "unknown": array("unknown", np.bool_, (n,)),
+        }
+        start = 0
+        with (tmp / "rows.jsonl").open("w", encoding="utf-8") as rows:
+            for part in self.progress.parts:
+                t = pq.read_table(part, schema=self.schema)
+                stop = start + len(t)
+                failed = t.column("error").is_valid().to_numpy(zero_copy_only=False)
+                for column, name, width in (
+                    ("embedding", "embeddings", d),
+                    ("distances", "distances", c),
+                ):
+                    flat = t.column(column).combine_chunks().flatten().to_numpy()
+                    values = np.full((len(t), width), np.nan, np.float32)
+                    values[~failed] = flat.reshape(-1, width)
+                    arrays[name][start:stop] = values
+                arrays["labels"][start:stop] = t.column("label").fill_null(-1).to_numpy()
+                arrays["min_distances"][start:stop] = (
+                    t.column("min_distance").fill_null(np.nan).to_numpy()
+                )
+                arrays["unknown"][start:stop] = t.column("unknown").fill_null(False).to_numpy()
+                for row in t.select(["id", "path", "true_class", "error"]).to_pylist():
+                    rows.write(json.dumps(row) + "\n")
+                start = stop
+        for values in arrays.values():
+            values.flush()
+        meta = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
+        _write_json(tmp / "model.json", meta)
+
+
+def is_npy_output(folder: Path) -> bool:
+    """A folder `--format npy` wrote (so --overwrite may replace it), not any folder."""
+    return (folder / "rows.jsonl").is_file() and (folder / "labels.npy").is_file()
+
+
+def count_rows(out: Path, fmt: str) -> int:
+    """Rows in a finished output."""
+    if fmt == "npy":
+        return len(np.load(out / "labels.npy", mmap_mode="r"))
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(out).num_rows
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
