@@ -27,8 +27,21 @@ lint: setup
 test: setup lint
 	$(BIN)/pytest -q
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Train (or finish an interrupted run), export, then serve until Ctrl-C.
 demo: setup
-	$(BIN)/center-embed train --preset cpu --data $(DATA) --out $(RUN) $(if $(wildcard $(RUN)/last.pt),--resume $(RUN),)
+	@if [ ! -f $(RUN)/eval.json ]; then \
+	  $(BIN)/center-embed train --preset cpu --data $(DATA) --out $(RUN) \
+	    $$( [ -f $(RUN)/last.pt ] && echo --resume $(RUN) ); \
+	fi
+	@[ -f $(RUN)/model.onnx ] || $(BIN)/center-embed export $(RUN)/best.pt --out $(RUN)/model.onnx
+	@echo
+	@echo "serving $(RUN)/model.onnx at http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/docs)"
+	@echo "try:  curl -F files=@$(DATA)/test/cat/0000.jpg http://$(HOST):$(PORT)/v1/classify"
+	@echo
+	$(BIN)/center-embed serve $(RUN)/model.onnx --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -114,10 +114,10 @@ class Config:
 
 # Presets are overrides on top of the defaults above (which are airbench94's recipe).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # Sized for a 2-core CPU: narrower network and fewer epochs, so that data
-    # loading, training and evaluation of CIFAR-10 fit in about ten minutes.
+    # airbench94's network for a 2-core CPU (bf16 autocast, ~1,100 images/s): epochs chosen
+    # so that decoding, training and evaluation of CIFAR-10 fit in ten minutes.
     "cpu": {
-        "train": {"epochs": 10.0, "batch_size": 1024, "tta": 2},
+        "train": {"epochs": 12.0, "batch_size": 1024, "tta": 2},
     },
     # airbench94-class schedule for a GPU.
     "gpu": {
