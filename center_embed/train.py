@@ -439,6 +439,8 @@ def _train(
     final = metrics_so_far()
     if ctx.is_main:  # last.pt also records the final best, so a finished run says what it did
         save_checkpoint(out / "last.pt", checkpoint(final))
+    # Leave together: tearing gloo down while a peer still uses it can abort the process.
+    distributed.barrier(ctx)
     return final
 
 

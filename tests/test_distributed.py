@@ -55,6 +55,13 @@ def spawn(fn, *args, timeout: float = 120) -> None:
                 p.kill()
 
 
+def leave_group() -> None:
+    # Wait for the other process first: tearing gloo down while a peer still talks to it
+    # can abort the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def join_group(rank: int, port: int) -> None:
     torch.set_num_threads(1)  # two processes on two cores
     os.environ.update(
@@ -122,7 +129,7 @@ def _steps_worker(rank: int, port: int, out: str) -> None:
     ctx = distributed.Context(rank, rank, WORLD)
     for update in RULES:
         torch.save(train_steps(update, ctx), Path(out) / f"{update}-{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_two_processes_move_centers_as_one_process_on_the_global_batch(tmp_path):
@@ -207,7 +214,7 @@ def _train_worker(rank: int, port: int, data: str, out: str) -> None:
     except UserError as e:
         record["nan.message"] = str(e)
     torch.save(record, out_dir / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_train_on_two_processes_agrees_and_only_rank_0_writes(tiny_folder, tmp_path):
