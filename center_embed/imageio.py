@@ -11,7 +11,6 @@ cropped to a square. An image already at the input size is passed through untouc
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +49,29 @@ def decode_image(data: bytes | Path | str, size: int, max_pixels: int | None = N
     """Decode bytes or a file into uint8 (size, size, 3) RGB, raising ImageDecodeError.
 
     `max_pixels` rejects images larger than that before decoding them fully; Pillow's own
-    decompression-bomb guard stays on either way (its warning is raised as an error).
+    decompression-bomb limit is enforced either way (above it, not only twice above it).
     """
     source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                if max_pixels is not None and image.width * image.height > max_pixels:
-                    raise ImageTooLargeError(
-                        f"image is {image.width}x{image.height} pixels, "
-                        f"more than the limit of {max_pixels}"
-                    )
-                image.load()
-                return fit_image(image, size)
+        with Image.open(source) as image:
+            pixels = image.width * image.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {image.width}x{image.height} pixels, "
+                    f"more than the limit of {max_pixels}"
+                )
+            # Pillow raises above twice its limit and only warns above it; refuse both here,
+            # without a process-wide warnings filter (decoding runs in many threads).
+            if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+                raise ImageTooLargeError(
+                    f"image rejected as a decompression bomb: {pixels} pixels exceeds "
+                    f"Pillow's limit of {Image.MAX_IMAGE_PIXELS}"
+                )
+            image.load()
+            return fit_image(image, size)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image format Pillow can read") from None
