@@ -334,9 +334,15 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
     return train.subset(train_index), train.subset(val_index)
 
 
+def spread_sample(n: int, k: int) -> np.ndarray:
+    """At most k indices spread evenly over range(n): folders are read class by class, so
+    the first k images would all come from the first classes."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
+
+
 def channel_stats(images: np.ndarray, max_images: int = 10000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of pixels/255, from at most `max_images` images."""
-    sample = np.asarray(images[:max_images], np.float64) / 255.0
+    sample = np.asarray(images[spread_sample(len(images), max_images)], np.float64) / 255.0
     mean = sample.mean(axis=(0, 1, 2))
     std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]

@@ -31,6 +31,7 @@ from center_embed.data import (
     load_dataset,
     select_classes,
     split_validation,
+    spread_sample,
 )
 from center_embed.errors import UserError
 from center_embed.metrics import accuracy, intra_inter_ratio, nearest_center
@@ -296,7 +297,8 @@ def _train(
 
     # ---- model, loss, optimiser
     model = EmbeddingNet(cfg.model, num_classes).to(device)
-    model.init_whitening(loader.normalize(images[:5000]))
+    whitening_sample = torch.from_numpy(spread_sample(len(images), 5000)).to(device)
+    model.init_whitening(loader.normalize(images[whitening_sample]))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = CenterLoss(

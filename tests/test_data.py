@@ -17,6 +17,7 @@ from PIL import Image
 from center_embed.data import (
     BatchLoader,
     Split,
+    channel_stats,
     load_dataset,
     select_classes,
     split_validation,
@@ -205,3 +206,11 @@ def test_batch_loader_shards_the_global_batch():
     for step, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][step][0], parts[1][step][0]]), x)
         assert torch.equal(torch.cat([parts[0][step][1], parts[1][step][1]]), y)
+
+
+def test_channel_stats_sample_every_class():
+    """Folders are read class by class: the statistics must not come from the first only."""
+    images = np.zeros((30, 2, 2, 3), np.uint8)
+    images[10:20] = 255  # the second of three classes is white
+    mean, std = channel_stats(images, max_images=7)
+    assert mean == pytest.approx([1 / 3] * 3, abs=0.1) and min(std) > 0.3
