@@ -15,6 +15,7 @@ process with ghost batches of batch_size / world_size images.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -74,4 +75,7 @@ def barrier(ctx: Context) -> None:
 
 def teardown(ctx: Context) -> None:
     if ctx.owns_group and dist.is_initialized():
+        # DDP sits in reference cycles; one freed only at exit, after its process group,
+        # can abort the interpreter ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()

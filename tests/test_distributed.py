@@ -6,6 +6,7 @@ with a timeout; the processes write what they computed to files that the test co
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -59,6 +60,7 @@ def leave_group() -> None:
     # Wait for the other process first: tearing gloo down while a peer still talks to it
     # can abort the process ("terminate called without an active exception").
     dist.barrier()
+    gc.collect()  # free DDP (it sits in reference cycles) before its process group
     dist.destroy_process_group()
 
 
