@@ -95,8 +95,8 @@ def worker(rank: int, world: int, port: int, batch: int, steps: int, out: str) -
     if rank == 0:
         result = {"times": times, "comm": comm, "floats": grads.numel()}
         torch.save(result | {"threads": torch.get_num_threads(), "bf16": bf16}, out)
-    del forward, model, optimizer
-    gc.collect()  # DDP sits in reference cycles: free it before its process group goes
+    forward = model = optimizer = None  # drop DDP before its process group goes
+    gc.collect()  # DDP sits in reference cycles: collect them now
     if world > 1:
         dist.destroy_process_group()
 
