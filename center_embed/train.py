@@ -383,7 +383,7 @@ def _train(
                 loss = ce + lam * center
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if criterion.update == "sgd" and criterion.centers.grad is not None:
+                if criterion.update == "sgd" and criterion.centers.grad is not None and lam > 0:
                     criterion.centers.grad.div_(lam)  # the centers' step is not scaled by λ
                     criterion.all_reduce_grad()
                 optimizer.step()

@@ -70,3 +70,15 @@ def test_checkpoint_errors(tmp_path, tiny_checkpoint):
     save_checkpoint(tmp_path / "future.pt", ckpt)
     with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1}"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_sgd_rule_with_center_loss_off(tiny_folder, tmp_path):
+    """λ = 0 leaves the sgd centers' gradient at zero; it must not be divided by λ."""
+    cfg = tiny_config(tiny_folder, loss__update="sgd", loss__center_weight="0", train__epochs="1")
+    result = train(cfg, tmp_path, log=lambda _: None)
+    assert torch.isfinite(torch.tensor(result["history"][-1]["train_ce"]))
+    centers = torch.load(tmp_path / "last.pt", weights_only=True)["center_loss"]["centers"]
+    assert torch.isfinite(centers).all()
+    assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(
+        (tmp_path / "best.pt").stat().st_mode & 0o777
+    )
