@@ -8,8 +8,6 @@ only (never torch), so a serving install stays small.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,15 +181,6 @@ class OnnxModel:
         if self.info.unknown_threshold is None:
             return np.zeros(len(min_distances), dtype=bool)
         return min_distances > self.info.unknown_threshold
-
-
-def stack(images: Sequence[np.ndarray]) -> np.ndarray:
-    """A list of decoded (H, W, 3) images as one uint8 batch (N, H, W, 3)."""
-    return np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-
-
-def default_threads() -> int:
-    return int(os.environ.get("CENTER_EMBED_THREADS", "0"))
 
 
 def describe(info: ModelInfo) -> dict[str, Any]:
