@@ -9,7 +9,7 @@ normalisation, the backbone, distances to every center, nearest center out.
 
     torch      the checkpoint's EmbeddingNet in fp32 eager mode (inference_mode), with
                the same normalisation and distance code as the exported graph
-    ort-fp32   the fp32 ONNX model through export.runtime (the service's session)
+    ort-fp32   the fp32 ONNX model through center_embed.runtime (the service's session)
     ort-int8   the int8 ONNX model, the same way
 
 Each is timed at batch 1 and batch 64 for a few seconds, engine after engine, in several
@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from center_embed.checkpoint import build_model, load_checkpoint  # noqa: E402
-from export.calibrate import load_run_dataset  # noqa: E402
-from export.onnx_export import export_checkpoint, torch_reference  # noqa: E402
-from export.runtime import OnnxModel  # noqa: E402
+from center_embed.export.calibrate import load_run_dataset  # noqa: E402
+from center_embed.export.onnx_export import export_checkpoint, torch_reference  # noqa: E402
+from center_embed.runtime import OnnxModel  # noqa: E402
 
 BATCHES = (1, 64)
 TARGETS = {"fp32_over_torch": 1.5, "int8_over_fp32": 2.0, "int8_accuracy_drop_points": 0.5}

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from center_embed.data import load_dataset  # noqa: E402
-from export.runtime import OnnxModel  # noqa: E402
-from service.score import default_workers, score  # noqa: E402
+from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.score.local import default_workers, score  # noqa: E402
 
 TARGET = 0.9
 
@@ -136,7 +136,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(args.model) if args.model else Path(tmp) / "model.onnx"
         if not args.model:
-            from export.onnx_export import export_checkpoint
+            from center_embed.export.onnx_export import export_checkpoint
 
             export_checkpoint(args.checkpoint, model_path)
         model = OnnxModel(model_path, "cpu")  # onnxruntime's defaults

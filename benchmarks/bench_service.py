@@ -53,7 +53,7 @@ def main() -> int:
     args = p.parse_args()
     model = Path(args.model) if args.model else None
     if args.checkpoint:
-        from export.onnx_export import export_checkpoint
+        from center_embed.export.onnx_export import export_checkpoint
 
         model = export_checkpoint(args.checkpoint, Path(tempfile.mkdtemp()) / "model.onnx")
     if model is None:
@@ -150,7 +150,7 @@ class Baseline:
     """OnnxModel.run alone, in this process, on images decoded beforehand."""
 
     def __init__(self, model: Path, files: list[bytes], batch: int, threads: int) -> None:
-        from export.runtime import OnnxModel
+        from center_embed.runtime import OnnxModel
 
         self.onnx = OnnxModel(model, device="cpu", threads=threads)
         decoded = np.stack([self.onnx.decode(data) for data in files])

@@ -41,9 +41,9 @@ from torch import nn
 from center_embed import __version__
 from center_embed.checkpoint import build_model, load_checkpoint
 from center_embed.errors import UserError
-from export.calibrate import calibration_set, unknown_thresholds
-from export.runtime import FORMAT_VERSION, INPUT, OUTPUTS, PREFIX, OnnxModel
-from export.verify import PARITY_BATCHES, check_file, check_parity
+from center_embed.export.calibrate import calibration_set, unknown_thresholds
+from center_embed.export.verify import PARITY_BATCHES, check_file, check_parity
+from center_embed.runtime import FORMAT_VERSION, INPUT, OUTPUTS, PREFIX, OnnxModel
 
 # Opset 20 has a native Gelu: onnxruntime runs it as one kernel between the int8 convs,
 # where opset 18's Erf expression cost the int8 model about a quarter of its time.
@@ -121,7 +121,7 @@ def build_graphs(ckpt: dict[str, Any], model, centers, calib, precision: str):
     if precision == "fp16":
         proto = to_onnx(model, centers, ckpt["preprocess"], fp16=True)
     else:
-        from export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
+        from center_embed.export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
 
         proto = quantize_int8(copy.deepcopy(fp32), calib.train, INT8_CALIBRATION_IMAGES)
     set_metadata(proto, static_metadata(ckpt, precision))

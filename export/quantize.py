@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.data import Split
-from export.calibrate import sample
-from export.runtime import INPUT
+from center_embed.export.calibrate import sample
+from center_embed.runtime import INPUT
 
 CENTERS = "centers"
 INT8_CALIBRATION_IMAGES = 512  # activation ranges settle well before this

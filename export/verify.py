@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from center_embed.errors import UserError
-from export.runtime import OnnxModel
+from center_embed.runtime import OnnxModel
 
 PARITY_BATCHES = (1, 3, 17)
 # Relative error allowed per output, and the share of labels that may differ from torch's

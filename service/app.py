@@ -1,8 +1,8 @@
 """The app factory: `create_app(settings)` builds a FastAPI app serving one ONNX model.
 
-    uvicorn --factory service.app:app_from_env      # settings from CENTER_EMBED_* variables
+    uvicorn --factory center_embed.service.app:app_from_env   # settings from CENTER_EMBED_*
 
-The model is opened in the lifespan (through export/runtime.py: onnxruntime, numpy and
+The model is opened in the lifespan (through center_embed/runtime.py: onnxruntime, numpy and
 Pillow, never torch) and warmed up in the background; /readyz answers 503 until that
 warm-up has passed, and so does every /v1 route. At shutdown the batcher answers every
 request already queued before the worker thread stops.
@@ -22,14 +22,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from center_embed import __version__
 from center_embed.errors import UserError
-from service.batcher import MicroBatcher
-from service.errors import install_handlers
-from service.metrics import Metrics
-from service.middleware import ObservabilityMiddleware
-from service.model import ServedModel
-from service.routes import api, open_router
-from service.security import KeyChecker
-from service.settings import Settings
+from center_embed.service.batcher import MicroBatcher
+from center_embed.service.errors import install_handlers
+from center_embed.service.metrics import Metrics
+from center_embed.service.middleware import ObservabilityMiddleware
+from center_embed.service.model import ServedModel
+from center_embed.service.routes import api, open_router
+from center_embed.service.security import KeyChecker
+from center_embed.service.settings import Settings
 
 log = logging.getLogger("center_embed.service")
 

@@ -1,6 +1,6 @@
 """A Python client for the center-embed HTTP service (needs httpx, numpy and Pillow).
 
-    from service.client import Client
+    from center_embed.service.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...") as client:
         vectors = client.embed(["cat.jpg", "ship.png"])       # float32 (2, D)

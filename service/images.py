@@ -26,8 +26,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from center_embed.imageio import ImageDecodeError, ImageTooLargeError
-from service.errors import ApiError, validation_message
-from service.schemas import DistancesRequest, ImagesRequest
+from center_embed.service.errors import ApiError, validation_message
+from center_embed.service.schemas import DistancesRequest, ImagesRequest
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"

@@ -1,4 +1,4 @@
-"""The served model: an `export.runtime.OnnxModel` plus its centers as numpy.
+"""The served model: an `center_embed.runtime.OnnxModel` plus its centers as numpy.
 
 Images go through onnxruntime (the graph computes embeddings, distances, nearest center
 and min distance); embedding vectors sent to /v1/distances go through `distances` here,
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from center_embed.centers import read_centers
 from center_embed.errors import UserError
-from export.runtime import OnnxModel, describe
-from service.centers import read_centers
+from center_embed.runtime import OnnxModel, describe
 
 WARMUP_SEED = 0
 

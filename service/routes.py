@@ -15,9 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.batcher import BatchResult, BatchTimeout, Closed, QueueFull
-from service.errors import ApiError
-from service.images import (
+from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, QueueFull
+from center_embed.service.errors import ApiError
+from center_embed.service.images import (
     JSON,
     decode_parts,
     image_parts,
@@ -25,8 +25,8 @@ from service.images import (
     require_media_type,
     vectors_from_json,
 )
-from service.model import ServedModel
-from service.schemas import (
+from center_embed.service.model import ServedModel
+from center_embed.service.schemas import (
     CentersResponse,
     ClassifyResponse,
     EmbedResponse,
@@ -36,7 +36,7 @@ from service.schemas import (
     images_body,
     vectors_body,
 )
-from service.security import require_key
+from center_embed.service.security import require_key
 
 ERRORS = {
     400: "malformed body, undecodable image or bad base64 (the message names the part)",

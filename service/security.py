@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import ApiError
+from center_embed.service.errors import ApiError
 
 bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}

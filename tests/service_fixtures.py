@@ -28,7 +28,7 @@ API_KEY = "test-key-0123456789"
 @pytest.fixture(scope="session")
 def served_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported (and verified) by export_checkpoint."""
-    from export.onnx_export import export_checkpoint
+    from center_embed.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("served") / "tiny.onnx")
 
@@ -36,7 +36,7 @@ def served_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def reference(served_onnx: Path):
     """The same model opened directly: what every answer is compared with."""
-    from export.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel
 
     return OnnxModel(served_onnx, device="cpu")
 
@@ -79,8 +79,8 @@ def serve_in_thread(app, timeout: float = 20.0) -> Iterator[Live]:
 @pytest.fixture(scope="session")
 def live(served_onnx: Path) -> Iterator[Live]:
     """The real app under uvicorn on 127.0.0.1, with an API key required."""
-    from service.app import create_app
-    from service.settings import Settings
+    from center_embed.service.app import create_app
+    from center_embed.service.settings import Settings
 
     app = create_app(Settings(model=served_onnx, api_keys=[API_KEY], max_wait_ms=5))
     with serve_in_thread(app) as server:

@@ -24,10 +24,10 @@ from center_embed.config import Config
 from center_embed.data import load_dataset, split_validation
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
+from center_embed.export.onnx_export import OPSET, export_checkpoint
+from center_embed.export.verify import split_accuracy
+from center_embed.runtime import INPUT, OUTPUTS, OnnxModel, parse_metadata
 from center_embed.train import embed_images
-from export.onnx_export import OPSET, export_checkpoint
-from export.runtime import INPUT, OUTPUTS, OnnxModel, parse_metadata
-from export.verify import split_accuracy
 from tests.conftest import write_image_folder
 
 
@@ -282,7 +282,7 @@ def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_failure_leaves_no_partial_file(tiny_checkpoint, tmp_path, monkeypatch):
-    import export.onnx_export as onnx_export
+    import center_embed.export.onnx_export as onnx_export
 
     def broken(*args, **kwargs):
         raise UserError("simulated verification failure")

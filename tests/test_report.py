@@ -15,20 +15,20 @@ from center_embed.cli import main
 from center_embed.data import load_dataset
 from center_embed.errors import UserError
 from center_embed.metrics import intra_inter_ratio, retrieval_metrics
-from export.runtime import OnnxModel
-from service.report import (
+from center_embed.report.build import (
     PLOTS,
     build_report,
     confusion_matrix,
     read_centers,
     read_run,
 )
-from service.report_plots import project_2d
+from center_embed.report.plots import project_2d
+from center_embed.runtime import OnnxModel
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.onnx_export import export_checkpoint
+    from center_embed.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
@@ -174,9 +174,9 @@ def test_read_run_keeps_the_last_record_of_a_repeated_epoch(tmp_path):
 
 
 def test_a_2d_model_is_drawn_without_projection(tiny_folder, tmp_path, monkeypatch):
+    from center_embed.export.onnx_export import export_checkpoint
+    from center_embed.report import plots as report_plots
     from center_embed.train import train
-    from export.onnx_export import export_checkpoint
-    from service import report_plots
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_folder, model__embedding_dim="2", train__epochs="1")

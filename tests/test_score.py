@@ -18,9 +18,9 @@ import pytest
 
 from center_embed.cli import main
 from center_embed.errors import UserError
-from export.runtime import OnnxModel
-from service.score import score
-from service.score_output import PartWriter
+from center_embed.runtime import OnnxModel
+from center_embed.score.local import score
+from center_embed.score.output import PartWriter
 from tests.test_data import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown", "distances", 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.onnx_export import export_checkpoint
+    from center_embed.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 

@@ -30,11 +30,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from center_embed.errors import UserError
-from export.runtime import describe
-from service.app import create_app
-from service.batcher import BatchTimeout, MicroBatcher, QueueFull
-from service.model import ServedModel
-from service.settings import Settings
+from center_embed.runtime import describe
+from center_embed.service.app import create_app
+from center_embed.service.batcher import BatchTimeout, MicroBatcher, QueueFull
+from center_embed.service.model import ServedModel
+from center_embed.service.settings import Settings
 from tests import service_fixtures
 from tests.service_fixtures import API_KEY, encode, png_bomb, serve_in_thread, tiny_images
 
@@ -231,7 +231,7 @@ def test_read_centers_without_onnx(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from service.centers import read_centers
+    from center_embed.centers import read_centers
 
     values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
     for tensor in (
@@ -816,9 +816,9 @@ def test_service_never_imports_torch(served_onnx, images):
     code = f"""
 import sys
 from fastapi.testclient import TestClient
-from service.app import create_app
-from service.settings import Settings
-import service.cli, service.client
+from center_embed.service.app import create_app
+from center_embed.service.settings import Settings
+import center_embed.cli.serve, center_embed.service.client
 app = create_app(Settings(model={str(served_onnx)!r}))
 with TestClient(app) as client:
     while client.get("/readyz").status_code != 200:
@@ -838,7 +838,7 @@ print("torch" in sys.modules, "onnx" in sys.modules)
 
 
 def test_python_client(live, reference, images, tmp_path):
-    from service.client import (
+    from center_embed.service.client import (
         BadRequest,
         Classification,
         Client,

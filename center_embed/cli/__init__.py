@@ -21,12 +21,18 @@ from center_embed.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("center_embed.cli", "train a model with softmax + center loss"),
     "eval": ("center_embed.cli", "test-split metrics of a checkpoint"),
-    "export": ("export.cli", "write a checkpoint as one verified ONNX model"),
-    "verify": ("export.cli", "accuracy of an ONNX model on a dataset, through onnxruntime"),
-    "inspect": ("export.cli", "print an ONNX model's classes, dims, threshold, provenance"),
-    "serve": ("service.cli", "serve an ONNX model over HTTP"),
-    "score": ("service.score", "score a folder or list of images into Parquet"),
-    "report": ("service.report", "an evaluation report (HTML, JSON, plots) of a model"),
+    "export": ("center_embed.cli.export", "write a checkpoint as one verified ONNX model"),
+    "verify": (
+        "center_embed.cli.export",
+        "accuracy of an ONNX model on a dataset, through onnxruntime",
+    ),
+    "inspect": (
+        "center_embed.cli.export",
+        "print an ONNX model's classes, dims, threshold, provenance",
+    ),
+    "serve": ("center_embed.cli.serve", "serve an ONNX model over HTTP"),
+    "score": ("center_embed.score.local", "score a folder or list of images into Parquet"),
+    "report": ("center_embed.report.build", "an evaluation report (HTML, JSON, plots) of a model"),
 }
 
 
@@ -163,7 +169,3 @@ def run_eval(args: argparse.Namespace) -> int:
     write_json(result, out)
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":  # torchrun -m center_embed.cli train ...
-    sys.exit(main())

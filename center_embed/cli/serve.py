@@ -36,7 +36,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_help() -> str:
-    from service.settings import Settings
+    from center_embed.service.settings import Settings
 
     lines = ["environment (each CENTER_EMBED_<NAME>):"]
     for name, field in Settings.model_fields.items():
@@ -52,7 +52,7 @@ def load_settings():
     """Settings from the environment; a bad value is one line (and never echoes a key)."""
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from center_embed.service.settings import Settings
 
     try:
         return Settings()
@@ -68,8 +68,8 @@ def load_settings():
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.middleware import log_config
-    from service.model import ServedModel
+    from center_embed.service.middleware import log_config
+    from center_embed.service.model import ServedModel
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -100,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         uvicorn.run(
-            "service.app:app_from_env",
+            "center_embed.service.app:app_from_env",
             factory=True,
             host=args.host,
             port=args.port,

@@ -19,7 +19,7 @@ intra-op threads, the other spins at the next barrier.
 
 An image that cannot be read or decoded becomes a row with an `error` and no model
 outputs; it never stops the run. Ctrl-C or SIGTERM stops after the last whole part, and
-`--resume` continues from there (score_output.py says how that stays exact).
+`--resume` continues from there (output.py says how that stays exact).
 
 Imports numpy, Pillow, onnxruntime and pyarrow only: never torch.
 """
@@ -66,7 +66,7 @@ class ScoreSummary:
 
 def score(
     model,  # OnnxModel, or a path to one
-    source,  # score_sources.Source, or a path: folder, list of paths, CIFAR-10 archive
+    source,  # sources.Source, or a path: folder, list of paths, CIFAR-10 archive
     out: str | Path,
     *,
     fmt: str = "parquet",
@@ -80,9 +80,9 @@ def score(
     threads: int = 0,
 ) -> ScoreSummary:
     """Score every image of `source` into `out`; see the module docstring."""
-    from export.runtime import OnnxModel
-    from service.score_output import PartWriter, count_rows, make_schema
-    from service.score_sources import Source, open_source
+    from center_embed.runtime import OnnxModel
+    from center_embed.score.output import PartWriter, count_rows, make_schema
+    from center_embed.score.sources import Source, open_source
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
@@ -213,7 +213,7 @@ def _decode(model, batch: list) -> tuple[list, np.ndarray, list[str | None]]:
 
 
 def _score_batch(model, schema, batch: list, images: np.ndarray, errors: list[str | None]):
-    from service.score_output import rows_table
+    from center_embed.score.output import rows_table
 
     if len(images):
         outputs = model.run(images)
@@ -330,7 +330,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from service.score_sources import DatasetSource, open_source
+    from center_embed.score.sources import DatasetSource, open_source
 
     source = open_source(args.input, args.split or "all", args.all_files)
     if args.split and not isinstance(source, DatasetSource):

@@ -38,7 +38,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_checkpoint
+    from center_embed.export.onnx_export import export_checkpoint
 
     path = export_checkpoint(
         args.checkpoint,
@@ -79,7 +79,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from export.verify import compare_with_checkpoint, split_accuracy
+    from center_embed.export.verify import compare_with_checkpoint, split_accuracy
 
     result: dict[str, Any] = split_accuracy(args.model, args.data, args.split, args.threads)
     print(f"{result['split']} split of {result['data']} ({result['images']} images), "
@@ -115,7 +115,7 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from export.runtime import describe
+    from center_embed.runtime import describe
 
     model = _open(args.model)
     meta = describe(model.info)
@@ -170,7 +170,7 @@ def format_summary(model: Any, meta: dict[str, Any]) -> str:
 
 
 def _open(path: str | Path):
-    from export.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel
 
     if not Path(path).is_file():
         raise UserError(f"model not found: {path}")

@@ -196,9 +196,9 @@ def build_report(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write metrics.json, index.html and the PNGs under `out`; return the metrics."""
-    from export.runtime import OnnxModel, describe
-    from service import report_plots as plots
-    from service.report_html import render_html
+    from center_embed.report import plots
+    from center_embed.report.html import render_html
+    from center_embed.runtime import OnnxModel, describe
 
     model = OnnxModel(model_path, device, threads)
     info, meta = model.info, describe(model.info)
