@@ -325,6 +325,26 @@ def select_classes(dataset: Dataset, classes: list[str]) -> Dataset:
     return Dataset(pick(dataset.train), pick(dataset.test), list(classes), dataset.source)
 
 
+def load_for_classes(
+    path: str | Path, class_names: list[str], image_size: int = 32, cache_dir: str | Path = ""
+) -> Dataset:
+    """The dataset at `path` restricted and relabelled to a model's classes, in its order.
+
+    Every tool that measures a trained model (eval, calibration, verify, the report) loads
+    its data through here, so "this data does not fit this model" has one message.
+    """
+    dataset = load_dataset(path, image_size, cache_dir)
+    if dataset.class_names == list(class_names):
+        return dataset
+    missing = [c for c in class_names if c not in dataset.class_names]
+    if missing:
+        raise UserError(
+            f"{path} lacks the model's classes {missing} (it has {dataset.class_names}); "
+            "pass the dataset the model was trained on"
+        )
+    return select_classes(dataset, list(class_names))
+
+
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """Hold `val_size` images out of train, chosen by a seeded permutation."""
     if val_size < 0 or val_size >= len(train):

@@ -214,3 +214,20 @@ def test_channel_stats_sample_every_class():
     images[10:20] = 255  # the second of three classes is white
     mean, std = channel_stats(images, max_images=7)
     assert mean == pytest.approx([1 / 3] * 3, abs=0.1) and min(std) > 0.3
+
+
+def test_load_for_classes_relabels_in_the_models_order_and_names_what_is_missing(tmp_path):
+    from center_embed.data import load_dataset, load_for_classes
+
+    root = write_image_folder(tmp_path / "d", {"train": 2, "test": 1}, ["ant", "bee", "cat"])
+    size = 16
+    full = load_dataset(root, size, tmp_path / "cache")
+    same = load_for_classes(root, ["ant", "bee", "cat"], size, tmp_path / "cache")
+    assert same.class_names == full.class_names
+    np.testing.assert_array_equal(same.train.labels, full.train.labels)
+    sub = load_for_classes(root, ["cat", "ant"], size, tmp_path / "cache")
+    assert sub.class_names == ["cat", "ant"] and len(sub.train) == 4
+    cat_images = full.train.images[full.train.labels == 2]
+    np.testing.assert_array_equal(sub.train.images[sub.train.labels == 0], cat_images)
+    with pytest.raises(UserError, match=r"lacks the model's classes \['dog'\]"):
+        load_for_classes(root, ["cat", "dog"], size, tmp_path / "cache")
