@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import os
 import shutil
 import sys
 import tarfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from center_embed.data import CIFAR_ARCHIVE, CIFAR_FOLDER, CIFAR_TEST_BATCH, CIFAR_TRAIN_BATCHES
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_path
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -122,73 +122,69 @@ def _md5_of(path: Path) -> str:
 def _fetch(url: str, archive: Path, md5: str, log: Callable[[str], None], timeout: float) -> None:
     """Stream `url` into a temporary file beside `archive`, hashing as it comes; rename
     it into place only when complete and verified."""
-    from tqdm import tqdm
-
     log(f"downloading {url}")
-    fd, tmp_name = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        digest, received = hashlib.md5(usedforsecurity=False), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            bar = tqdm(
-                total=expected, unit="B", unit_scale=True, desc=CIFAR_ARCHIVE, leave=False,
-                disable=not sys.stderr.isatty(),
-            )  # fmt: skip
-            with bar:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        if expected is not None and received != expected:
-            raise UserError(
-                f"download of {url} ended early: {received} of {expected} bytes; "
-                "nothing was kept, run again"
-            )
-        if digest.hexdigest() != md5:
-            raise UserError(
-                f"download of {url} has md5 {digest.hexdigest()}, expected {md5}: the file "
-                "is damaged or not the CIFAR-10 python archive; nothing was kept"
-            )
-        os.replace(tmp, archive)
+        with atomic_path(archive) as tmp:
+            _stream(url, tmp, md5, timeout)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise UserError(f"download of {url} failed ({reason}); nothing was kept") from None
-    except BaseException:  # UserError above, Ctrl-C, anything: no partial file stays
-        tmp.unlink(missing_ok=True)
-        raise
     log(f"verified md5 {md5}; saved {archive}")
+
+
+def _stream(url: str, path: Path, md5: str, timeout: float) -> None:
+    """Write what `url` answers into `path`; UserError if it is short or its md5 is wrong."""
+    from tqdm import tqdm
+
+    digest, received = hashlib.md5(usedforsecurity=False), 0
+    with path.open("wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        bar = tqdm(
+            total=expected, unit="B", unit_scale=True, desc=CIFAR_ARCHIVE, leave=False,
+            disable=not sys.stderr.isatty(),
+        )  # fmt: skip
+        with bar:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if expected is not None and received != expected:
+        raise UserError(
+            f"download of {url} ended early: {received} of {expected} bytes; "
+            "nothing was kept, run again"
+        )
+    if digest.hexdigest() != md5:
+        raise UserError(
+            f"download of {url} has md5 {digest.hexdigest()}, expected {md5}: the file "
+            "is damaged or not the CIFAR-10 python archive; nothing was kept"
+        )
 
 
 def _unpack(archive: Path, folder: Path) -> None:
     """Extract the batch files into a temporary folder beside `folder`, then rename it."""
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        found = set()
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = Path(member.name).name
-                if member.isfile() and name in CIFAR_FILES and name not in found:
-                    source = tar.extractfile(member)
-                    with (tmp / name).open("wb") as out:
-                        shutil.copyfileobj(source, out, CHUNK)  # type: ignore[misc]
-                    found.add(name)
-        missing = [n for n in CIFAR_FILES if n not in found]
-        if missing:
-            raise UserError(f"{archive} lacks CIFAR-10 files: {', '.join(missing)}")
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not _complete(folder, archive):  # not a lost race with another process
-                raise
+        with atomic_path(folder, directory=True) as tmp:
+            _extract_batches(archive, tmp)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UserError(f"archive {archive} is truncated or corrupt ({e})") from None
     except OSError as e:
+        if _complete(folder, archive):  # another process unpacked it first: a lost race
+            return
         raise UserError(f"cannot unpack {archive} into {folder}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_batches(archive: Path, folder: Path) -> None:
+    found = set()
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            name = Path(member.name).name
+            if member.isfile() and name in CIFAR_FILES and name not in found:
+                source = tar.extractfile(member)
+                with (folder / name).open("wb") as out:
+                    shutil.copyfileobj(source, out, CHUNK)  # type: ignore[misc]
+                found.add(name)
+    missing = [n for n in CIFAR_FILES if n not in found]
+    if missing:
+        raise UserError(f"{archive} lacks CIFAR-10 files: {', '.join(missing)}")

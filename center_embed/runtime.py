@@ -1,76 +1,29 @@
-"""Opening an exported model: the onnxruntime session, its metadata, and image batches.
+"""Opening an exported model: the onnxruntime session over the file contract.
 
 This is the one place that creates onnxruntime sessions; the HTTP service, the batch
-scorer and `export verify` all go through it. It imports numpy, Pillow and onnxruntime
-only (never torch), so a serving install stays small.
+scorer, the report and `export verify` all go through it. What the file holds (names,
+metadata, the distance formula) is center_embed.contract's. It imports numpy, Pillow and
+onnxruntime only (never torch), so a serving install stays small.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from center_embed.contract import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    ModelInfo,
+    our_metadata,
+    parse_metadata,
+    run_batched,
+)
 from center_embed.errors import UserError
 from center_embed.imageio import decode_image
-
-PREFIX = "center_embed."
-FORMAT_VERSION = 1
-INPUT = "images"
-OUTPUTS = ("embeddings", "distances", "labels", "min_distances")
-
-
-@dataclass
-class ModelInfo:
-    """What an exported model says about itself (its `center_embed.*` metadata)."""
-
-    class_names: list[str]
-    embedding_dim: int
-    input_size: tuple[int, int]  # (H, W)
-    mean: list[float]
-    std: list[float]
-    distance: str
-    precision: str
-    unknown_threshold: float | None
-    class_thresholds: dict[str, float] | None
-    metadata: dict[str, str] = field(default_factory=dict)  # every key, raw strings
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
-    """Read our metadata_props, raising UserError when they are absent or malformed."""
-    ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
-    if "format_version" not in ours:
-        raise UserError(f"{source} has no center_embed metadata: not exported by center-embed")
-    try:
-        version = int(ours["format_version"])
-        if version != FORMAT_VERSION:
-            raise UserError(
-                f"{source} has model format version {version}; this center-embed reads "
-                f"version {FORMAT_VERSION}"
-            )
-        threshold = ours.get("unknown_threshold")
-        per_class = ours.get("class_thresholds")
-        return ModelInfo(
-            class_names=list(json.loads(ours["class_names"])),
-            embedding_dim=int(ours["embedding_dim"]),
-            input_size=tuple(json.loads(ours["input_size"])),  # type: ignore[arg-type]
-            mean=[float(v) for v in json.loads(ours["mean"])],
-            std=[float(v) for v in json.loads(ours["std"])],
-            distance=ours.get("distance", "squared_euclidean"),
-            precision=ours.get("precision", "fp32"),
-            unknown_threshold=float(threshold) if threshold not in (None, "") else None,
-            class_thresholds=json.loads(per_class) if per_class else None,
-            metadata=dict(props),
-        )
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
 
 
 def available_providers() -> list[str]:
@@ -138,10 +91,10 @@ class OnnxModel:
         self.info = parse_metadata(props, str(self.path))
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT] or list(outputs) != list(OUTPUTS):
+        if inputs != [INPUT_NAME] or list(outputs) != list(OUTPUT_NAMES):
             raise UserError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
-                f"[{INPUT!r}] and {list(OUTPUTS)}"
+                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}"
             )
 
     @property
@@ -156,18 +109,12 @@ class OnnxModel:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise ValueError(f"images must be uint8 (N, {h}, {w}, 3), got {images.dtype} "
                              f"{images.shape}")  # fmt: skip
-        values = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images)})
-        return dict(zip(OUTPUTS, values, strict=True))
+        values = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images)})
+        return dict(zip(OUTPUT_NAMES, values, strict=True))
 
     def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """`run` over any number of images (a memory-mapped split too), in batches."""
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
-        for start in range(0, len(images), batch_size):
-            for name, value in self.run(np.asarray(images[start : start + batch_size])).items():
-                parts[name].append(value)
-        if not parts[OUTPUTS[0]]:
-            return self.run(np.zeros((0, *self.info.input_size, 3), np.uint8))
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        return run_batched(self.run, images, batch_size)
 
     def decode(self, data: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
         """One image (bytes or a path) as uint8 (H, W, 3), by the model's resize policy."""
@@ -186,11 +133,9 @@ class OnnxModel:
 def describe(info: ModelInfo) -> dict[str, Any]:
     """Metadata as plain JSON-able values (JSON strings decoded), for `inspect` and /v1/model."""
     out: dict[str, Any] = {}
-    for key, value in sorted(info.metadata.items()):
-        if not key.startswith(PREFIX):
-            continue
+    for name, value in sorted(our_metadata(info.metadata).items()):
         try:
-            out[key[len(PREFIX) :]] = json.loads(value)
+            out[name] = json.loads(value)
         except (ValueError, TypeError):
-            out[key[len(PREFIX) :]] = value
+            out[name] = value
     return out

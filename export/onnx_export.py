@@ -14,8 +14,8 @@ graph input, so constant folding cannot merge them into a transposed anonymous c
 afterwards that input becomes an initializer named `centers`, which the distance matmul
 reads and any client can pull out of the file.
 
-The file is written to a temporary name beside the target, verified, calibrated and
-given its metadata there, and renamed only when all of that succeeded.
+The file is written to a temporary name beside the target (fileio.atomic_path), verified,
+calibrated and given its metadata there, and renamed only when all of that succeeded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 import tempfile
 import time
@@ -40,16 +39,24 @@ from torch import nn
 
 from center_embed import __version__
 from center_embed.checkpoint import build_model, load_checkpoint
+from center_embed.contract import (
+    CENTERS_INITIALIZER,
+    DISTANCE,
+    INPUT_NAME,
+    MODEL_FORMAT_VERSION,
+    OUTPUT_NAMES,
+    encode_metadata,
+)
 from center_embed.errors import UserError
 from center_embed.export.calibrate import calibration_set, unknown_thresholds
 from center_embed.export.verify import PARITY_BATCHES, check_file, check_parity
-from center_embed.runtime import FORMAT_VERSION, INPUT, OUTPUTS, PREFIX, OnnxModel
+from center_embed.fileio import atomic_path
+from center_embed.runtime import OnnxModel
 
 # Opset 20 has a native Gelu: onnxruntime runs it as one kernel between the int8 convs,
 # where opset 18's Erf expression cost the int8 model about a quarter of its time.
 OPSET = 20
 EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False): fast, deterministic, no onnxscript
-CENTERS = "centers"  # name of the centers initializer
 
 
 def export_checkpoint(
@@ -84,7 +91,7 @@ def export_checkpoint(
     started = time.perf_counter()
     fp32, proto = build_graphs(ckpt, model, criterion.centers, calib, precision)
     say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
-    with _temporary_beside(out) as tmp:
+    with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
         save(proto, tmp)
         shipped = OnnxModel(tmp, device="cpu")
         meta: dict[str, Any] = {}
@@ -104,8 +111,6 @@ def export_checkpoint(
         set_metadata(proto, meta)
         save(proto, tmp)
         OnnxModel(tmp, device="cpu")  # the final file opens and its metadata parses
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it normal rights
-        os.replace(tmp, out)
     return out
 
 
@@ -132,12 +137,13 @@ def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path
     """Accuracy of the reduced-precision model against the fp32 graph on the held-out
     images, and how often the two pick the same center."""
     truth = np.asarray(calib.held_out.labels)
-    with _temporary_beside(folder / "fp32.onnx") as tmp:
-        save(fp32, tmp)
-        reference = OnnxModel(tmp, device="cpu").run_batched(calib.held_out.images)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".fp32-") as scratch:
+        save(fp32, Path(scratch) / "fp32.onnx")
+        reference = OnnxModel(Path(scratch) / "fp32.onnx", device="cpu")
+        reference_out = reference.run_batched(calib.held_out.images)
     accuracy = float((held_out["labels"] == truth).mean())
-    accuracy_fp32 = float((reference["labels"] == truth).mean())
-    agreement = float((held_out["labels"] == reference["labels"]).mean())
+    accuracy_fp32 = float((reference_out["labels"] == truth).mean())
+    agreement = float((held_out["labels"] == reference_out["labels"]).mean())
     drop = 100 * (accuracy_fp32 - accuracy)
     return {
         "split": calib.description["split"],
@@ -171,9 +177,9 @@ def to_onnx(model, centers, preprocess: dict[str, Any], fp16: bool = False):
             buffer,
             dynamo=False,
             opset_version=OPSET,
-            input_names=[INPUT, CENTERS],
-            output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: batch, **{name: batch for name in OUTPUTS}},
+            input_names=[INPUT_NAME, CENTERS_INITIALIZER],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: batch, **{name: batch for name in OUTPUT_NAMES}},
             do_constant_folding=True,
             export_params=True,
         )
@@ -214,7 +220,7 @@ def torch_reference(model, centers, preprocess: dict[str, Any]):
         if not images.flags.writeable:  # a memory-mapped split: torch wants its own copy
             images = images.copy()
         values = graph(torch.from_numpy(images), centers)
-        return {name: v.numpy() for name, v in zip(OUTPUTS, values, strict=True)}
+        return {name: v.numpy() for name, v in zip(OUTPUT_NAMES, values, strict=True)}
 
     return run
 
@@ -222,12 +228,14 @@ def torch_reference(model, centers, preprocess: dict[str, Any]):
 def _centers_to_initializer(proto, centers: np.ndarray) -> None:
     """Turn the graph input `centers` into an initializer of the same name."""
     graph = proto.graph
-    kept = [i for i in graph.input if i.name != CENTERS]
+    kept = [i for i in graph.input if i.name != CENTERS_INITIALIZER]
     if len(kept) == len(graph.input):
         raise RuntimeError("the exported graph lost its centers input")
     del graph.input[:]
     graph.input.extend(kept)
-    graph.initializer.append(numpy_helper.from_array(centers.astype(np.float32), CENTERS))
+    graph.initializer.append(
+        numpy_helper.from_array(centers.astype(np.float32), CENTERS_INITIALIZER)
+    )
 
 
 # --------------------------------------------------------------------------- metadata
@@ -237,11 +245,11 @@ def static_metadata(ckpt: dict[str, Any], precision: str) -> dict[str, Any]:
     """Everything but the threshold: what the model is, its inputs, and where it came from."""
     pre = ckpt["preprocess"]
     return {
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(MODEL_FORMAT_VERSION),
         "class_names": ckpt["class_names"],
         "embedding_dim": int(ckpt["embedding_dim"]),
         "num_classes": len(ckpt["class_names"]),
-        "distance": "squared_euclidean",
+        "distance": DISTANCE,
         "input_layout": pre.get("layout", "NHWC uint8 RGB"),
         "input_size": list(pre["input_size"]),
         "resize": pre.get("resize", ""),
@@ -284,14 +292,12 @@ def _accuracies(split: dict[str, Any]) -> dict[str, float]:
 def set_metadata(proto, values: dict[str, Any]) -> None:
     """Set `center_embed.<key>` metadata_props; non-strings are stored as JSON."""
     existing = {p.key: p for p in proto.metadata_props}
-    for key, value in values.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        full = PREFIX + key
-        if full in existing:
-            existing[full].value = text
+    for key, text in encode_metadata(values).items():
+        if key in existing:
+            existing[key].value = text
         else:
             prop = proto.metadata_props.add()
-            prop.key, prop.value = full, text
+            prop.key, prop.value = key, text
 
 
 def threshold_metadata(
@@ -334,24 +340,10 @@ def _check_output(out: Path) -> Path:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
-def _temporary_beside(out: Path) -> Iterator[Path]:
-    """A temporary path in out's folder (so the rename is atomic), removed on failure."""
+def _write_errors(out: Path) -> Iterator[None]:
+    """An OSError while writing `out` (a full disk, lost rights) as a one-line UserError."""
     try:
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write to {out.parent}: {e.strerror}") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
+        yield
     except OSError as e:
         raise UserError(f"cannot write {out}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)

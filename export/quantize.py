@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from center_embed.contract import CENTERS_INITIALIZER, INPUT_NAME, OUTPUT_NAMES
 from center_embed.data import Split
 from center_embed.export.calibrate import sample
-from center_embed.runtime import INPUT
 
-CENTERS = "centers"
 INT8_CALIBRATION_IMAGES = 512  # activation ranges settle well before this
 
 
@@ -40,7 +39,7 @@ class _ImageReader:
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {INPUT: self.batches[self.position - 1]}
+        return {INPUT_NAME: self.batches[self.position - 1]}
 
     def rewind(self) -> None:
         self.position = 0
@@ -53,7 +52,7 @@ def backbone_nodes(proto) -> list[str]:
     everything after it (embedding, distances, argmin) stays float.
     """
     producer = {out: node for node in proto.graph.node for out in node.output}
-    node = producer["embeddings"]
+    node = producer[OUTPUT_NAMES[0]]  # embeddings
     while node.op_type != "MatMul":
         node = producer[node.input[0]]
     ancestors, stack = set(), [node.input[0]]
@@ -119,5 +118,5 @@ def _quiet() -> Iterator[None]:
 
 
 def _check_centers(proto) -> None:
-    if not any(init.name == CENTERS for init in proto.graph.initializer):
+    if not any(init.name == CENTERS_INITIALIZER for init in proto.graph.initializer):
         raise RuntimeError("quantization dropped the centers initializer")

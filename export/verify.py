@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from center_embed.contract import our_metadata
 from center_embed.errors import UserError
 from center_embed.runtime import OnnxModel
 
@@ -153,7 +154,7 @@ def split_accuracy(
 
 
 def _training_source(model: OnnxModel) -> str:
-    raw = model.info.metadata.get("center_embed.training", "{}")
+    raw = our_metadata(model.info.metadata).get("training", "{}")
     source = json.loads(raw).get("data_source")
     if not source or not Path(source).exists():
         raise UserError(f"{model.path} does not say where its data lies now; pass --data")

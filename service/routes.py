@@ -25,7 +25,6 @@ from center_embed.service.images import (
     require_media_type,
     vectors_from_json,
 )
-from center_embed.service.model import ServedModel
 from center_embed.service.schemas import (
     CentersResponse,
     ClassifyResponse,
@@ -37,6 +36,7 @@ from center_embed.service.schemas import (
     vectors_body,
 )
 from center_embed.service.security import require_key
+from center_embed.service.served_model import ServedModel
 
 ERRORS = {
     400: "malformed body, undecodable image or bad base64 (the message names the part)",

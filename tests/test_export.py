@@ -21,12 +21,13 @@ from center_embed import __version__
 from center_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
 from center_embed.cli import main
 from center_embed.config import Config
+from center_embed.contract import INPUT_NAME, OUTPUT_NAMES, parse_metadata
 from center_embed.data import load_dataset, split_validation
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
 from center_embed.export.onnx_export import OPSET, export_checkpoint
 from center_embed.export.verify import split_accuracy
-from center_embed.runtime import INPUT, OUTPUTS, OnnxModel, parse_metadata
+from center_embed.runtime import OnnxModel
 from center_embed.train import embed_images
 from tests.conftest import write_image_folder
 
@@ -85,10 +86,10 @@ def test_dynamic_batch_and_io_contract(fp32_model):
     proto = onnx.load(str(fp32_model))
     (image_input,) = proto.graph.input
     dims = image_input.type.tensor_type.shape.dim
-    assert image_input.name == INPUT and dims[0].dim_param and not dims[0].dim_value
+    assert image_input.name == INPUT_NAME and dims[0].dim_param and not dims[0].dim_value
     assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in proto.graph.output] == list(OUTPUTS)
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
     model = OnnxModel(fp32_model, device="cpu", threads=1)
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 33):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from center_embed.cli import main
+from center_embed.contract import read_centers
 from center_embed.data import load_dataset
 from center_embed.errors import UserError
 from center_embed.metrics import intra_inter_ratio, retrieval_metrics
@@ -19,7 +20,6 @@ from center_embed.report.build import (
     PLOTS,
     build_report,
     confusion_matrix,
-    read_centers,
     read_run,
 )
 from center_embed.report.plots import project_2d

@@ -33,7 +33,7 @@ from center_embed.errors import UserError
 from center_embed.runtime import describe
 from center_embed.service.app import create_app
 from center_embed.service.batcher import BatchTimeout, MicroBatcher, QueueFull
-from center_embed.service.model import ServedModel
+from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
 from tests import service_fixtures
 from tests.service_fixtures import API_KEY, encode, png_bomb, serve_in_thread, tiny_images
@@ -231,7 +231,7 @@ def test_read_centers_without_onnx(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from center_embed.centers import read_centers
+    from center_embed.contract import read_centers
 
     values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
     for tensor in (

@@ -69,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from center_embed.service.middleware import log_config
-    from center_embed.service.model import ServedModel
+    from center_embed.service.served_model import ServedModel
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")

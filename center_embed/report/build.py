@@ -17,22 +17,21 @@ ONNX model outputs no logits, so softmax accuracy is copied from the run's eval.
 else from the training facts in the model's metadata.
 
 A development tool, not a serving one: the retrieval and ratio metrics come from the
-torch-based center_embed.metrics, and the centers are read from the ONNX file with the
-`onnx` package (both come with the `train` extra); plots need matplotlib.
+torch-based center_embed.metrics (the `train` extra); plots need matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from center_embed.contract import read_centers
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_write_text, sha256_file
 
 PLOTS = {
     "embedding_2d": "embedding_2d.png",
@@ -45,42 +44,14 @@ PLOTS = {
 # --------------------------------------------------------------------------- inputs
 
 
-def read_centers(model_path: str | Path) -> np.ndarray:
-    """The centers (C, D) float32, from the ONNX initializer the exporter names `centers`."""
-    import onnx
-    from onnx import numpy_helper
+def load_split(data: str, class_names: list[str], image_size: int, split: str):
+    """(images, labels, source) of `split`, restricted and relabelled to the model's classes."""
+    from center_embed.data import load_for_classes
 
-    proto = onnx.load(str(model_path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        if tensor.name == "centers":
-            return numpy_helper.to_array(tensor).astype(np.float32)
-    raise UserError(f"{model_path} has no `centers` initializer: not exported by center-embed")
-
-
-def run_model(model, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """The model's four outputs over every image, batch by batch (a memory-mapped split too)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(images), batch_size):
-        for name, value in model.run(np.asarray(images[start : start + batch_size])).items():
-            parts.setdefault(name, []).append(value)
-    if not parts:
-        raise UserError("the split has no images")
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def load_test_split(data: str, class_names: list[str], image_size: int, split: str):
-    """(images, labels) of `split`, restricted and relabelled to the model's classes."""
-    from center_embed.data import load_dataset, select_classes
-
-    dataset = load_dataset(data, image_size)
-    if dataset.class_names != class_names:
-        missing = [c for c in class_names if c not in dataset.class_names]
-        if missing:
-            raise UserError(
-                f"{data} lacks the model's classes {missing} (it has {dataset.class_names})"
-            )
-        dataset = select_classes(dataset, class_names)
+    dataset = load_for_classes(data, class_names, image_size)
     chosen = getattr(dataset, split)
+    if not len(chosen):
+        raise UserError(f"the {split} split of {data} has no images")
     return chosen.images, np.asarray(chosen.labels), dataset.source
 
 
@@ -209,11 +180,11 @@ def build_report(
     if split not in ("train", "test"):
         raise UserError(f"--split must be train or test, not {split!r}")
     evaluation, records = read_run(run) if run else (None, [])
-    images, labels, source = load_test_split(str(data), info.class_names, info.input_size[0], split)
+    images, labels, source = load_split(str(data), info.class_names, info.input_size[0], split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    outputs = run_model(model, images, batch_size)
+    outputs = model.run_batched(images, batch_size)
     centers = read_centers(model_path)
     unknown = model.unknown(outputs["min_distances"])
     onnx_metrics = embedding_metrics(outputs, labels, centers, info.class_names, unknown)
@@ -225,7 +196,7 @@ def build_report(
     report = {
         "model": {
             "path": str(model_path),
-            "sha256": _sha256(Path(model_path)),
+            "sha256": sha256_file(model_path),
             "embedding_dim": info.embedding_dim,
             "classes": info.class_names,
             "precision": info.precision,
@@ -245,8 +216,8 @@ def build_report(
         "epochs_in_run": len(records),
         "plots": written,
     }
-    _write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
-    _write_text(out / "index.html", render_html(report, out))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "index.html", render_html(report, out))
     return report
 
 
@@ -303,17 +274,6 @@ def _stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         for c in np.unique(labels)
     ]
     return np.sort(np.concatenate(keep))
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -27,8 +27,6 @@ Imports numpy, Pillow, onnxruntime and pyarrow only: never torch.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import signal
 import sys
@@ -43,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from center_embed.contract import empty_outputs
 from center_embed.errors import UserError
+from center_embed.fileio import sha256_file
 
 MAX_FAILURES_SHOWN = 10
 
@@ -81,7 +81,7 @@ def score(
 ) -> ScoreSummary:
     """Score every image of `source` into `out`; see the module docstring."""
     from center_embed.runtime import OnnxModel
-    from center_embed.score.output import PartWriter, count_rows, make_schema
+    from center_embed.score.output import PartWriter, count_rows, make_schema, scores_metadata
     from center_embed.score.sources import Source, open_source
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
@@ -95,17 +95,8 @@ def score(
     if h != w:
         raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
     out = Path(out)
-    model_sha256 = _sha256(model.path)
-    metadata = {
-        "center_embed.scores_version": "1",
-        "center_embed.model": model.path.name,
-        "center_embed.model_sha256": model_sha256,
-        "center_embed.class_names": json.dumps(info.class_names),
-        "center_embed.embedding_dim": str(info.embedding_dim),
-        "center_embed.distance": info.distance,
-        "center_embed.unknown_threshold": json.dumps(info.unknown_threshold),
-        "center_embed.source": json.dumps(source.describe()),
-    }
+    model_sha256 = sha256_file(model.path)
+    metadata = scores_metadata(model.path, model_sha256, info, source.describe())
     schema = make_schema(info.num_classes, info.embedding_dim, metadata)
     manifest = {"model_sha256": model_sha256, "source": source.describe()}
     writer = PartWriter(out, fmt, manifest, schema, row_group_size, resume, overwrite)
@@ -218,13 +209,7 @@ def _score_batch(model, schema, batch: list, images: np.ndarray, errors: list[st
     if len(images):
         outputs = model.run(images)
     else:  # every image of the batch failed
-        info = model.info
-        outputs = {
-            "embeddings": np.zeros((0, info.embedding_dim), np.float32),
-            "distances": np.zeros((0, info.num_classes), np.float32),
-            "labels": np.zeros(0, np.int64),
-            "min_distances": np.zeros(0, np.float32),
-        }
+        outputs = empty_outputs(model.info.num_classes, model.info.embedding_dim)
     return rows_table(
         schema,
         ids=[item.id for item in batch],
@@ -259,11 +244,6 @@ def _progress_bar(total: int | None, initial: int, enabled: bool):
         desc="scoring",
         file=sys.stderr,
     )
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -24,7 +24,6 @@ written is the one the input gives at that position.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,29 @@ from typing import Any
 
 import numpy as np
 
+from center_embed.contract import METADATA_PREFIX, ModelInfo
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_path, atomic_write_text
 
-FORMAT_VERSION = 1
+SCORES_FORMAT_VERSION = 1  # the Parquet file and the .partial manifest
 FORMATS = ("parquet", "npy")
+
+
+def scores_metadata(
+    model_path: Path, model_sha256: str, info: ModelInfo, source: dict[str, Any]
+) -> dict[str, str]:
+    """The output's key-value metadata: which model scored which input."""
+    values = {
+        "scores_version": str(SCORES_FORMAT_VERSION),
+        "model": model_path.name,
+        "model_sha256": model_sha256,
+        "class_names": json.dumps(info.class_names),
+        "embedding_dim": str(info.embedding_dim),
+        "distance": info.distance,
+        "unknown_threshold": json.dumps(info.unknown_threshold),
+        "source": json.dumps(source),
+    }
+    return {METADATA_PREFIX + key: value for key, value in values.items()}
 
 
 def make_schema(num_classes: int, embedding_dim: int, metadata: dict[str, str]):
@@ -129,7 +147,7 @@ class PartWriter:
         self.out, self.fmt, self.schema = out, fmt, schema
         self.rows_per_part = max(1, rows_per_part)
         self.partial = out.with_name(out.name + ".partial")
-        self.manifest = {"format_version": FORMAT_VERSION, **manifest, "format": fmt}
+        self.manifest = {"format_version": SCORES_FORMAT_VERSION, **manifest, "format": fmt}
         self.buffer: list = []
         self.buffered = 0
         self.complete = False
@@ -161,7 +179,7 @@ class PartWriter:
                 raise UserError(f"{self.out} exists; pass --overwrite to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.partial.mkdir()
-        _write_json(self.partial / "manifest.json", self.manifest)
+        atomic_write_text(self.partial / "manifest.json", _json_text(self.manifest))
         return Progress()
 
     def _resume(self) -> Progress:
@@ -210,9 +228,8 @@ class PartWriter:
             return
         table = pa.concat_tables(self.buffer)
         part = self.partial / f"part-{len(self.progress.parts):06d}.parquet"
-        tmp = part.with_name(part.name + ".tmp")
-        pq.write_table(table, tmp, compression="none")  # read once more, by the merge
-        os.replace(tmp, part)  # a part exists whole or not at all
+        with atomic_path(part) as tmp:  # a part exists whole or not at all
+            pq.write_table(table, tmp, compression="none")  # read once more, by the merge
         self.progress.parts.append(part)
         self.progress.rows += len(table)
         self.buffer, self.buffered = [], 0
@@ -222,14 +239,13 @@ class PartWriter:
         if self.complete:
             return self.out
         self.flush()
-        tmp = self.partial / f"merged.{self.fmt}.tmp"
-        if self.fmt == "parquet":
-            self._merge_parquet(tmp)
-        else:
-            self._merge_npy(tmp)
-        if self.out.is_dir():
-            shutil.rmtree(self.out)
-        os.replace(tmp, self.out)
+        with atomic_path(self.out, directory=self.fmt == "npy") as tmp:
+            if self.fmt == "parquet":
+                self._merge_parquet(tmp)
+            else:
+                self._merge_npy(tmp)
+            if self.out.is_dir():  # npy --overwrite: a rename cannot replace a full folder
+                shutil.rmtree(self.out)
         shutil.rmtree(self.partial)
         self.complete = True
         return self.out
@@ -246,7 +262,6 @@ class PartWriter:
         """A folder of arrays a reader can memory-map; failed rows hold label -1 and NaN."""
         import pyarrow.parquet as pq
 
-        tmp.mkdir()
         n = self.progress.rows
         c = self.schema.field("distances").type.list_size
         d = self.schema.field("embedding").type.list_size
@@ -286,7 +301,7 @@ class PartWriter:
         for values in arrays.values():
             values.flush()
         meta = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
-        _write_json(tmp / "model.json", meta)
+        (tmp / "model.json").write_text(_json_text(meta))  # in the folder renamed whole
 
 
 def is_npy_output(folder: Path) -> bool:
@@ -303,7 +318,5 @@ def count_rows(out: Path, fmt: str) -> int:
     return pq.read_metadata(out).num_rows
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"

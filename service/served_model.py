@@ -1,20 +1,21 @@
-"""The served model: an `center_embed.runtime.OnnxModel` plus its centers as numpy.
+"""The served model: a `center_embed.runtime.OnnxModel` plus its centers as numpy.
 
 Images go through onnxruntime (the graph computes embeddings, distances, nearest center
 and min distance); embedding vectors sent to /v1/distances go through `distances` here,
-the same formula in numpy, which the warm-up checks against the graph's own outputs.
+the contract's same formula in numpy, which the warm-up checks against the graph's own
+outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from center_embed.centers import read_centers
+from center_embed.contract import nearest_centers, read_centers, squared_distances
 from center_embed.errors import UserError
+from center_embed.fileio import sha256_file
 from center_embed.runtime import OnnxModel, describe
 
 WARMUP_SEED = 0
@@ -43,8 +44,7 @@ class ServedModel:
         path = Path(path)
         # No spinning: the server's own threads (decoding, HTTP) need the cores between runs.
         model = OnnxModel(path, device, threads, spinning=False)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return cls(model, read_centers(path), digest)
+        return cls(model, read_centers(path), sha256_file(path))
 
     @property
     def provider(self) -> str:
@@ -61,13 +61,9 @@ class ServedModel:
         return self.model.unknown(min_distances)
 
     def distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,), as the graph:
-        ‖e‖² − 2·e·Cᵀ + ‖c‖², clamped at 0."""
-        e = embeddings.astype(np.float32, copy=False)
-        d = (e * e).sum(1, keepdims=True) - 2 * e @ self.centers.T + self.center_norms[None, :]
-        d = np.maximum(d, 0, out=d)  # (N, C)
-        labels = d.argmin(1)
-        return {"distances": d, "labels": labels, "min_distances": d[np.arange(len(d)), labels]}
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,), as the graph."""
+        d = squared_distances(embeddings, self.centers, self.center_norms)
+        return {"distances": d, **nearest_centers(d)}
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the graph once per batch size, and check that the centers read from the file

@@ -1,0 +1,273 @@
+"""The ONNX file contract: what a center-embed model file holds, and how to read it.
+
+An exported model (DESIGN.md, "ONNX model") is one ONNX file with
+
+    input   `images`        uint8 (N, H, W, 3) RGB
+    outputs `embeddings`    float32 (N, D)
+            `distances`     float32 (N, C)  squared distance to every center
+            `labels`        int64 (N,)      the nearest center
+            `min_distances` float32 (N,)    the distance to it
+    the float32 initializer `centers` (C, D) that the distance matmul reads
+    metadata_props `center_embed.<key>` (METADATA_KEYS), non-strings stored as JSON
+
+The exporter writes these names through this module and every reader (onnxruntime
+sessions, the service, the batch scorer, the report) reads them through it. It imports
+numpy only (never torch, onnx or onnxruntime), so a serving install can use all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.errors import UserError
+
+MODEL_FORMAT_VERSION = 1
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")
+CENTERS_INITIALIZER = "centers"
+METADATA_PREFIX = "center_embed."
+DISTANCE = "squared_euclidean"
+
+# Every metadata key the exporter writes (after METADATA_PREFIX), and what it holds.
+METADATA_KEYS = {
+    "format_version": "MODEL_FORMAT_VERSION, as a string",
+    "class_names": "class names, index = label",
+    "embedding_dim": "D",
+    "num_classes": "C",
+    "distance": "what `distances` holds: squared_euclidean",
+    "input_layout": "the input's layout, e.g. NHWC uint8 RGB",
+    "input_size": "[H, W]",
+    "resize": "how an image is brought to [H, W]",
+    "mean": "per-channel mean of pixels/255, applied in the graph",
+    "std": "per-channel std of pixels/255, applied in the graph",
+    "precision": "fp32, fp16 or int8",
+    "training": "update rule, λ, α, epochs, accuracies, data source of the run",
+    "exporter": "torch version, exporter mode and opset",
+    "package_version": "the center-embed version that exported the file",
+    "verification": "parity with torch, measured at export",
+    "unknown_threshold": "min distance above which an image is unknown ('' if none)",
+    "class_thresholds": "the same per class",
+    "unknown_threshold_calibration": "how the threshold was computed, on which images",
+    "precision_loss": "accuracy of a reduced-precision model against fp32",
+}
+
+
+@dataclass
+class ModelInfo:
+    """What an exported model says about itself (its `center_embed.*` metadata)."""
+
+    class_names: list[str]
+    embedding_dim: int
+    input_size: tuple[int, int]  # (H, W)
+    mean: list[float]
+    std: list[float]
+    distance: str
+    precision: str
+    unknown_threshold: float | None
+    class_thresholds: dict[str, float] | None
+    metadata: dict[str, str] = field(default_factory=dict)  # every key, raw strings
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
+    """{key: value} -> {center_embed.key: text}, non-strings as JSON; unknown keys refused."""
+    unknown = sorted(set(values) - set(METADATA_KEYS))
+    if unknown:
+        raise ValueError(f"not model metadata keys: {', '.join(unknown)}")
+    return {
+        METADATA_PREFIX + key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in values.items()
+    }
+
+
+def our_metadata(props: dict[str, str]) -> dict[str, str]:
+    """The `center_embed.*` entries of metadata_props, prefix removed, raw strings."""
+    n = len(METADATA_PREFIX)
+    return {k[n:]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+
+
+def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
+    """Read our metadata_props, raising UserError when they are absent or malformed."""
+    ours = our_metadata(props)
+    if "format_version" not in ours:
+        raise UserError(f"{source} has no center_embed metadata: not exported by center-embed")
+    try:
+        version = int(ours["format_version"])
+        if version != MODEL_FORMAT_VERSION:
+            raise UserError(
+                f"{source} has model format version {version}; this center-embed reads "
+                f"version {MODEL_FORMAT_VERSION}"
+            )
+        threshold = ours.get("unknown_threshold")
+        per_class = ours.get("class_thresholds")
+        return ModelInfo(
+            class_names=list(json.loads(ours["class_names"])),
+            embedding_dim=int(ours["embedding_dim"]),
+            input_size=tuple(json.loads(ours["input_size"])),  # type: ignore[arg-type]
+            mean=[float(v) for v in json.loads(ours["mean"])],
+            std=[float(v) for v in json.loads(ours["std"])],
+            distance=ours.get("distance", DISTANCE),
+            precision=ours.get("precision", "fp32"),
+            unknown_threshold=float(threshold) if threshold not in (None, "") else None,
+            class_thresholds=json.loads(per_class) if per_class else None,
+            metadata=dict(props),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def squared_distances(
+    embeddings: np.ndarray, centers: np.ndarray, center_norms: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, D), (C, D) -> (N, C) float32, as the graph computes it: ‖e‖² − 2·e·Cᵀ + ‖c‖²,
+    clamped at 0. `center_norms` (C,) may be passed precomputed (a server reuses them)."""
+    e = embeddings.astype(np.float32, copy=False)
+    if center_norms is None:
+        center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    d = (e * e).sum(1, keepdims=True) - 2 * e @ centers.T + center_norms[None, :]
+    return np.maximum(d, 0, out=d)
+
+
+def empty_outputs(num_classes: int, embedding_dim: int) -> dict[str, np.ndarray]:
+    """The model's outputs for no images, with their dtypes and widths."""
+    return {
+        "embeddings": np.zeros((0, embedding_dim), np.float32),
+        "distances": np.zeros((0, num_classes), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "min_distances": np.zeros(0, np.float32),
+    }
+
+
+def nearest_centers(distances: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's last two outputs from its distances: labels (N,), min_distances (N,)."""
+    labels = distances.argmin(1)
+    return {"labels": labels, "min_distances": distances[np.arange(len(distances)), labels]}
+
+
+def run_batched(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """`run` (one batch -> the model's outputs) over any number of images, a memory-mapped
+    split too, `batch_size` at a time; no images give `run`'s answer to an empty batch."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    for start in range(0, len(images), batch_size):
+        for name, value in run(np.asarray(images[start : start + batch_size])).items():
+            parts[name].append(value)
+    if not parts[OUTPUT_NAMES[0]]:
+        return run(np.asarray(images[:0]))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+# --------------------------------------------------------------------------- the centers
+#
+# /v1/distances and /v1/centers need the centers as numpy, and the serving install has
+# neither onnx nor torch, and onnxruntime does not hand out initializers. ONNX files are
+# protocol buffers, and the few fields we need have been fixed since ONNX 1.0, so a short
+# wire-format reader suffices:
+#
+#     ModelProto.graph = 7  ->  GraphProto.initializer = 5 (repeated TensorProto)
+#     TensorProto: dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9,
+#                  data_location = 14 (1: external data, which our files never use)
+#
+# The service cross-checks what it read against the graph's own distances at warm-up.
+
+_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto.DataType
+
+
+def read_centers(path: str | Path, name: str = CENTERS_INITIALIZER) -> np.ndarray:
+    """The initializer `name` of an ONNX file as float32 (C, D); UserError if absent."""
+    data = memoryview(Path(path).read_bytes())
+    try:
+        for number, _, graph in _fields(data):
+            if number != 7:
+                continue
+            for field_number, _, tensor in _fields(graph):
+                if field_number == 5 and _tensor_name(tensor) == name:
+                    centers = _tensor(tensor)
+                    if centers.ndim != 2:
+                        raise ValueError(f"the centers have shape {centers.shape}, not (C, D)")
+                    return centers
+    except (ValueError, IndexError) as e:
+        raise UserError(f"{path}: cannot read the {name!r} initializer ({e})") from None
+    raise UserError(f"{path} has no {name!r} initializer: not exported by center-embed")
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: memoryview):
+    """(field number, wire type, value) for each field of one message; value is an int
+    for varints and a memoryview for length-delimited and fixed-width fields."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, pos = data[pos : pos + width], pos + width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _tensor_name(message: memoryview) -> str | None:
+    for number, _, value in _fields(message):
+        if number == 8:
+            return bytes(value).decode("utf-8", "replace")
+    return None
+
+
+def _tensor(message: memoryview) -> np.ndarray:
+    dims: list[int] = []
+    dtype, floats, raw = 1, None, None
+    for number, wire, value in _fields(message):
+        if number == 1:  # dims: packed (wire 2) or one varint per field
+            if wire == 2:
+                pos = 0
+                while pos < len(value):
+                    dim, pos = _varint(value, pos)
+                    dims.append(dim)
+            else:
+                dims.append(value)
+        elif number == 2:
+            dtype = value
+        elif number == 4 and wire == 2:
+            floats = np.frombuffer(value, "<f4")
+        elif number == 9:
+            raw = value
+        elif number == 14 and value == 1:
+            raise ValueError("the centers are stored as external data")
+    if dtype not in _DTYPES:
+        raise ValueError(f"the centers have unsupported data type {dtype}")
+    if raw is not None:
+        array = np.frombuffer(raw, np.dtype(_DTYPES[dtype]).newbyteorder("<"))
+    elif floats is not None and dtype == 1:
+        array = floats
+    else:
+        raise ValueError("the centers tensor holds no data")
+    return array.reshape(dims).astype(np.float32)
