@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of plain Python types and tensors:
 
-    format_version  int, FORMAT_VERSION
+    format_version  int, CHECKPOINT_FORMAT_VERSION
     config          Config.to_dict(): every option of the run
     class_names     list[str], index = label
     preprocess      {"input_size": [H, W], "mean": [3], "std": [3], "layout": ..., "resize": ...}
@@ -28,7 +28,7 @@ from typing import Any
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write
 
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 REQUIRED_KEYS = (
     "format_version", "config", "class_names", "preprocess", "embedding_dim", "model",
     "center_loss", "epoch", "step", "metrics",
@@ -56,10 +56,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
         raise UserError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"{path} is not a center-embed checkpoint")
-    if ckpt["format_version"] != FORMAT_VERSION:
+    if ckpt["format_version"] != CHECKPOINT_FORMAT_VERSION:
         raise UserError(
             f"{path} has checkpoint format version {ckpt['format_version']}; "
-            f"this center-embed reads version {FORMAT_VERSION}"
+            f"this center-embed reads version {CHECKPOINT_FORMAT_VERSION}"
         )
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from center_embed import __version__, distributed
 from center_embed.center_loss import CenterLoss
-from center_embed.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from center_embed.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint, save_checkpoint
 from center_embed.config import Config
 from center_embed.data import (
     BatchLoader,
@@ -321,7 +321,7 @@ def _train(
 
     def checkpoint(metrics: dict[str, Any]) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "package_version": __version__,
             "config": cfg.to_dict(),
             "class_names": list(dataset.class_names),

@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from center_embed.checkpoint import FORMAT_VERSION, build_model, load_checkpoint, save_checkpoint
+from center_embed.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
 from center_embed.train import train
@@ -25,7 +30,7 @@ def test_short_run_learns_and_checkpoint_reloads(tiny_folder, tmp_path, update):
 
     # weights_only=True: plain types and tensors only.
     raw = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert raw["format_version"] == FORMAT_VERSION
+    assert raw["format_version"] == CHECKPOINT_FORMAT_VERSION
     assert raw["class_names"] == ["blue", "green", "red"]
     assert raw["config"]["loss"]["update"] == update
     model, criterion, _ = build_model(load_checkpoint(tmp_path / "best.pt"))
@@ -66,9 +71,9 @@ def test_checkpoint_errors(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     ckpt = load_checkpoint(tiny_checkpoint)
-    ckpt["format_version"] = FORMAT_VERSION + 1
+    ckpt["format_version"] = CHECKPOINT_FORMAT_VERSION + 1
     save_checkpoint(tmp_path / "future.pt", ckpt)
-    with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1}"):
+    with pytest.raises(UserError, match=f"format version {CHECKPOINT_FORMAT_VERSION + 1}"):
         load_checkpoint(tmp_path / "future.pt")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_write_text
 
 # --------------------------------------------------------------------------- export
 
@@ -102,7 +103,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print("FAILED: the model's accuracy differs from the checkpoint's")
             status = 1
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return status
 
 

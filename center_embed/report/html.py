@@ -41,7 +41,8 @@ CAPTIONS = {
 }
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _cell_text(value: Any, digits: int = 4) -> str:
+    """A table cell's text: floats to `digits` places, None as n/a, the rest escaped."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -51,7 +52,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _row(name: str, value: Any, source: str) -> str:
     return (
-        f"<tr><td>{escape(name)}</td><td class='num'>{_fmt(value)}</td>"
+        f"<tr><td>{escape(name)}</td><td class='num'>{_cell_text(value)}</td>"
         f"<td class='source'>{escape(source)}</td></tr>"
     )
 
@@ -109,7 +110,7 @@ def _per_class(report: dict[str, Any]) -> str:
         count = sum(confusion[j])
         rows.append(
             f"<tr><td>{escape(name)}</td><td class='num'>{count}</td>"
-            f"<td class='num'>{_fmt(m['per_class_accuracy'][name])}</td></tr>"
+            f"<td class='num'>{_cell_text(m['per_class_accuracy'][name])}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -128,7 +129,7 @@ def _model_facts(report: dict[str, Any]) -> str:
         ("data", f"{data['path']} ({data['split']} split, {data['images']} images)"),
         ("run folder", report["run"] or "none given (no training curves)"),
     ]
-    cells = "".join(f"<tr><th>{escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    cells = "".join(f"<tr><th>{escape(k)}</th><td>{_cell_text(v)}</td></tr>" for k, v in rows)
     return f"<table>{cells}</table>"
 
 

@@ -341,7 +341,7 @@ def run_score(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(format_summary(summary))
+    print(format_score_summary(summary))
     return 0
 
 
@@ -349,7 +349,8 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def format_summary(s: ScoreSummary) -> str:
+def format_score_summary(s: ScoreSummary) -> str:
+    """What a scoring run did, in a few lines for the terminal."""
     if s.scored == 0 and s.resumed_from == s.rows:
         return f"{s.out} is complete ({s.rows} rows); nothing to do"
     lines = [
