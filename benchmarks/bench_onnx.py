@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from center_embed.checkpoint import build_model, load_checkpoint  # noqa: E402
+from center_embed.checkpoint import Checkpoint  # noqa: E402
 from center_embed.export.calibrate import load_run_dataset  # noqa: E402
 from center_embed.export.onnx_export import export_checkpoint, torch_reference  # noqa: E402
 from center_embed.runtime import OnnxModel  # noqa: E402
@@ -67,9 +67,9 @@ def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, b
 def engines(
     checkpoint: str, fp32: Path, int8: Path, threads: int, bf16: bool
 ) -> dict[str, Callable]:
-    ckpt = load_checkpoint(checkpoint)
-    model, criterion, _ = build_model(ckpt)
-    reference = torch_reference(model, criterion.centers, ckpt["preprocess"])
+    ckpt = Checkpoint.load(checkpoint)
+    model, criterion = ckpt.build_model()
+    reference = torch_reference(model, criterion.centers, ckpt.preprocess)
 
     def torch_run(batch: np.ndarray, autocast: bool = False):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
@@ -122,7 +122,7 @@ def measure(args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
     """Export, time every engine round by round, and measure test accuracy."""
     fp32 = export_checkpoint(args.checkpoint, folder / "fp32.onnx", data=args.data)
     int8 = export_checkpoint(args.checkpoint, folder / "int8.onnx", int8=True, data=args.data)
-    test = load_run_dataset(load_checkpoint(args.checkpoint), args.data).test
+    test = load_run_dataset(Checkpoint.load(args.checkpoint), args.data).test
     images = np.ascontiguousarray(test.images[:2048])
     runs = engines(args.checkpoint, fp32, int8, args.threads, args.torch_bf16)
 

@@ -15,16 +15,20 @@ A checkpoint is a dict of plain Python types and tensors:
     metrics         {"val": {...}, "history": [...], ...}
     package_version str
 
-The exporter reads this file and nothing else.
+The exporter reads this file and nothing else, once, into a `Checkpoint`: the same
+fields, typed, with the config rebuilt as a Config; `Checkpoint.to_dict()` gives back the
+dict above. The training loop writes and resumes from the plain dict.
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from center_embed.config import Config
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write
 
@@ -67,18 +71,89 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     return ckpt
 
 
-def build_model(ckpt: dict[str, Any]):
-    """Rebuild the EmbeddingNet and CenterLoss stored in a checkpoint, in eval mode."""
-    from center_embed.center_loss import CenterLoss
-    from center_embed.config import Config
-    from center_embed.model import EmbeddingNet
+@dataclass
+class Checkpoint:
+    """A checkpoint loaded and checked once; what export and its checks read from it."""
 
-    cfg = Config.from_dict(ckpt["config"])
-    num_classes = len(ckpt["class_names"])
-    model = EmbeddingNet(cfg.model, num_classes)
-    model.load_state_dict(ckpt["model"])
-    criterion = CenterLoss(
-        num_classes, cfg.model.embedding_dim, cfg.loss.update, cfg.loss.alpha, cfg.loss.decay
-    )
-    criterion.load_state_dict(ckpt["center_loss"])
-    return model.eval(), criterion.eval(), cfg
+    config: Config
+    class_names: list[str]  # index = label
+    preprocess: dict[str, Any]  # input_size, mean, std, layout, resize
+    embedding_dim: int
+    model_state: dict[str, Any]  # EmbeddingNet state_dict
+    center_loss_state: dict[str, Any]  # CenterLoss state_dict (centers, counts, sums)
+    epoch: float
+    step: int
+    metrics: dict[str, Any]
+    optimizer_state: dict[str, Any] | None = None
+    ema_state: dict[str, Any] | None = None
+    package_version: str | None = None
+    data_source: str | None = None  # where the run read its dataset
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        """Read and check `path` (UserError for anything a user can fix)."""
+        return cls.from_dict(load_checkpoint(path))
+
+    @classmethod
+    def from_dict(cls, ckpt: dict[str, Any]) -> Checkpoint:
+        """From a dict `load_checkpoint` returned (already checked)."""
+        return cls(
+            config=Config.from_dict(ckpt["config"]),
+            class_names=list(ckpt["class_names"]),
+            preprocess=ckpt["preprocess"],
+            embedding_dim=int(ckpt["embedding_dim"]),
+            model_state=ckpt["model"],
+            center_loss_state=ckpt["center_loss"],
+            epoch=ckpt["epoch"],
+            step=ckpt["step"],
+            metrics=ckpt["metrics"],
+            optimizer_state=ckpt.get("optimizer"),
+            ema_state=ckpt.get("ema"),
+            package_version=ckpt.get("package_version"),
+            data_source=ckpt.get("data_source"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk dict (the module docstring), keys in the order training writes them."""
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "package_version": self.package_version,
+            "config": self.config.to_dict(),
+            "class_names": list(self.class_names),
+            "preprocess": self.preprocess,
+            "embedding_dim": self.embedding_dim,
+            "model": self.model_state,
+            "center_loss": self.center_loss_state,
+            "optimizer": self.optimizer_state,
+            "ema": self.ema_state,
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": self.metrics,
+            "data_source": self.data_source,
+        }
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build_model(self):
+        """(EmbeddingNet, CenterLoss) with the stored weights, in eval mode."""
+        from center_embed.center_loss import CenterLoss
+        from center_embed.model import EmbeddingNet
+
+        cfg = self.config
+        model = EmbeddingNet(cfg.model, self.num_classes)
+        model.load_state_dict(self.model_state)
+        criterion = CenterLoss(
+            self.num_classes, cfg.model.embedding_dim, cfg.loss.update, cfg.loss.alpha,
+            cfg.loss.decay,
+        )  # fmt: skip
+        criterion.load_state_dict(self.center_loss_state)
+        return model.eval(), criterion.eval()
+
+
+def build_model(ckpt: dict[str, Any]):
+    """(EmbeddingNet, CenterLoss, Config) of a checkpoint dict, the networks in eval mode."""
+    checkpoint = Checkpoint.from_dict(ckpt)
+    model, criterion = checkpoint.build_model()
+    return model, criterion, checkpoint.config

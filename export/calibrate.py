@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from center_embed.config import Config
-from center_embed.data import Dataset, Split, load_dataset, select_classes, split_validation
+from center_embed.data import Dataset, Split, load_for_classes, split_validation
 from center_embed.errors import UserError
+
+if TYPE_CHECKING:  # only the type: loading a checkpoint is torch's business, not ours
+    from center_embed.checkpoint import Checkpoint
 
 
 @dataclass
@@ -31,50 +33,36 @@ class CalibrationSet:
     description: dict[str, Any]  # where `held_out` came from, for the model's metadata
 
 
-def load_run_dataset(ckpt: dict[str, Any], data: str | None = None) -> Dataset:
-    """The checkpoint's dataset with its class selection, checked against its class names.
+def load_run_dataset(ckpt: Checkpoint, data: str | None = None) -> Dataset:
+    """The checkpoint's dataset, restricted and relabelled to its classes.
 
     `data` overrides where the dataset lies now; otherwise the run's configured path, then
     the resolved source it recorded, are tried.
     """
-    cfg = Config.from_dict(ckpt["config"])
-    candidates = [data] if data else [cfg.data.path, ckpt.get("data_source")]
+    cfg = ckpt.config.data
+    candidates = [data] if data else [cfg.path, ckpt.data_source]
     path = next((p for p in candidates if p and Path(p).expanduser().exists()), None)
     if path is None:
         tried = ", ".join(str(p) for p in candidates if p)
         raise UserError(f"the run's dataset is not found (tried {tried}); pass its location")
-    dataset = load_dataset(path, cfg.data.image_size, cfg.data.cache_dir)
-    if cfg.data.classes:
-        dataset = select_classes(dataset, cfg.data.classes)
-    check_classes(dataset.class_names, ckpt["class_names"], str(path))
-    return dataset
-
-
-def check_classes(found: list[str], expected: list[str], source: str) -> None:
-    if list(found) != list(expected):
-        raise UserError(
-            f"{source} has classes {list(found)}, but the model was trained on {list(expected)}"
-        )
+    return load_for_classes(path, ckpt.class_names, cfg.image_size, cfg.cache_dir)
 
 
 def calibration_set(
-    ckpt: dict[str, Any], data: str | None = None, calibration_data: str | None = None
+    ckpt: Checkpoint, data: str | None = None, calibration_data: str | None = None
 ) -> CalibrationSet:
     """The run's validation split (or the test split if it held none out), or the test
     split of `calibration_data` when given; plus the run's training images."""
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = ckpt.config.data
     dataset = load_run_dataset(ckpt, data)
-    train, val = split_validation(dataset.train, cfg.data.val_size, cfg.data.seed)
+    train, val = split_validation(dataset.train, cfg.val_size, cfg.seed)
     if calibration_data:
-        other = load_dataset(calibration_data, cfg.data.image_size, cfg.data.cache_dir)
-        if set(ckpt["class_names"]) <= set(other.class_names):  # same classes, any order
-            other = select_classes(other, ckpt["class_names"])
-        check_classes(other.class_names, ckpt["class_names"], calibration_data)
+        other = load_for_classes(calibration_data, ckpt.class_names, cfg.image_size, cfg.cache_dir)
         held_out, where = other.test, {"split": "test", "source": other.source}
     elif len(val):
         held_out = val
         where = {"split": "validation", "source": dataset.source}
-        where |= {"val_size": cfg.data.val_size, "seed": cfg.data.seed}
+        where |= {"val_size": cfg.val_size, "seed": cfg.seed}
     else:
         held_out = dataset.test
         where = {"split": "test", "source": dataset.source}

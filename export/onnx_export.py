@@ -38,7 +38,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from center_embed import __version__
-from center_embed.checkpoint import build_model, load_checkpoint
+from center_embed.checkpoint import Checkpoint
 from center_embed.contract import (
     CENTERS_INITIALIZER,
     DISTANCE,
@@ -84,8 +84,8 @@ def export_checkpoint(
     if int8 and fp16:
         raise UserError("choose at most one of int8 and fp16")
     out = _check_output(Path(out))
-    ckpt = load_checkpoint(checkpoint)
-    model, criterion, _ = build_model(ckpt)
+    ckpt = Checkpoint.load(checkpoint)
+    model, criterion = ckpt.build_model()
     calib = calibration_set(ckpt, data, calibration_data)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     started = time.perf_counter()
@@ -97,7 +97,7 @@ def export_checkpoint(
         meta: dict[str, Any] = {}
         if verify:
             check_file(tmp)
-            reference = torch_reference(model, criterion.centers, ckpt["preprocess"])
+            reference = torch_reference(model, criterion.centers, ckpt.preprocess)
             meta["verification"] = check_parity(shipped, reference, calib.held_out.images)
             say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: "
                 f"{meta['verification']['summary']}")  # fmt: skip
@@ -114,17 +114,17 @@ def export_checkpoint(
     return out
 
 
-def build_graphs(ckpt: dict[str, Any], model, centers, calib, precision: str):
+def build_graphs(ckpt: Checkpoint, model, centers, calib, precision: str):
     """(the fp32 graph, the graph to ship at `precision`), both with the static metadata.
 
     The fp32 graph is kept beside a reduced-precision one to measure what precision cost.
     """
-    fp32 = to_onnx(model, centers, ckpt["preprocess"])
+    fp32 = to_onnx(model, centers, ckpt.preprocess)
     set_metadata(fp32, static_metadata(ckpt, "fp32"))
     if precision == "fp32":
         return fp32, fp32
     if precision == "fp16":
-        proto = to_onnx(model, centers, ckpt["preprocess"], fp16=True)
+        proto = to_onnx(model, centers, ckpt.preprocess, fp16=True)
     else:
         from center_embed.export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
 
@@ -241,14 +241,14 @@ def _centers_to_initializer(proto, centers: np.ndarray) -> None:
 # --------------------------------------------------------------------------- metadata
 
 
-def static_metadata(ckpt: dict[str, Any], precision: str) -> dict[str, Any]:
+def static_metadata(ckpt: Checkpoint, precision: str) -> dict[str, Any]:
     """Everything but the threshold: what the model is, its inputs, and where it came from."""
-    pre = ckpt["preprocess"]
+    pre = ckpt.preprocess
     return {
         "format_version": str(MODEL_FORMAT_VERSION),
-        "class_names": ckpt["class_names"],
-        "embedding_dim": int(ckpt["embedding_dim"]),
-        "num_classes": len(ckpt["class_names"]),
+        "class_names": ckpt.class_names,
+        "embedding_dim": ckpt.embedding_dim,
+        "num_classes": ckpt.num_classes,
         "distance": DISTANCE,
         "input_layout": pre.get("layout", "NHWC uint8 RGB"),
         "input_size": list(pre["input_size"]),
@@ -262,25 +262,24 @@ def static_metadata(ckpt: dict[str, Any], precision: str) -> dict[str, Any]:
     }
 
 
-def training_facts(ckpt: dict[str, Any]) -> dict[str, Any]:
+def training_facts(ckpt: Checkpoint) -> dict[str, Any]:
     """Update rule, λ, α, epochs and accuracies, from the checkpoint's config and metrics."""
-    loss, metrics = ckpt["config"]["loss"], ckpt.get("metrics", {})
-    test = metrics.get("test") or {}
+    loss, metrics = ckpt.config.loss, ckpt.metrics
     facts = {
-        "update": loss["update"],
-        "center_weight": loss["center_weight"],
-        "alpha": loss["alpha"],
-        "epochs": ckpt["epoch"],
-        "steps": ckpt["step"],
+        "update": loss.update,
+        "center_weight": loss.center_weight,
+        "alpha": loss.alpha,
+        "epochs": ckpt.epoch,
+        "steps": ckpt.step,
         "val": _accuracies(metrics.get("val") or {}),
-        "test": _accuracies(test),
-        "checkpoint_package_version": ckpt.get("package_version"),
-        "data_source": ckpt.get("data_source"),
+        "test": _accuracies(metrics.get("test") or {}),
+        "checkpoint_package_version": ckpt.package_version,
+        "data_source": ckpt.data_source,
     }
-    if loss["update"] == "mean":
-        facts["decay"] = loss["decay"]
-    if loss["update"] == "sgd":
-        facts["center_lr"] = loss["center_lr"]
+    if loss.update == "mean":
+        facts["decay"] = loss.decay
+    if loss.update == "sgd":
+        facts["center_lr"] = loss.center_lr
     return facts
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from center_embed.contract import our_metadata
+from center_embed.data import load_for_classes
 from center_embed.errors import UserError
 from center_embed.runtime import OnnxModel
 
@@ -123,16 +124,12 @@ def split_accuracy(
 
     `data` defaults to the dataset the model was trained on (its training metadata).
     """
-    from center_embed.data import load_dataset, select_classes
-
     model = OnnxModel(model_path, device="auto", threads=threads)
     info = model.info
     source = data or _training_source(model)
     if info.input_size[0] != info.input_size[1]:
         raise UserError(f"{model_path}: only square inputs are supported")
-    dataset = load_dataset(source, info.input_size[0])
-    if dataset.class_names != info.class_names:
-        dataset = select_classes(dataset, info.class_names)  # UserError on unknown classes
+    dataset = load_for_classes(source, info.class_names, info.input_size[0])
     images = getattr(dataset, split)
     started = time.perf_counter()
     out = model.run_batched(images.images, batch_size)

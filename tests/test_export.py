@@ -18,10 +18,19 @@ import pytest
 import torch
 
 from center_embed import __version__
-from center_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
+from center_embed.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from center_embed.cli import main
 from center_embed.config import Config
-from center_embed.contract import INPUT_NAME, OUTPUT_NAMES, parse_metadata
+from center_embed.contract import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    empty_outputs,
+    nearest_centers,
+    parse_metadata,
+    read_centers,
+    run_batched,
+    squared_distances,
+)
 from center_embed.data import load_dataset, split_validation
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
@@ -102,6 +111,39 @@ def test_dynamic_batch_and_io_contract(fp32_model):
         assert (out["distances"] >= 0).all()
     empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
+    expected = empty_outputs(3, 16)
+    assert {k: (v.shape, v.dtype) for k, v in empty.items()} == {
+        k: (v.shape, v.dtype) for k, v in expected.items()
+    }
+
+
+def test_contract_distances_are_the_graphs(fp32_model):
+    """The numpy formula the service uses on vectors gives the graph's own outputs."""
+    model = OnnxModel(fp32_model, device="cpu", threads=1)
+    images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    out = model.run(images)
+    d = squared_distances(out["embeddings"], read_centers(fp32_model))
+    np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
+    nearest = nearest_centers(out["distances"])
+    np.testing.assert_array_equal(nearest["labels"], out["labels"])
+    np.testing.assert_array_equal(nearest["min_distances"], out["min_distances"])
+    batched = run_batched(model.run, images, batch_size=4)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_allclose(batched[name], out[name], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_object_gives_back_the_dict_on_disk(tiny_checkpoint):
+    raw = load_checkpoint(tiny_checkpoint)
+    again = Checkpoint.from_dict(raw).to_dict()
+    assert list(again) == list(raw)  # same keys, in the order training writes them
+    for key, value in raw.items():
+        if key in ("model", "center_loss", "optimizer", "ema"):  # tensors: the very objects
+            assert again[key] is value, key
+        else:
+            assert again[key] == value, key
+    loaded = Checkpoint.load(tiny_checkpoint)
+    assert loaded.class_names == raw["class_names"] and loaded.config.data.val_size == 48
+    assert all(torch.equal(loaded.model_state[k], v) for k, v in raw["model"].items())
 
 
 def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, fp32_model):
@@ -317,7 +359,7 @@ def test_calibration_data_with_other_classes(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     args = ["export", str(tiny_checkpoint), "--out", str(out), "--calibration-data", str(other)]
     assert main(args) == 1
-    assert "trained on ['blue', 'green', 'red']" in only_error_line(capsys)
+    assert "lacks the model's classes ['blue', 'green']" in only_error_line(capsys)
     assert not out.exists()
 
 
