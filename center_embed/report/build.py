@@ -194,16 +194,7 @@ def build_report(
         plots, out, outputs, labels, centers, confusion, info, meta, records, max_points, seed
     )
     report = {
-        "model": {
-            "path": str(model_path),
-            "sha256": sha256_file(model_path),
-            "embedding_dim": info.embedding_dim,
-            "classes": info.class_names,
-            "precision": info.precision,
-            "unknown_threshold": info.unknown_threshold,
-            "unknown_threshold_calibration": meta.get("unknown_threshold_calibration"),
-            "provider": model.provider,
-        },
+        "model": model_facts(model, str(model_path), meta),
         "data": {"path": str(data), "source": source, "split": split, "images": len(labels)},
         "onnx": {
             "source": f"computed here from the ONNX model's outputs on the {split} split of "
@@ -219,6 +210,21 @@ def build_report(
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "index.html", render_html(report, out))
     return report
+
+
+def model_facts(model, path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The report's "model" section: which file, what it is, how it runs."""
+    info = model.info
+    return {
+        "path": path,
+        "sha256": sha256_file(model.path),
+        "embedding_dim": info.embedding_dim,
+        "classes": info.class_names,
+        "precision": info.precision,
+        "unknown_threshold": info.unknown_threshold,
+        "unknown_threshold_calibration": meta.get("unknown_threshold_calibration"),
+        "provider": model.provider,
+    }
 
 
 def _plot_all(

@@ -69,8 +69,6 @@ def plot_embedding_2d(
     path: Path,
 ) -> None:
     """Test embeddings coloured by true class, with the class centers marked."""
-    from matplotlib import patheffects
-
     plt = _pyplot()
     colors = class_colors(len(class_names))
     fig, ax = plt.subplots(figsize=(9, 7.5))
@@ -78,39 +76,9 @@ def plot_embedding_2d(
     alpha = 0.35 if len(points) > 2000 else 0.7
     for j, name in enumerate(class_names):
         mine = points[labels == j]
-        ax.scatter(
-            mine[:, 0],
-            mine[:, 1],
-            s=size,
-            alpha=alpha,
-            color=colors[j],
-            label=name,
-            linewidths=0,
-            rasterized=True,
-        )
-    ax.scatter(
-        centers[:, 0],
-        centers[:, 1],
-        s=160,
-        marker="X",
-        c=colors[: len(centers)],
-        edgecolors="black",
-        linewidths=1.2,
-        label="class centers",
-        zorder=3,
-    )
-    outline = [patheffects.withStroke(linewidth=3, foreground="white")]
-    for j, name in enumerate(class_names):
-        ax.annotate(
-            name,
-            centers[j],
-            xytext=(7, 7),
-            textcoords="offset points",
-            fontsize=9,
-            weight="bold",
-            path_effects=outline,
-            zorder=4,
-        )
+        ax.scatter(mine[:, 0], mine[:, 1], s=size, alpha=alpha, color=colors[j], label=name,
+                   linewidths=0, rasterized=True)  # fmt: skip
+    _mark_centers(ax, centers, class_names, colors)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -124,6 +92,18 @@ def plot_embedding_2d(
     center_handle.set_sizes([80])
     center_handle.set_facecolor("white")
     _save(fig, path)
+
+
+def _mark_centers(ax, centers: np.ndarray, class_names: list[str], colors: list) -> None:
+    """A cross per class center in its class's colour, named beside it."""
+    from matplotlib import patheffects
+
+    ax.scatter(centers[:, 0], centers[:, 1], s=160, marker="X", c=colors[: len(centers)],
+               edgecolors="black", linewidths=1.2, label="class centers", zorder=3)  # fmt: skip
+    outline = [patheffects.withStroke(linewidth=3, foreground="white")]
+    for j, name in enumerate(class_names):
+        ax.annotate(name, centers[j], xytext=(7, 7), textcoords="offset points", fontsize=9,
+                    weight="bold", path_effects=outline, zorder=4)  # fmt: skip
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
@@ -210,32 +190,35 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> None:
 
     plt = _pyplot()
     epochs = np.array([r["epoch"] for r in records], float)
-    with_val = [r for r in records if r.get("val")]
-    val_epochs = np.array([r["epoch"] for r in with_val], float)
-
-    def series(rows: list[dict[str, Any]], key: str, inner: str | None = None) -> np.ndarray:
-        pick = (lambda r: r.get(inner, {}).get(key)) if inner else (lambda r: r.get(key))
-        return np.array([np.nan if pick(r) is None else pick(r) for r in rows], float)
-
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (ce, center), (acc, ratio) = axes
-    ce.plot(
-        epochs,
-        series(records, "train_ce"),
-        marker="o",
-        color="tab:blue",
-        label="cross-entropy (softmax)",
-    )
-    ce.set_title("Training: softmax cross-entropy")
-    ce.set_ylabel("loss (mean over the epoch)")
-    center.plot(
-        epochs,
-        series(records, "train_center"),
-        marker="o",
-        color="tab:orange",
-        label="center loss $L_C$",
-    )
-    weight = series(records, "center_weight")
+    _plot_losses(ce, center, epochs, records)
+    _plot_validation(acc, ratio, [r for r in records if r.get("val")])
+    for ax in axes.ravel():
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if np.all(epochs == np.round(epochs)):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, path)
+
+
+def _series(rows: list[dict[str, Any]], key: str, inner: str | None = None) -> np.ndarray:
+    """rows[i][key] (or rows[i][inner][key]) as floats, NaN where a record lacks it."""
+    values = [(r.get(inner) or {}).get(key) if inner else r.get(key) for r in rows]
+    return np.array([np.nan if v is None else v for v in values], float)
+
+
+def _plot_losses(ce, center, epochs: np.ndarray, records: list[dict[str, Any]]) -> None:
+    """Cross-entropy and center loss per epoch; the center weight λ on a second axis."""
+    for ax, key, color, label, title in (
+        (ce, "train_ce", "tab:blue", "cross-entropy (softmax)", "softmax cross-entropy"),
+        (center, "train_center", "tab:orange", "center loss $L_C$", "center loss"),
+    ):
+        ax.plot(epochs, _series(records, key), marker="o", color=color, label=label)
+        ax.set_title(f"Training: {title}")
+        ax.set_ylabel("loss (mean over the epoch)")
+    ce.legend(loc="upper right")
+    weight = _series(records, "center_weight")
     if np.isfinite(weight).any():
         twin = center.twinx()
         twin.plot(epochs, weight, linestyle=":", color="tab:gray", label="center weight λ")
@@ -245,33 +228,24 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> None:
         center.legend(lines, [line.get_label() for line in lines], loc="upper right")
     else:
         center.legend(loc="upper right")
-    center.set_title("Training: center loss")
-    center.set_ylabel("loss (mean over the epoch)")
-    ce.legend(loc="upper right")
+
+
+def _plot_validation(acc, ratio, with_val: list[dict[str, Any]]) -> None:
+    """Validation accuracies and the intra/inter distance ratio, per epoch that has them."""
+    epochs = np.array([r["epoch"] for r in with_val], float)
     for key, name, color in (
         ("softmax_accuracy", "softmax", "tab:blue"),
         ("nearest_center_accuracy", "nearest center", "tab:green"),
     ):
-        acc.plot(val_epochs, series(with_val, key, "val"), marker="o", color=color, label=name)
+        acc.plot(epochs, _series(with_val, key, "val"), marker="o", color=color, label=name)
     acc.set_title("Validation accuracy")
     acc.set_ylabel("accuracy")
     acc.legend(loc="lower right")
-    ratio.plot(
-        val_epochs,
-        series(with_val, "intra_inter_ratio", "val"),
-        marker="o",
-        color="tab:purple",
-        label="intra / inter distance",
-    )
+    ratio.plot(epochs, _series(with_val, "intra_inter_ratio", "val"), marker="o",
+               color="tab:purple", label="intra / inter distance")  # fmt: skip
     ratio.set_title("Validation intra/inter distance ratio (lower: tighter classes)")
     ratio.set_ylabel("ratio")
     ratio.legend(loc="upper right")
-    for ax in axes.ravel():
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if np.all(epochs == np.round(epochs)):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:

@@ -81,7 +81,7 @@ def score(
 ) -> ScoreSummary:
     """Score every image of `source` into `out`; see the module docstring."""
     from center_embed.runtime import OnnxModel
-    from center_embed.score.output import PartWriter, count_rows, make_schema, scores_metadata
+    from center_embed.score.output import count_rows
     from center_embed.score.sources import Source, open_source
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
@@ -90,16 +90,11 @@ def score(
         model = OnnxModel(model, device, threads or 1)
     if not isinstance(source, Source):
         source = open_source(source)
-    info = model.info
-    h, w = info.input_size
+    h, w = model.info.input_size
     if h != w:
         raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
     out = Path(out)
-    model_sha256 = sha256_file(model.path)
-    metadata = scores_metadata(model.path, model_sha256, info, source.describe())
-    schema = make_schema(info.num_classes, info.embedding_dim, metadata)
-    manifest = {"model_sha256": model_sha256, "source": source.describe()}
-    writer = PartWriter(out, fmt, manifest, schema, row_group_size, resume, overwrite)
+    writer = _open_writer(model, source, out, fmt, row_group_size, resume, overwrite)
     done = writer.progress.rows
     summary = ScoreSummary(out, done, writer.progress.failed, 0, 0, 0.0, resumed_from=done)
     if writer.complete:  # --resume of a run that had finished
@@ -111,7 +106,7 @@ def score(
     _skip_written(items, done, writer.progress.last_id)
     bar = _progress_bar(source.count() if progress else None, done, progress)
     try:
-        for batch, errors, table in _pipeline(model, schema, items, batch_size, workers):
+        for batch, errors, table in _pipeline(model, writer.schema, items, batch_size, workers):
             writer.write(table)
             _count(summary, batch, errors)
             bar.set_postfix_str(f"failed={summary.failed}", refresh=False)
@@ -122,6 +117,19 @@ def score(
         summary.seconds = time.perf_counter() - start
         summary.skipped = source.skipped
     return summary
+
+
+def _open_writer(model, source, out: Path, fmt: str, row_group_size: int, resume: bool,
+                 overwrite: bool):  # fmt: skip
+    """The part writer for `out`; its schema's metadata says which model scored what."""
+    from center_embed.score.output import PartWriter, make_schema, scores_metadata
+
+    info = model.info
+    model_sha256 = sha256_file(model.path)
+    metadata = scores_metadata(model.path, model_sha256, info, source.describe())
+    schema = make_schema(info.num_classes, info.embedding_dim, metadata)
+    manifest = {"model_sha256": model_sha256, "source": source.describe()}
+    return PartWriter(out, fmt, manifest, schema, row_group_size, resume, overwrite)
 
 
 def _pipeline(model, schema, items: Iterator, batch_size: int, workers: int) -> Iterator[tuple]:
