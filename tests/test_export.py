@@ -17,20 +17,10 @@ import onnx
 import pytest
 import torch
 
-from center_embed import __version__
+from center_embed import __version__, contract
 from center_embed.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from center_embed.cli import main
 from center_embed.config import Config
-from center_embed.contract import (
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    empty_outputs,
-    nearest_centers,
-    parse_metadata,
-    read_centers,
-    run_batched,
-    squared_distances,
-)
 from center_embed.data import load_dataset, split_validation
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
@@ -95,10 +85,10 @@ def test_dynamic_batch_and_io_contract(fp32_model):
     proto = onnx.load(str(fp32_model))
     (image_input,) = proto.graph.input
     dims = image_input.type.tensor_type.shape.dim
-    assert image_input.name == INPUT_NAME and dims[0].dim_param and not dims[0].dim_value
+    assert image_input.name == contract.INPUT_NAME and dims[0].dim_param and not dims[0].dim_value
     assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
     model = OnnxModel(fp32_model, device="cpu", threads=1)
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 33):
@@ -111,7 +101,7 @@ def test_dynamic_batch_and_io_contract(fp32_model):
         assert (out["distances"] >= 0).all()
     empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
-    expected = empty_outputs(3, 16)
+    expected = contract.empty_outputs(3, 16)
     assert {k: (v.shape, v.dtype) for k, v in empty.items()} == {
         k: (v.shape, v.dtype) for k, v in expected.items()
     }
@@ -122,13 +112,13 @@ def test_contract_distances_are_the_graphs(fp32_model):
     model = OnnxModel(fp32_model, device="cpu", threads=1)
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    d = squared_distances(out["embeddings"], read_centers(fp32_model))
+    d = contract.squared_distances(out["embeddings"], contract.read_centers(fp32_model))
     np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
-    nearest = nearest_centers(out["distances"])
+    nearest = contract.nearest_centers(out["distances"])
     np.testing.assert_array_equal(nearest["labels"], out["labels"])
     np.testing.assert_array_equal(nearest["min_distances"], out["min_distances"])
-    batched = run_batched(model.run, images, batch_size=4)
-    for name in OUTPUT_NAMES:
+    batched = contract.run_batched(model.run, images, batch_size=4)
+    for name in contract.OUTPUT_NAMES:
         np.testing.assert_allclose(batched[name], out[name], rtol=1e-5, atol=1e-5)
 
 
@@ -165,7 +155,7 @@ def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, fp32_mode
 def test_metadata_round_trip(tiny_checkpoint, fp32_model):
     ckpt = load_checkpoint(tiny_checkpoint)
     props = {p.key: p.value for p in onnx.load(str(fp32_model)).metadata_props}
-    info = parse_metadata(props)
+    info = contract.parse_metadata(props)
     assert info.class_names == ckpt["class_names"] == ["blue", "green", "red"]
     assert info.embedding_dim == 16 and info.input_size == (32, 32)
     assert info.mean == ckpt["preprocess"]["mean"] and info.std == ckpt["preprocess"]["std"]
