@@ -24,9 +24,9 @@ from center_embed import __version__
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
 from center_embed.service.errors import install_handlers
-from center_embed.service.metrics import Metrics
 from center_embed.service.middleware import ObservabilityMiddleware
 from center_embed.service.model import ServedModel
+from center_embed.service.prometheus import Metrics
 from center_embed.service.routes import api, open_router
 from center_embed.service.security import KeyChecker
 from center_embed.service.settings import Settings
