@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, QueueFull
+from center_embed.service.error_codes import STATUS_MEANINGS, ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.images import (
     JSON,
@@ -38,16 +39,6 @@ from center_embed.service.schemas import (
 )
 from center_embed.service.security import require_key
 
-ERRORS = {
-    400: "malformed body, undecodable image or bad base64 (the message names the part)",
-    401: "missing or invalid API key",
-    413: "body, image count, vector count or image pixels over the limit",
-    415: "unsupported Content-Type",
-    422: "request fails validation",
-    429: "queue full: retry later",
-    503: "model not loaded and warmed up yet, or shutting down",
-    504: "no answer within the per-request timeout",
-}
 TIMING = {
     name: {"description": description, "schema": {"type": "string"}}
     for name, description in (
@@ -58,7 +49,7 @@ TIMING = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+    return {code: {"model": ErrorResponse, "description": STATUS_MEANINGS[code]} for code in codes}
 
 
 def ok(model: type, headers: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -67,7 +58,7 @@ def ok(model: type, headers: bool = False) -> dict[int | str, dict[str, Any]]:
 
 async def require_ready(request: Request) -> None:
     if not request.app.state.ready:
-        raise ApiError(503, "not_ready", not_ready_message(request))
+        raise ApiError(ErrorCode.NOT_READY, not_ready_message(request))
 
 
 def not_ready_message(request: Request) -> str:
@@ -122,7 +113,7 @@ async def no_unknown_query(request: Request) -> None:
     if unknown:
         allowed = ", ".join(sorted(declared)) or "none"
         raise ApiError(
-            422, "validation_error", f"unknown query parameter(s) {unknown}; allowed: {allowed}"
+            ErrorCode.VALIDATION_ERROR, f"unknown query parameter(s) {unknown}; allowed: {allowed}"
         )
 
 
@@ -242,11 +233,11 @@ async def run_images(request: Request) -> BatchResult:
             )
             result = await arrival.submit(images, settings.timeout_s)
     except QueueFull as e:
-        raise ApiError(429, "queue_full", str(e), {"Retry-After": "1"}) from None
+        raise ApiError(ErrorCode.QUEUE_FULL, str(e), {"Retry-After": "1"}) from None
     except BatchTimeout as e:
-        raise ApiError(504, "timeout", str(e)) from None
+        raise ApiError(ErrorCode.TIMEOUT, str(e)) from None
     except Closed as e:
-        raise ApiError(503, "shutting_down", str(e)) from None
+        raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     state.metrics.queue_time.observe(result.queue_s)
     return result
 

@@ -16,6 +16,7 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 
 bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
@@ -45,7 +46,7 @@ async def require_key(
         return
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(
-            401, "unauthorized", "missing API key: send Authorization: Bearer <key>", CHALLENGE
+            ErrorCode.UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>", CHALLENGE
         )
     if not checker.accepts(credentials.credentials):
-        raise ApiError(401, "unauthorized", "invalid API key", CHALLENGE)
+        raise ApiError(ErrorCode.UNAUTHORIZED, "invalid API key", CHALLENGE)

@@ -6,6 +6,7 @@ bad input gets its exact status code and JSON error.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -832,6 +833,69 @@ print("torch" in sys.modules, "onnx" in sys.modules)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def service_sources() -> dict[str, ast.Module]:
+    import center_embed.service
+
+    root = Path(center_embed.service.__path__[0])
+    return {str(f.relative_to(root)): ast.parse(f.read_text()) for f in root.rglob("*.py")}
+
+
+def test_error_codes_are_written_once():
+    """Every code and status comes from the table: no error code as a string literal
+    anywhere else in the service, every ApiError built from an ErrorCode member, and every
+    status of the table has its meaning."""
+    from center_embed.service.error_codes import STATUS_MEANINGS, ErrorCode
+
+    codes = {code.value for code in ErrorCode}
+    assert len(codes) == len(ErrorCode)
+    assert {code.status for code in ErrorCode} <= set(STATUS_MEANINGS)
+    raised = 0
+    for name, tree in service_sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and name != "error_codes.py":
+                assert node.value not in codes, f"{name}:{node.lineno}: {node.value!r}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ApiError":
+                first = node.args[0]
+                assert isinstance(first, ast.Attribute | ast.Name), f"{name}:{node.lineno}"
+                if isinstance(first, ast.Attribute):
+                    assert first.value.id == "ErrorCode" and first.attr in ErrorCode.__members__
+                raised += 1
+    assert raised >= 20
+
+
+def test_client_maps_every_error_code():
+    from center_embed.service.client import (
+        EXCEPTION_BY_STATUS,
+        Client,
+        Overloaded,
+        ServiceError,
+    )
+    from center_embed.service.error_codes import ErrorCode
+
+    assert set(EXCEPTION_BY_STATUS) | {404, 405, 500} == {code.status for code in ErrorCode}
+    for code in ErrorCode:
+        body = {"error": {"code": code.value, "message": "why"}}
+        with pytest.raises(ServiceError) as raised:
+            Client._answer(httpx.Response(code.status, json=body))
+        assert type(raised.value) is EXCEPTION_BY_STATUS.get(code.status, ServiceError)
+        assert raised.value.code is code and raised.value.code == code.value
+        assert (raised.value.status, raised.value.message) == (code.status, "why")
+        assert str(raised.value) == f"{code.status} {code.value}: why"
+    with pytest.raises(Overloaded) as raised:  # not the service's JSON: a proxy's page
+        Client._answer(httpx.Response(429, text="<html>slow down</html>"))
+    assert (raised.value.code, raised.value.message) == ("http_error", "<html>slow down</html>")
+
+
+def test_client_imports_no_web_framework():
+    code = (
+        "import sys, center_embed.service.client; "
+        "print([m for m in ('fastapi', 'starlette', 'pydantic', 'torch') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- the client
