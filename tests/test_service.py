@@ -535,6 +535,44 @@ def test_warm_up_failure_stays_not_ready(served_onnx):
         assert "centers initializer is not what the graph uses" in body["error"]["message"]
 
 
+def test_dependencies_can_be_overridden(served_onnx, reference, images):
+    """Each route takes what it uses from service/deps.py, so a test can swap it."""
+    from center_embed.service import deps
+    from center_embed.service.security import KeyChecker
+
+    with running(served_onnx, api_keys=[API_KEY], max_vectors=4) as client:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        overrides = client.app.dependency_overrides
+        served = client.app.state.model
+        shifted = ServedModel(served.model, served.centers + 1.0, served.sha256)
+        overrides[deps.get_model] = lambda: shifted
+        body = client.get("/v1/centers", headers=auth).json()
+        np.testing.assert_allclose([c["center"] for c in body["centers"]], shifted.centers)
+        vectors = expected(reference, images[:2])["embeddings"]
+        response = client.post("/v1/distances", json={"embeddings": vectors.tolist()}, headers=auth)
+        ours = [[r["distances"][name] for name in reference.info.class_names]
+                for r in response.json()["results"]]  # fmt: skip
+        np.testing.assert_allclose(ours, shifted.distances(vectors)["distances"], rtol=1e-5)
+
+        overrides[deps.get_settings] = lambda: Settings(model=served_onnx, max_vectors=1)
+        response = client.post("/v1/distances", json={"embeddings": vectors.tolist()}, headers=auth)
+        assert answer(response) == error(
+            413, "too_many_vectors", "2 vectors in one request; at most 1"
+        )
+
+        overrides[deps.get_key_checker] = lambda: KeyChecker([b"another-key"])
+        assert answer(client.get("/v1/model", headers=auth)) == error(
+            401, "unauthorized", "invalid API key"
+        )
+        other = {"Authorization": "Bearer another-key"}
+        assert client.get("/v1/model", headers=other).json()["limits"]["max_vectors"] == 1
+
+        overrides.clear()
+        assert client.get("/v1/model", headers=auth).json()["limits"]["max_vectors"] == 4
+        body = client.get("/v1/centers", headers=auth).json()
+        np.testing.assert_array_equal([c["center"] for c in body["centers"]], served.centers)
+
+
 def test_queue_full_answers_429_and_timeout_504(served_onnx, images):
     served = ServedModel.open(served_onnx, "cpu")
     gate = Gate(served)
@@ -863,6 +901,26 @@ def test_error_codes_are_written_once():
                     assert first.value.id == "ErrorCode" and first.attr in ErrorCode.__members__
                 raised += 1
     assert raised >= 20
+
+
+def test_routes_reach_app_state_only_through_deps():
+    """Routes declare their dependencies; none reaches into app.state by hand. Only the app
+    (its lifespan) sets the state, and deps.py reads it."""
+
+    def app_state(node: ast.AST) -> bool:  # `app.state` or `request.app.state`
+        if not (isinstance(node, ast.Attribute) and node.attr == "state"):
+            return False
+        owner = node.value
+        return getattr(owner, "id", None) == "app" or getattr(owner, "attr", None) == "app"
+
+    touching = {
+        name for name, tree in service_sources().items() if any(map(app_state, ast.walk(tree)))
+    }
+    assert touching == {"app.py", "deps.py"}
+    deps_tree = service_sources()["deps.py"]
+    stores = [n for n in ast.walk(deps_tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.ctx, ast.Store)]  # fmt: skip
+    assert not stores
 
 
 def test_client_maps_every_error_code():
