@@ -3,7 +3,8 @@
     uvicorn --factory center_embed.service.app:app_from_env   # settings from CENTER_EMBED_*
 
 The model is opened in the lifespan (through center_embed/runtime.py: onnxruntime, numpy and
-Pillow, never torch) and warmed up in the background; /readyz answers 503 until that
+Pillow, never torch), kept on app.state with the rest of what the routes use (they take it as
+dependencies: service/deps.py), and warmed up in the background; /readyz answers 503 until that
 warm-up has passed, and so does every /v1 route. At shutdown the batcher answers every
 request already queued before the worker thread stops.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -24,9 +26,9 @@ from center_embed import __version__
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
 from center_embed.service.errors import install_handlers
-from center_embed.service.metrics import Metrics
 from center_embed.service.middleware import ObservabilityMiddleware
-from center_embed.service.routes import api, open_router
+from center_embed.service.prometheus import Metrics
+from center_embed.service.routes import health, inference, model_info
 from center_embed.service.security import KeyChecker
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -53,24 +55,21 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     if model is None and settings.model is None:
         raise UserError("no model to serve: set CENTER_EMBED_MODEL or give a model path")
     metrics = Metrics()
+    keys = KeyChecker(settings.keys())  # a bad key file fails here, before anything serves
+    lifespan = functools.partial(
+        _lifespan, settings=settings, metrics=metrics, keys=keys, given_model=model
+    )
     app = FastAPI(
         title="center-embed",
         version=__version__,
         description=DESCRIPTION,
-        lifespan=_lifespan,
+        lifespan=lifespan,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.keys = KeyChecker(settings.keys())
-    app.state.given_model = model
-    app.state.model = None
-    app.state.batcher = None
-    app.state.ready = False
-    app.state.warmup_error = None
     install_handlers(app)
-    app.include_router(open_router)
-    app.include_router(api)
+    app.include_router(health.router)
+    app.include_router(model_info.router)
+    app.include_router(inference.router)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
@@ -89,49 +88,60 @@ def app_from_env() -> FastAPI:
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state, settings = app.state, app.state.settings
-    model = state.given_model
+async def _lifespan(
+    app: FastAPI,
+    *,
+    settings: Settings,
+    metrics: Metrics,
+    keys: KeyChecker,
+    given_model: ServedModel | None,
+) -> AsyncIterator[None]:
+    """Open the model, start the decode pool and the batcher, and keep them on app.state
+    (the one place it is set; service/deps.py reads it); at shutdown, answer what is queued."""
+    model = given_model
     if model is None:
         model = await asyncio.to_thread(
             ServedModel.open, settings.model, settings.device, settings.threads
         )
-    state.metrics.set_model(model.info.unknown_threshold)
-    state.model = model
-    state.decoder = ThreadPoolExecutor(
+    metrics.set_model(model.info.unknown_threshold)
+    decoder = ThreadPoolExecutor(
         settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="center-embed-decode"
     )
-    state.batcher = MicroBatcher(
+    batcher = MicroBatcher(
         lambda images: model.run(images),  # late-bound: a test may wrap model.run
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,
-        metrics=state.metrics,
+        metrics=metrics,
     )
-    state.batcher.start()
+    state = app.state
+    state.settings, state.metrics, state.keys = settings, metrics, keys
+    state.model, state.decoder, state.batcher = model, decoder, batcher
+    state.ready, state.warmup_error = False, None  # until _warm_up has passed
+    batcher.start()
     warm_up = asyncio.create_task(_warm_up(app, model))
     try:
         yield
     finally:
         state.ready = False
-        state.metrics.ready.set(0)
+        metrics.ready.set(0)
         warm_up.cancel()
-        await state.batcher.close()  # answers whatever is still queued
-        state.decoder.shutdown(wait=True)
+        await batcher.close()  # answers whatever is still queued
+        decoder.shutdown(wait=True)
         log.info("stopped", extra={"fields": {"model": str(settings.model)}})
 
 
 async def _warm_up(app: FastAPI, model: ServedModel) -> None:
-    batch_sizes = tuple(sorted({1, min(8, app.state.settings.max_batch)}))
+    state = app.state
+    batch_sizes = tuple(sorted({1, min(8, state.settings.max_batch)}))
     try:
         await asyncio.to_thread(model.warm_up, batch_sizes)
     except Exception as e:
-        app.state.warmup_error = str(e)
+        state.warmup_error = str(e)
         log.exception("warm-up failed; the service stays not ready")
         return
-    app.state.ready = True
-    app.state.metrics.ready.set(1)
+    state.ready = True
+    state.metrics.ready.set(1)
     log.info(
-        "ready",
-        extra={"fields": {"model": str(app.state.settings.model), "provider": model.provider}},
+        "ready", extra={"fields": {"model": str(state.settings.model), "provider": model.provider}}
     )

@@ -86,7 +86,7 @@ class MicroBatcher:
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
-        metrics: Any = None,  # service.metrics.Metrics, or None
+        metrics: Any = None,  # service.prometheus.Metrics, or None
     ) -> None:
         self._run = run
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue

@@ -9,8 +9,8 @@
 
 Images may be paths, bytes (an encoded file), PIL images or uint8 numpy arrays, (H, W, 3),
 (H, W) or a batch (N, H, W, 3). Files and bytes are sent as they are; pixels are sent
-as PNG (lossless). A server error is raised as a `ServiceError` subclass carrying the
-server's code and message.
+as PNG (lossless). A server error is raised as a `ServiceError` subclass (one per HTTP
+status) carrying the server's code (an `ErrorCode`, service/error_codes.py) and message.
 """
 
 from __future__ import annotations
@@ -24,54 +24,63 @@ from typing import Any
 import httpx
 import numpy as np
 
+from center_embed.service.error_codes import ErrorCode
+
 # --------------------------------------------------------------------------- errors
 
 
 class ServiceError(Exception):
-    """The service answered with an error (or could not be reached: status 0)."""
+    """The service answered with an error (or could not be reached: status 0).
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    `code` is the server's ErrorCode (service/error_codes.py: a str enum, so it compares
+    equal to "bad_image" as well as to ErrorCode.BAD_IMAGE), or a plain str for what the
+    table does not list: the client's own connection_failed, client_timeout, and http_error
+    for an answer that is not the service's JSON error (a proxy's page, say)."""
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}" if status else message)
         self.status, self.code, self.message = status, code, message
 
 
 class ConnectionFailed(ServiceError):
-    pass
+    """No answer: the service could not be reached, or did not answer in time."""
 
 
-class BadRequest(ServiceError):  # 400: malformed body, undecodable image, bad base64
-    pass
+class BadRequest(ServiceError):
+    """400."""
 
 
-class Unauthorized(ServiceError):  # 401
-    pass
+class Unauthorized(ServiceError):
+    """401."""
 
 
-class PayloadTooLarge(ServiceError):  # 413
-    pass
+class PayloadTooLarge(ServiceError):
+    """413."""
 
 
-class UnsupportedMediaType(ServiceError):  # 415
-    pass
+class UnsupportedMediaType(ServiceError):
+    """415."""
 
 
-class ValidationFailed(ServiceError):  # 422
-    pass
+class ValidationFailed(ServiceError):
+    """422."""
 
 
-class Overloaded(ServiceError):  # 429: the queue is full; retry later
-    pass
+class Overloaded(ServiceError):
+    """429: retry later (after the seconds its Retry-After header gives)."""
 
 
-class NotReady(ServiceError):  # 503
-    pass
+class NotReady(ServiceError):
+    """503."""
 
 
-class Timeout(ServiceError):  # 504
-    pass
+class Timeout(ServiceError):
+    """504."""
 
 
-ERRORS: dict[int, type[ServiceError]] = {
+# The exception raised for an error answer, by HTTP status (ServiceError for the others:
+# 404, 405, 500). What each status means: STATUS_MEANINGS in service/error_codes.py.
+EXCEPTION_BY_STATUS: dict[int, type[ServiceError]] = {
     400: BadRequest,
     401: Unauthorized,
     413: PayloadTooLarge,
@@ -81,6 +90,14 @@ ERRORS: dict[int, type[ServiceError]] = {
     503: NotReady,
     504: Timeout,
 }
+
+
+def error_code(text: str) -> ErrorCode | str:
+    """The table's ErrorCode for `text`, or `text` itself when the table does not list it."""
+    try:
+        return ErrorCode(text)
+    except ValueError:
+        return text
 
 
 # --------------------------------------------------------------------------- results
@@ -197,8 +214,8 @@ class Client:
             code, message = str(error["code"]), str(error["message"])
         except (ValueError, KeyError, TypeError):
             code, message = "http_error", response.text[:500] or response.reason_phrase
-        cls = ERRORS.get(response.status_code, ServiceError)
-        raise cls(response.status_code, code, message)
+        cls = EXCEPTION_BY_STATUS.get(response.status_code, ServiceError)
+        raise cls(response.status_code, error_code(code), message)
 
 
 # --------------------------------------------------------------------------- images

@@ -1,11 +1,6 @@
-"""The error taxonomy: every error is JSON `{"error": {"code": ..., "message": ...}}`.
-
-400 malformed_body, bad_image, bad_base64     413 body_too_large, too_many_images,
-401 unauthorized                                  too_many_vectors, image_too_large
-404 not_found   405 method_not_allowed        415 unsupported_media_type
-422 validation_error                          429 queue_full
-503 not_ready, shutting_down                  504 timeout
-500 internal (a bug; never the answer to bad input)
+"""Error answers: `ApiError` and the handlers that turn every exception into
+JSON `{"error": {"code": ..., "message": ...}}`, with the code and status from
+service/error_codes.py.
 """
 
 from __future__ import annotations
@@ -17,37 +12,49 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from center_embed.service.error_codes import ErrorCode
+
 log = logging.getLogger("center_embed.service")
 
-CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "queue_full",
-    500: "internal",
-    503: "not_ready",
-    504: "timeout",
+# The code of an error the framework raises itself (no route, wrong method, ...), by status.
+FRAMEWORK_CODES = {
+    code.status: code
+    for code in (
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.METHOD_NOT_ALLOWED,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode.VALIDATION_ERROR,
+        ErrorCode.QUEUE_FULL,
+        ErrorCode.INTERNAL,
+        ErrorCode.NOT_READY,
+        ErrorCode.TIMEOUT,
+    )
 }
+UNLISTED_CODE = "error"  # a framework status outside the table (none is raised today)
 
 
 class ApiError(Exception):
-    """An error answer: status, a stable machine-readable code and a sentence for people."""
+    """An error answer: a code from the table (which fixes the status) and a sentence for
+    people."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self, code: ErrorCode, message: str, headers: dict[str, str] | None = None
     ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.code, self.message, self.headers = code, message, headers
+
+    @property
+    def status(self) -> int:
+        return self.code.status
 
 
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message}}
+    body = {"error": {"code": str(code), "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -71,14 +78,17 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", validation_message(list(exc.errors())))
+        code = ErrorCode.VALIDATION_ERROR
+        return error_response(code.status, code, validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = CODES.get(exc.status_code, "error")
+        code = FRAMEWORK_CODES.get(exc.status_code, UNLISTED_CODE)
         return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal server error")
+        return error_response(
+            ErrorCode.INTERNAL.status, ErrorCode.INTERNAL, "internal server error"
+        )

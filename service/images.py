@@ -26,6 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from center_embed.imageio import ImageDecodeError, ImageTooLargeError
+from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError, validation_message
 from center_embed.service.schemas import DistancesRequest, ImagesRequest
 
@@ -51,8 +52,7 @@ def require_media_type(request: Request, allowed: tuple[str, ...]) -> str:
     found = media_type(request)
     if found not in allowed:
         raise ApiError(
-            415,
-            "unsupported_media_type",
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type {found or '(none)'} is not accepted here; send {' or '.join(allowed)}",
         )
     return found
@@ -60,7 +60,7 @@ def require_media_type(request: Request, allowed: tuple[str, ...]) -> str:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing (413) as soon as it is known to pass `limit` bytes."""
-    too_large = ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
+    too_large = ApiError(ErrorCode.BODY_TOO_LARGE, f"request body is larger than {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -72,7 +72,9 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise too_large
             chunks.append(chunk)
     except ClientDisconnect:  # nobody will read the answer; it is not a server error
-        raise ApiError(400, "malformed_body", "the client left before sending the body") from None
+        raise ApiError(
+            ErrorCode.MALFORMED_BODY, "the client left before sending the body"
+        ) from None
     return b"".join(chunks)
 
 
@@ -80,7 +82,7 @@ def load_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ApiError(400, "malformed_body", f"body is not valid JSON: {e}") from None
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"body is not valid JSON: {e}") from None
 
 
 def validate(adapter: TypeAdapter, value: Any) -> Any:
@@ -88,11 +90,11 @@ def validate(adapter: TypeAdapter, value: Any) -> Any:
         return adapter.validate_python(value)
     except ValidationError as e:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
-        raise ApiError(422, "validation_error", validation_message(errors)) from None
+        raise ApiError(ErrorCode.VALIDATION_ERROR, validation_message(errors)) from None
 
 
-def too_many(what: str, count: int | str, limit: int) -> ApiError:
-    return ApiError(413, f"too_many_{what}", f"{count} {what} in one request; at most {limit}")
+def too_many(code: ErrorCode, what: str, count: int | str, limit: int) -> ApiError:
+    return ApiError(code, f"{count} {what} in one request; at most {limit}")
 
 
 # --------------------------------------------------------------------------- JSON base64
@@ -101,7 +103,7 @@ def too_many(what: str, count: int | str, limit: int) -> ApiError:
 def parts_from_json(body: bytes, max_images: int) -> list[ImagePart]:
     request = validate(_IMAGES, load_json(body))
     if len(request.images) > max_images:
-        raise too_many("images", len(request.images), max_images)
+        raise too_many(ErrorCode.TOO_MANY_IMAGES, "images", len(request.images), max_images)
     names = [f"images[{i}]" for i in range(len(request.images))]
     return [ImagePart(n, b64decode(s, n)) for n, s in zip(names, request.images, strict=True)]
 
@@ -112,11 +114,13 @@ def b64decode(text: str, where: str) -> bytes:
     if match:
         text = text[match.end() :]
     elif text.startswith("data:"):
-        raise ApiError(400, "bad_base64", f"{where}: a data URI must be data:<type>;base64,<data>")
+        raise ApiError(
+            ErrorCode.BAD_BASE64, f"{where}: a data URI must be data:<type>;base64,<data>"
+        )
     try:  # strict: the base64 alphabet only, padding exactly right, nothing after it
         return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError) as e:  # UnicodeEncodeError is a ValueError
-        raise ApiError(400, "bad_base64", f"{where}: not valid base64 ({e})") from None
+        raise ApiError(ErrorCode.BAD_BASE64, f"{where}: not valid base64 ({e})") from None
 
 
 def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
@@ -124,12 +128,11 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
     request = validate(_VECTORS, load_json(body))
     vectors = request.embeddings
     if len(vectors) > max_vectors:
-        raise too_many("vectors", len(vectors), max_vectors)
+        raise too_many(ErrorCode.TOO_MANY_VECTORS, "vectors", len(vectors), max_vectors)
     for i, vector in enumerate(vectors):
         if len(vector) != dim:
             raise ApiError(
-                422,
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"embeddings[{i}] has {len(vector)} values; the model's embedding dim is {dim}",
             )
     with np.errstate(over="ignore"):
@@ -137,8 +140,7 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(array).all(1))
     if len(bad):
         raise ApiError(
-            422,
-            "validation_error",
+            ErrorCode.VALIDATION_ERROR,
             f"embeddings[{bad[0]}] has a value that is not finite (NaN, infinite, or beyond "
             "float32's range)",
         )
@@ -187,7 +189,9 @@ class _Parts:
         if options.get(b"name", b"").decode("latin-1") != FILES:
             return  # other fields are not ours; a form may carry them
         if len(self.files) >= self.max_files:
-            raise too_many("images", f"more than {self.max_files}", self.max_files)
+            raise too_many(
+                ErrorCode.TOO_MANY_IMAGES, "images", f"more than {self.max_files}", self.max_files
+            )
         name = f"{FILES}[{len(self.files)}]"
         if b"filename" in options:
             filename = options[b"filename"].decode("utf-8", "replace")[:100]
@@ -199,17 +203,17 @@ def parts_from_multipart(body: bytes, content_type: str, max_images: int) -> lis
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
-        raise ApiError(400, "malformed_body", "multipart body without a boundary parameter")
+        raise ApiError(ErrorCode.MALFORMED_BODY, "multipart body without a boundary parameter")
     parts = _Parts(max_images)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
         parser.write(body)
         parser.finalize()
     except FormParserError as e:
-        raise ApiError(400, "malformed_body", f"malformed multipart body: {e}") from None
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"malformed multipart body: {e}") from None
     if not parts.files:
         raise ApiError(
-            422, "validation_error", f"no `{FILES}` parts: send each image as a part named files"
+            ErrorCode.VALIDATION_ERROR, f"no `{FILES}` parts: send each image as a part named files"
         )
     return parts.files
 
@@ -232,13 +236,13 @@ def decode_parts(model: Any, parts: list[ImagePart], max_pixels: int) -> np.ndar
     batch = np.empty((len(parts), h, w, 3), np.uint8)
     for i, part in enumerate(parts):
         if not part.data:
-            raise ApiError(400, "bad_image", f"{part.name} is empty")
+            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name} is empty")
         try:
             batch[i] = model.decode(part.data, max_pixels)
         except ImageTooLargeError as e:
-            raise ApiError(413, "image_too_large", f"{part.name}: {e}") from None
+            raise ApiError(ErrorCode.IMAGE_TOO_LARGE, f"{part.name}: {e}") from None
         except ImageDecodeError as e:
-            raise ApiError(400, "bad_image", f"{part.name}: {e}") from None
+            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: {e}") from None
         except Exception as e:  # Pillow's plugins raise more than they document on junk
-            raise ApiError(400, "bad_image", f"{part.name}: cannot decode ({e!r})") from None
+            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e!r})") from None
     return batch

@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from center_embed.service.metrics import Metrics
+from center_embed.service.prometheus import Metrics
 
 access_log = logging.getLogger("center_embed.access")
 TIMING_HEADERS = {b"x-queue-time": "queue_ms", b"x-inference-time": "inference_ms"}

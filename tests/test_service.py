@@ -6,6 +6,7 @@ bad input gets its exact status code and JSON error.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -534,6 +535,44 @@ def test_warm_up_failure_stays_not_ready(served_onnx):
         assert "centers initializer is not what the graph uses" in body["error"]["message"]
 
 
+def test_dependencies_can_be_overridden(served_onnx, reference, images):
+    """Each route takes what it uses from service/deps.py, so a test can swap it."""
+    from center_embed.service import deps
+    from center_embed.service.security import KeyChecker
+
+    with running(served_onnx, api_keys=[API_KEY], max_vectors=4) as client:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        overrides = client.app.dependency_overrides
+        served = client.app.state.model
+        shifted = ServedModel(served.model, served.centers + 1.0, served.sha256)
+        overrides[deps.get_model] = lambda: shifted
+        body = client.get("/v1/centers", headers=auth).json()
+        np.testing.assert_allclose([c["center"] for c in body["centers"]], shifted.centers)
+        vectors = expected(reference, images[:2])["embeddings"]
+        response = client.post("/v1/distances", json={"embeddings": vectors.tolist()}, headers=auth)
+        ours = [[r["distances"][name] for name in reference.info.class_names]
+                for r in response.json()["results"]]  # fmt: skip
+        np.testing.assert_allclose(ours, shifted.distances(vectors)["distances"], rtol=1e-5)
+
+        overrides[deps.get_settings] = lambda: Settings(model=served_onnx, max_vectors=1)
+        response = client.post("/v1/distances", json={"embeddings": vectors.tolist()}, headers=auth)
+        assert answer(response) == error(
+            413, "too_many_vectors", "2 vectors in one request; at most 1"
+        )
+
+        overrides[deps.get_key_checker] = lambda: KeyChecker([b"another-key"])
+        assert answer(client.get("/v1/model", headers=auth)) == error(
+            401, "unauthorized", "invalid API key"
+        )
+        other = {"Authorization": "Bearer another-key"}
+        assert client.get("/v1/model", headers=other).json()["limits"]["max_vectors"] == 1
+
+        overrides.clear()
+        assert client.get("/v1/model", headers=auth).json()["limits"]["max_vectors"] == 4
+        body = client.get("/v1/centers", headers=auth).json()
+        np.testing.assert_array_equal([c["center"] for c in body["centers"]], served.centers)
+
+
 def test_queue_full_answers_429_and_timeout_504(served_onnx, images):
     served = ServedModel.open(served_onnx, "cpu")
     gate = Gate(served)
@@ -832,6 +871,89 @@ print("torch" in sys.modules, "onnx" in sys.modules)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def service_sources() -> dict[str, ast.Module]:
+    import center_embed.service
+
+    root = Path(center_embed.service.__path__[0])
+    return {str(f.relative_to(root)): ast.parse(f.read_text()) for f in root.rglob("*.py")}
+
+
+def test_error_codes_are_written_once():
+    """Every code and status comes from the table: no error code as a string literal
+    anywhere else in the service, every ApiError built from an ErrorCode member, and every
+    status of the table has its meaning."""
+    from center_embed.service.error_codes import STATUS_MEANINGS, ErrorCode
+
+    codes = {code.value for code in ErrorCode}
+    assert len(codes) == len(ErrorCode)
+    assert {code.status for code in ErrorCode} <= set(STATUS_MEANINGS)
+    raised = 0
+    for name, tree in service_sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and name != "error_codes.py":
+                assert node.value not in codes, f"{name}:{node.lineno}: {node.value!r}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ApiError":
+                first = node.args[0]
+                assert isinstance(first, ast.Attribute | ast.Name), f"{name}:{node.lineno}"
+                if isinstance(first, ast.Attribute):
+                    assert first.value.id == "ErrorCode" and first.attr in ErrorCode.__members__
+                raised += 1
+    assert raised >= 20
+
+
+def test_routes_reach_app_state_only_through_deps():
+    """Routes declare their dependencies; none reaches into app.state by hand. Only the app
+    (its lifespan) sets the state, and deps.py reads it."""
+
+    def app_state(node: ast.AST) -> bool:  # `app.state` or `request.app.state`
+        if not (isinstance(node, ast.Attribute) and node.attr == "state"):
+            return False
+        owner = node.value
+        return getattr(owner, "id", None) == "app" or getattr(owner, "attr", None) == "app"
+
+    touching = {
+        name for name, tree in service_sources().items() if any(map(app_state, ast.walk(tree)))
+    }
+    assert touching == {"app.py", "deps.py"}
+    deps_tree = service_sources()["deps.py"]
+    stores = [n for n in ast.walk(deps_tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.ctx, ast.Store)]  # fmt: skip
+    assert not stores
+
+
+def test_client_maps_every_error_code():
+    from center_embed.service.client import (
+        EXCEPTION_BY_STATUS,
+        Client,
+        Overloaded,
+        ServiceError,
+    )
+    from center_embed.service.error_codes import ErrorCode
+
+    assert set(EXCEPTION_BY_STATUS) | {404, 405, 500} == {code.status for code in ErrorCode}
+    for code in ErrorCode:
+        body = {"error": {"code": code.value, "message": "why"}}
+        with pytest.raises(ServiceError) as raised:
+            Client._answer(httpx.Response(code.status, json=body))
+        assert type(raised.value) is EXCEPTION_BY_STATUS.get(code.status, ServiceError)
+        assert raised.value.code is code and raised.value.code == code.value
+        assert (raised.value.status, raised.value.message) == (code.status, "why")
+        assert str(raised.value) == f"{code.status} {code.value}: why"
+    with pytest.raises(Overloaded) as raised:  # not the service's JSON: a proxy's page
+        Client._answer(httpx.Response(429, text="<html>slow down</html>"))
+    assert (raised.value.code, raised.value.message) == ("http_error", "<html>slow down</html>")
+
+
+def test_client_imports_no_web_framework():
+    code = (
+        "import sys, center_embed.service.client; "
+        "print([m for m in ('fastapi', 'starlette', 'pydantic', 'torch') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- the client

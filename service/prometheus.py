@@ -7,6 +7,7 @@ there, and /metrics on any worker reports the sum over all of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,36 +31,35 @@ def multiprocess_dir() -> str | None:
 
 
 class Metrics:
+    """Every metric the service exports, in its own registry."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         by_route = ["route", "method", "status"]
         self.requests = Counter(
             "center_embed_requests", "HTTP requests by route, method and status", by_route,
             registry=r,
         )  # fmt: skip
-        self.latency = Histogram(
-            "center_embed_request_duration_seconds", "HTTP request latency", by_route,
-            buckets=LATENCY_BUCKETS, registry=r,
+        self.latency = self._histogram(
+            "center_embed_request_duration_seconds", "HTTP request latency", LATENCY_BUCKETS,
+            by_route,
         )  # fmt: skip
         self.images = Counter(
             "center_embed_images", "images received, by route", ["route"], registry=r
         )
-        self.batch_images = Histogram(
-            "center_embed_batch_images", "images per onnxruntime run", buckets=BATCH_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.batch_requests = Histogram(
+        self.batch_images = self._histogram(
+            "center_embed_batch_images", "images per onnxruntime run", BATCH_BUCKETS
+        )
+        self.batch_requests = self._histogram(
             "center_embed_batch_requests", "requests coalesced into one onnxruntime run",
-            buckets=BATCH_BUCKETS, registry=r,
+            BATCH_BUCKETS,
         )  # fmt: skip
-        self.inference = Histogram(
-            "center_embed_inference_seconds", "duration of one onnxruntime run",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_time = Histogram(
+        self.inference = self._histogram(
+            "center_embed_inference_seconds", "duration of one onnxruntime run", LATENCY_BUCKETS
+        )
+        self.queue_time = self._histogram(
             "center_embed_queue_seconds", "time a request waited for its batch to start",
-            buckets=LATENCY_BUCKETS, registry=r,
+            LATENCY_BUCKETS,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "center_embed_queue_images", "images waiting for a batch",
@@ -74,6 +74,11 @@ class Metrics:
         )
         self.min_distance: Histogram | None = None
 
+    def _histogram(
+        self, name: str, text: str, buckets: tuple[float, ...], labels: Sequence[str] = ()
+    ) -> Histogram:
+        return Histogram(name, text, labels, buckets=buckets, registry=self.registry)
+
     def set_model(self, unknown_threshold: float | None) -> None:
         """The min-distance histogram's buckets follow the model's threshold."""
         if self.min_distance is not None:
@@ -83,10 +88,9 @@ class Metrics:
             text = f"min distance of each classified image (threshold {unknown_threshold:.4g})"
         else:
             buckets, text = FALLBACK_DISTANCE_BUCKETS, "min distance of each classified image"
-        self.min_distance = Histogram(
-            "center_embed_min_distance", text + "; a drift signal", buckets=buckets,
-            registry=self.registry,
-        )  # fmt: skip
+        self.min_distance = self._histogram(
+            "center_embed_min_distance", text + "; a drift signal", buckets
+        )
 
     def observe_batch(self, images: int, requests: int, seconds: float) -> None:
         self.batch_images.observe(images)

@@ -1,0 +1,109 @@
+"""The dependencies the routes declare: typed handles on what the app's lifespan keeps on
+`app.state`, and the guards of the /v1 routes.
+
+    @router.get("/centers")
+    async def centers(model: ModelDep) -> JSONResponse: ...
+
+The lifespan (service/app.py) is the one place that sets `app.state`; this module is the
+one place that reads it. A test swaps any of these for its own:
+`app.dependency_overrides[get_model] = lambda: other_model`.
+
+Every dependency here is `async`: FastAPI runs a plain `def` dependency in its thread pool,
+a hop per request that a getter does not need.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials
+
+from center_embed.service.batcher import MicroBatcher
+from center_embed.service.error_codes import ErrorCode
+from center_embed.service.errors import ApiError
+from center_embed.service.prometheus import Metrics
+from center_embed.service.security import CHALLENGE, KeyChecker, bearer
+from center_embed.service.served_model import ServedModel
+from center_embed.service.settings import Settings
+
+# --------------------------------------------------------------------------- what the app holds
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+async def get_model(request: Request) -> ServedModel:
+    return request.app.state.model
+
+
+async def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
+async def get_decoder(request: Request) -> Executor:
+    """The thread pool that decodes images and computes /v1/distances, off the event loop."""
+    return request.app.state.decoder
+
+
+async def get_key_checker(request: Request) -> KeyChecker:
+    return request.app.state.keys
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ModelDep = Annotated[ServedModel, Depends(get_model)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+DecoderDep = Annotated[Executor, Depends(get_decoder)]
+KeyCheckerDep = Annotated[KeyChecker, Depends(get_key_checker)]
+
+
+# --------------------------------------------------------------------------- guards
+
+
+async def require_key(
+    checker: KeyCheckerDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> None:
+    """401 unless the request carries an accepted API key (when the service has keys)."""
+    if not checker.enabled:
+        return
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(
+            ErrorCode.UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>", CHALLENGE
+        )
+    if not checker.accepts(credentials.credentials):
+        raise ApiError(ErrorCode.UNAUTHORIZED, "invalid API key", CHALLENGE)
+
+
+async def require_ready(request: Request) -> None:
+    """503 until the model is loaded and warmed up (for good, when the warm-up failed)."""
+    state = request.app.state
+    if not state.ready:
+        failure = state.warmup_error
+        message = (
+            f"model failed to warm up: {failure}" if failure else "model is loading or warming up"
+        )
+        raise ApiError(ErrorCode.NOT_READY, message)
+
+
+async def no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare: `?topk=3` must not pass silently."""
+    route = request.scope.get("route")
+    declared = {p.alias for p in getattr(getattr(route, "dependant", None), "query_params", [])}
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        allowed = ", ".join(sorted(declared)) or "none"
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR, f"unknown query parameter(s) {unknown}; allowed: {allowed}"
+        )
+
+
+# The guards of every /v1 route, checked in this order: key, readiness, query.
+V1_GUARDS = [Depends(require_key), Depends(require_ready), Depends(no_unknown_query)]

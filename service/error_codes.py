@@ -1,0 +1,60 @@
+"""The error taxonomy, written once: every error code the service answers with, its HTTP
+status, and what each status means.
+
+An error answer is JSON `{"error": {"code": ..., "message": ...}}`. The server raises
+`ApiError(ErrorCode.X, message)` (service/errors.py), so a code and its status never
+disagree; the routes document each status with its meaning below (the OpenAPI response
+descriptions); the Python client (service/client.py) raises one exception class per status.
+No web framework is imported here: the client imports this module and stays light.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """A stable, machine-readable error code (its value, e.g. "bad_image") and its status."""
+
+    status: int
+
+    def __new__(cls, code: str, status: int) -> ErrorCode:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status = status
+        return member
+
+    BAD_REQUEST = "bad_request", 400  # refused by the framework before any route ran
+    MALFORMED_BODY = "malformed_body", 400
+    BAD_IMAGE = "bad_image", 400
+    BAD_BASE64 = "bad_base64", 400
+    UNAUTHORIZED = "unauthorized", 401
+    NOT_FOUND = "not_found", 404
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405
+    PAYLOAD_TOO_LARGE = "payload_too_large", 413  # refused by the framework, as BAD_REQUEST
+    BODY_TOO_LARGE = "body_too_large", 413
+    TOO_MANY_IMAGES = "too_many_images", 413
+    TOO_MANY_VECTORS = "too_many_vectors", 413
+    IMAGE_TOO_LARGE = "image_too_large", 413
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415
+    VALIDATION_ERROR = "validation_error", 422
+    QUEUE_FULL = "queue_full", 429
+    INTERNAL = "internal", 500  # a bug; never the answer to bad input
+    NOT_READY = "not_ready", 503
+    SHUTTING_DOWN = "shutting_down", 503
+    TIMEOUT = "timeout", 504
+
+
+STATUS_MEANINGS: dict[int, str] = {
+    400: "malformed body, undecodable image or bad base64 (the message names the part)",
+    401: "missing or invalid API key",
+    404: "no such route",
+    405: "the route does not take this method",
+    413: "body, image count, vector count or image pixels over the limit",
+    415: "unsupported Content-Type",
+    422: "request fails validation",
+    429: "queue full: retry later",
+    500: "internal error: a bug in the service",
+    503: "model not loaded and warmed up yet, or shutting down",
+    504: "no answer within the per-request timeout",
+}

@@ -1,0 +1,8 @@
+"""The HTTP routes, one router per concern, each included by the app factory (service/app.py):
+
+health.py     GET  /healthz  /readyz  /metrics                 (always open)
+model_info.py GET  /v1/model  /v1/centers                      (API key when configured)
+inference.py  POST /v1/embed  /v1/classify  /v1/distances      (API key when configured)
+
+Routes take what they need as typed dependencies (service/deps.py), never from app.state.
+"""
