@@ -1,15 +1,17 @@
-"""The command line: instant help, exit codes, one-line errors."""
+"""The command line: instant help, exit codes, one-line errors; the layers' import rules."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from center_embed.cli import COMMANDS, main
+from center_embed.cli import COMMANDS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +31,51 @@ def test_help_lists_every_command_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().endswith("False")
+    for name, command in COMMANDS.items():  # a line of its own: name, then its help
+        assert re.search(rf"^ +{name} +{re.escape(command.help[:20])}", out.stdout, re.M), name
+
+
+def test_every_command_has_an_adapter_in_the_cli_package():
+    for name, command in COMMANDS.items():
+        adapter = command.load()
+        assert adapter.__name__.startswith("center_embed.cli."), name
+        assert callable(getattr(adapter, f"add_{name}_arguments")), name
+        assert callable(getattr(adapter, f"run_{name}")), name
+
+
+def subcommand_actions(name: str) -> dict[str, argparse.Action]:
+    parser = build_parser(name)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in subparsers.choices[name]._actions}
+
+
+def test_shared_flags_have_one_default_and_one_help():
+    seen: dict[str, set] = {"device": set(), "threads": set(), "batch_size": set()}
+    data_help = set()
     for name in COMMANDS:
-        assert name in out.stdout
+        actions = subcommand_actions(name)
+        for dest, defaults in seen.items():
+            if dest in actions and not (name == "train" and dest == "device"):
+                defaults.add(actions[dest].default)
+        if "data" in actions:
+            data_help.add(actions["data"].help.split(" (default")[0])
+    assert seen == {"device": {"auto"}, "threads": {0}, "batch_size": {256}}
+    assert data_help == {"dataset: an image folder or a CIFAR-10 archive"}
+    # train's --device overrides the config's train.device only when given
+    assert subcommand_actions("train")["device"].default is None
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    import center_embed.cli.export as adapter
+
+    def run_inspect(args):
+        raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+
+    monkeypatch.setattr(adapter, "run_inspect", run_inspect)
+    assert main(["inspect", "model.onnx"]) == 1
+    assert capsys.readouterr().err == (
+        "error: onnxruntime is not installed; pip install 'center-embed[cpu]'\n"
+    )
 
 
 def test_bad_flag_exits_2():

@@ -26,11 +26,9 @@ Imports numpy, Pillow, onnxruntime and pyarrow only: never torch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -264,122 +262,3 @@ def _progress_bar(total: int | None, initial: int, enabled: bool):
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an ONNX model exported by center-embed")
-    p.add_argument(
-        "input",
-        help="a folder of images (searched recursively), a text file of image paths "
-        "(one a line; relative to the file's folder), or a CIFAR-10 archive or batch folder",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="Parquet file to write (with --format npy: a folder of .npy arrays)",
-    )
-    p.add_argument(
-        "--format",
-        choices=["parquet", "npy"],
-        default="parquet",
-        dest="fmt",
-        help="parquet (default), or npy: a folder of .npy arrays plus rows.jsonl (ids, errors)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run into the same --out, skipping what it wrote",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=256,
-        help="images per inference call (memory grows with batch size x workers)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="batches decoded and run at once, one thread each (0: one more than the cores)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=1, help="onnxruntime intra-op threads per batch (default 1)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
-        "--row-group-size",
-        type=int,
-        default=8192,
-        help="rows per Parquet row group; also how much an interruption can lose",
-    )
-    p.add_argument(
-        "--split",
-        choices=["train", "test", "all"],
-        help="which split of a CIFAR-10 input to score (default: all)",
-    )
-    p.add_argument(
-        "--all-files",
-        action="store_true",
-        help="in a folder, try every file instead of only image extensions",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_score(args: argparse.Namespace) -> int:
-    from center_embed.score.sources import DatasetSource, open_source
-
-    source = open_source(args.input, args.split or "all", args.all_files)
-    if args.split and not isinstance(source, DatasetSource):
-        raise UserError("--split applies to a CIFAR-10 archive input only")
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as Ctrl-C does
-    try:
-        summary = score(
-            args.model,
-            source,
-            args.out,
-            fmt=args.fmt,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            row_group_size=args.row_group_size,
-            progress=not args.no_progress,
-            device=args.device,
-            threads=args.threads,
-        )
-    except KeyboardInterrupt:
-        partial = Path(args.out).with_name(Path(args.out).name + ".partial")
-        print(
-            f"interrupted: the rows written so far are kept in {partial}; run the same "
-            f"command with --resume to finish",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(format_summary(summary))
-    return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def format_summary(s: ScoreSummary) -> str:
-    if s.scored == 0 and s.resumed_from == s.rows:
-        return f"{s.out} is complete ({s.rows} rows); nothing to do"
-    lines = [
-        f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
-        + (f", after {s.resumed_from} written before" if s.resumed_from else ""),
-        f"wrote {s.out}: {s.rows} rows, {s.failed} failed"
-        + (f", {s.skipped} files skipped as not images" if s.skipped else ""),
-    ]
-    for image_id, error in s.failures:
-        lines.append(f"  failed: {image_id}: {error}")
-    if s.failed > len(s.failures):
-        lines.append(f"  ... {s.failed - len(s.failures)} more (rows with a non-null error)")
-    return "\n".join(lines)
