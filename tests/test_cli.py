@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from center_embed.cli import COMMANDS, build_parser, main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.package_layout import ROOT, source_modules
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,18 +108,145 @@ def test_train_then_eval_from_the_command_line(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "e.json").exists()
 
 
+# --------------------------------------------------------------------------- layers
+#
+# The layers, along the flow: the core (center_embed minus the subpackages below) <- export
+# <- service, and the CLI on top of all. A dependency is an import statement, an
+# importlib.import_module / __import__ call, or any string naming a module (a registry of
+# import strings is a dependency too); the subprocess tests below also catch what the
+# static reading cannot.
+
+LAYERS = ("center_embed.cli", "center_embed.service", "center_embed.export")
+FORBIDDEN = {  # layer -> the packages its modules must never name
+    "core": ("center_embed.cli", "center_embed.export", "center_embed.service"),
+    "center_embed.export": ("center_embed.cli", "center_embed.service"),
+    "center_embed.service": ("center_embed.cli",),
+    "center_embed.cli": (),
+}
+# The modules that need torch; every other module must import without loading it. The CLI
+# adapters import torch modules only inside the commands that need them.
+TORCH_MODULES = (
+    "center_embed.center_loss",
+    "center_embed.checkpoint",
+    "center_embed.distributed",
+    "center_embed.evaluate",
+    "center_embed.inference",
+    "center_embed.metrics",
+    "center_embed.model",
+    "center_embed.train",
+    "center_embed.report.build",  # retrieval metrics come from center_embed.metrics
+    "center_embed.export",  # and every module in it
+)
+MODULE_NAME = re.compile(r"center_embed(\.[A-Za-z_]\w*)+")
+
+
+def layer_of(module: str) -> str:
+    return next((layer for layer in LAYERS if is_within(module, layer)), "core")
+
+
+def is_within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def named_modules(module: str, source: str, is_package: bool = False) -> set[str]:
+    """Every module `source` (the text of `module`) imports or names, statically or not."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            # import_module("..."), __import__("..."), uvicorn's "pkg.mod:app", registries
+            candidate = node.value.split(":")[0]
+            if MODULE_NAME.fullmatch(candidate):
+                names.add(candidate)
+    return names
+
+
 def test_dependencies_point_one_way():
-    """center_embed never imports export or service; export never imports service."""
+    """No module names a package of a layer above its own, not even by a string."""
+    offences = []
+    for module, path in source_modules().items():
+        forbidden = FORBIDDEN[layer_of(module)]
+        is_package = path.name == "__init__.py"
+        for name in named_modules(module, path.read_text(), is_package):
+            if any(is_within(name, package) for package in forbidden):
+                offences.append(f"{module} -> {name}")
+    assert offences == []
 
-    def imported(package: str) -> set[str]:
-        names = set()
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names |= {a.name.split(".")[0] for a in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names.add(node.module.split(".")[0])
-        return names
 
-    assert not imported("center_embed") & {"export", "service"}
-    assert "service" not in imported("export")
+def test_the_layer_check_sees_dynamic_imports():
+    dynamic = (
+        "import importlib\n"
+        "def load():\n"
+        "    return importlib.import_module('center_embed.service.app')\n"
+        "COMMANDS = {'serve': ('center_embed.export.verify', 'help')}\n"
+        "from ..service import app\n"
+    )
+    assert {"center_embed.service.app", "center_embed.export.verify"} <= named_modules(
+        "center_embed.score.local", dynamic
+    )
+    assert "center_embed.service.app" in named_modules("center_embed.score.local", dynamic)
+    assert "center_embed.service" in named_modules("center_embed.score.local", dynamic)
+
+
+def import_one_by_one(modules: list[str], watched: list[str]) -> dict[str, list[str]]:
+    """Import `modules` in order in a fresh interpreter: the `watched` names each one loaded.
+
+    A module is blamed only for what was not loaded before it, so the culprit is exact.
+    """
+    code = (
+        "import importlib, json, sys\n"
+        f"modules, watched = {modules!r}, {watched!r}\n"
+        "loaded = {}\n"
+        "for name in modules:\n"
+        "    before = {w for w in watched if w in sys.modules}\n"
+        "    importlib.import_module(name)\n"
+        "    loaded[name] = [w for w in watched if w in sys.modules and w not in before]\n"
+        "print(json.dumps(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def importable_modules() -> list[str]:
+    return [m for m in source_modules() if not m.endswith(".__main__")]  # __main__ runs the CLI
+
+
+def test_torch_free_modules_never_load_torch():
+    torch_free = [
+        m
+        for m in importable_modules()
+        if not any(is_within(m, torch_module) for torch_module in TORCH_MODULES)
+    ]
+    assert {"center_embed.runtime", "center_embed.score.local", "center_embed.cli"} <= set(
+        torch_free
+    )
+    loaded = import_one_by_one(torch_free, ["torch"])
+    assert [m for m in torch_free if loaded[m]] == []
+
+
+def test_importing_a_layer_never_loads_a_layer_above_it():
+    by_layer = {
+        layer: [m for m in importable_modules() if layer_of(m) == layer]
+        for layer in ("core", "center_embed.export", "center_embed.service")
+    }
+    # core first, then export (service is not loaded yet), then service
+    modules = [m for layer in by_layer.values() for m in layer]
+    loaded = import_one_by_one(modules, list(LAYERS))
+    offences = [
+        f"{m} loaded {above}"
+        for m in modules
+        for above in loaded[m]
+        if any(is_within(above, package) for package in FORBIDDEN[layer_of(m)])
+    ]
+    assert offences == []
