@@ -9,16 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from center_embed.cli.common import (
+    add_checkpoint_argument,
+    add_data_argument,
+    add_model_argument,
+    add_split_argument,
+    add_threads_argument,
+)
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from center_embed.runtime import OnnxModel
 
 # --------------------------------------------------------------------------- export
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt checkpoint written by train")
+    add_checkpoint_argument(p)
     p.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument(
@@ -34,7 +44,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--quantile", type=float, default=0.95,
         help="share of correctly classified held-out images under the threshold (default 0.95)",
     )  # fmt: skip
-    p.add_argument("--data", help="where the run's dataset lies now, if it moved")
+    add_data_argument(p, default="the run's, as the checkpoint records it; give it if it moved")
     p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
 
 
@@ -52,10 +62,10 @@ def run_export(args: argparse.Namespace) -> int:
         data=args.data,
         log=print,
     )
-    info = _open(path).info
+    info = _open_model(path).info
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({info.precision}, {size:.1f} MB, {info.num_classes} classes, "
-          f"unknown threshold {_fmt(info.unknown_threshold)})")  # fmt: skip
+          f"unknown threshold {format_optional_number(info.unknown_threshold)})")  # fmt: skip
     return 0
 
 
@@ -63,9 +73,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an ONNX model written by export")
-    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    add_model_argument(p)
+    add_data_argument(p, default="the one the model was trained on")
+    add_split_argument(p)
     p.add_argument(
         "--checkpoint",
         help="also evaluate this checkpoint with torch (fp32, no TTA) and compare",
@@ -75,7 +85,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
         help="largest accuracy difference from the checkpoint, in points "
         "(default: 0.1, or 0.5 for int8 models)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: default)")
+    add_threads_argument(p)
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
 
@@ -111,24 +121,24 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an ONNX model written by export")
+    add_model_argument(p)
     p.add_argument("--json", action="store_true", help="print every metadata key as JSON")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from center_embed.runtime import describe
 
-    model = _open(args.model)
+    model = _open_model(args.model)
     meta = describe(model.info)
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
-    print(format_summary(model, meta))
+    print(format_model_summary(model, meta))
     return 0
 
 
-def format_summary(model: Any, meta: dict[str, Any]) -> str:
-    """A screenful: what goes in, what comes out, the threshold, where it came from."""
+def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
+    """An ONNX model in a screenful: inputs, outputs, threshold, provenance."""
     info = model.info
     h, w = info.input_size
     training = meta.get("training", {})
@@ -143,7 +153,7 @@ def format_summary(model: Any, meta: dict[str, Any]) -> str:
         f"{info.num_classes}] ({info.distance}), labels [N], min_distances [N]",
         f"  classes ({info.num_classes})    {', '.join(info.class_names[:20])}"
         + (" ..." if info.num_classes > 20 else ""),
-        f"  unknown above   {_fmt(info.unknown_threshold)} "
+        f"  unknown above   {format_optional_number(info.unknown_threshold)} "
         f"(q={calibration.get('quantile')} of {calibration.get('correct')} correct "
         f"{calibration.get('split')} images)",
     ]
@@ -156,7 +166,7 @@ def format_summary(model: Any, meta: dict[str, Any]) -> str:
         lines.append(
             f"  training        update {training.get('update')}, λ {training.get('center_weight')}"
             f", α {training.get('alpha')}, {training.get('epochs')} epochs; nearest-center "
-            f"accuracy val {_fmt(val)}, test {_fmt(test)}"
+            f"accuracy val {format_optional_number(val)}, test {format_optional_number(test)}"
         )
     exporter = meta.get("exporter")
     if exporter:
@@ -170,7 +180,7 @@ def format_summary(model: Any, meta: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _open(path: str | Path):
+def _open_model(path: str | Path) -> OnnxModel:
     from center_embed.runtime import OnnxModel
 
     if not Path(path).is_file():
@@ -178,5 +188,6 @@ def _open(path: str | Path):
     return OnnxModel(path, device="cpu")
 
 
-def _fmt(value: float | None) -> str:
+def format_optional_number(value: float | None) -> str:
+    """A threshold or an accuracy in 4 significant digits, or "none" where there is none."""
     return "none" if value is None else f"{value:.4g}"

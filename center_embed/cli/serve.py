@@ -2,21 +2,12 @@
 
 Only where to listen is a flag; every other option is a CENTER_EMBED_* environment
 variable declared once in service/settings.py (listed by `center-embed serve --help`).
-Nothing heavy is imported until the command runs, and nothing here imports torch.
+Starting the server is center_embed.service.server's job; this module parses and calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
-from pathlib import Path
-
-from center_embed.errors import UserError
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +27,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_help() -> str:
+    """The CENTER_EMBED_* environment variables, their meaning and defaults, for --help."""
     from center_embed.service.settings import Settings
 
     lines = ["environment (each CENTER_EMBED_<NAME>):"]
@@ -48,70 +40,10 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
-def load_settings():
-    """Settings from the environment; a bad value is one line (and never echoes a key)."""
-    from pydantic import ValidationError
-
-    from center_embed.service.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as e:
-        problems = "; ".join(
-            f"CENTER_EMBED_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: "
-            f"{err['msg']}"
-            for err in e.errors()
-        )
-        raise UserError(f"bad service settings: {problems}") from None
-
-
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from center_embed.service.server import run_server
 
-    from center_embed.service.middleware import log_config
-    from center_embed.service.served_model import ServedModel
-
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1")
-    model = Path(args.model)
-    if not model.is_file():
-        raise UserError(f"model not found: {model}")
-    os.environ["CENTER_EMBED_MODEL"] = str(model.resolve())
-    if args.workers > 1 and "CENTER_EMBED_THREADS" not in os.environ:
-        # N sessions each using every core would only fight over them.
-        os.environ["CENTER_EMBED_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-    settings = load_settings()
-    settings.keys()  # an unreadable key file fails here, not in every worker
-    ServedModel.open(model, settings.device, 1)  # one-line errors for a file that is not ours
-
-    metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.mkdtemp(prefix="center-embed-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # /metrics sums every worker
-    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully; with this
-    # handler that ends in exit status 0 (and our clean-up runs) instead of death by signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    url = f"http://{args.host}:{args.port}"
-    print(
-        f"serving {model} at {url}  (docs: {url}/docs)\n"
-        f"try: curl -F files=@image.jpg {url}/v1/classify",
-        file=sys.stderr,
-        flush=True,
+    run_server(
+        args.model, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level
     )
-    try:
-        uvicorn.run(
-            "center_embed.service.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_config=log_config(args.log_level),
-            access_log=False,  # ours is structured and carries the timings
-            # On SIGTERM: stop accepting, let in-flight requests finish (each is bounded
-            # by the request timeout), then drain the batcher in the lifespan shutdown.
-            timeout_graceful_shutdown=math.ceil(settings.timeout_s) + 5,
-        )
-    finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

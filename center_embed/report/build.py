@@ -22,7 +22,6 @@ torch-based center_embed.metrics (the `train` extra); plots need matplotlib.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -280,54 +279,3 @@ def _stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         for c in np.unique(labels)
     ]
     return np.sort(np.concatenate(keep))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an ONNX model exported by center-embed")
-    p.add_argument(
-        "--data",
-        help="labelled dataset (image folder or CIFAR-10 archive); default: the one the "
-        "model's metadata records",
-    )
-    p.add_argument(
-        "--run",
-        help="the run folder (metrics.jsonl, eval.json) for training curves and softmax accuracy",
-    )
-    p.add_argument("--out", default="report", help="folder to write (default: report)")
-    p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument(
-        "--max-points", type=int, default=5000, help="test images drawn in the 2-D figure"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    report = build_report(
-        args.model,
-        args.out,
-        args.data,
-        args.run,
-        split=args.split,
-        batch_size=args.batch_size,
-        max_points=args.max_points,
-        device=args.device,
-        threads=args.threads,
-    )
-    m = report["onnx"]
-    print(
-        f"{report['data']['images']} {report['data']['split']} images: nearest-center accuracy "
-        f"{m['nearest_center_accuracy']:.4f}, precision@1 {m['precision_at_1']:.4f}, "
-        f"MAP@R {m['map_at_r']:.4f}, intra/inter {m['intra_inter_ratio']:.4f}"
-    )
-    if report["softmax"]:
-        print(
-            f"softmax accuracy {report['softmax']['softmax_accuracy']:.4f} "
-            f"(from {report['softmax']['source']})"
-        )
-    print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'metrics.json'}")
-    return 0

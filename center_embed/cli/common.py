@@ -1,0 +1,59 @@
+"""Flags that several commands share, each declared once with one default and one help.
+
+Every adapter adds a shared flag through these functions, so `--device` means the same
+thing, and defaults to the same value, in `eval`, `score` and `report` alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_DEVICE = "auto"
+DEFAULT_THREADS = 0  # onnxruntime's own choice; `score` turns it into 1 per batch
+DEFAULT_BATCH_SIZE = 256
+SPLITS = ("test", "train")
+
+
+def add_device_argument(p: argparse.ArgumentParser, *, config_key: str | None = None) -> None:
+    """`--device`. With `config_key`, the flag overrides that config option when given."""
+    help_text = "auto, cpu, cuda or cuda:N"
+    if config_key:
+        # train's device is a config option: an absent flag leaves the config's value alone
+        p.add_argument("--device", help=f"{help_text} (default: {config_key}, which is auto)")
+    else:
+        p.add_argument("--device", default=DEFAULT_DEVICE, help=f"{help_text} (default: auto)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS,
+        help="onnxruntime intra-op threads (default 0: onnxruntime's choice, one per core; "
+        "in score, 1 per batch)",
+    )  # fmt: skip
+
+
+def add_data_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """`--data`; `default` says where the dataset comes from when the flag is absent."""
+    p.add_argument(
+        "--data", metavar="DATA",
+        help=f"dataset: an image folder or a CIFAR-10 archive (default: {default})",
+    )  # fmt: skip
+
+
+def add_split_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=SPLITS, default="test", help="(default: test)")
+
+
+def add_batch_size_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        help=f"{help_text} (default: {DEFAULT_BATCH_SIZE})",
+    )  # fmt: skip
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX model written by `center-embed export`")
+
+
+def add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .pt checkpoint written by `center-embed train`")

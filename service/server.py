@@ -1,0 +1,98 @@
+"""Start the HTTP service under uvicorn: one process or several workers, and a clean stop.
+
+The app itself is built by app.app_from_env in every worker process, from CENTER_EMBED_*
+environment variables, so what the parent decides (the model path, the threads per
+worker, the Prometheus multiprocess folder) is handed down through the environment.
+The parent checks everything it can before starting workers, so a bad setting, key file
+or model is one `UserError` instead of an error in each worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from center_embed.errors import UserError
+from center_embed.service.middleware import log_config
+from center_embed.service.served_model import ServedModel
+from center_embed.service.settings import Settings
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value is one line (and never echoes a key)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"CENTER_EMBED_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: "
+            f"{err['msg']}"
+            for err in e.errors()
+        )
+        raise UserError(f"bad service settings: {problems}") from None
+
+
+def check_and_load_settings(model: Path, workers: int) -> Settings:
+    """Validate what the workers will need and put the model and threads in the environment."""
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if not model.is_file():
+        raise UserError(f"model not found: {model}")
+    os.environ["CENTER_EMBED_MODEL"] = str(model.resolve())
+    if workers > 1 and "CENTER_EMBED_THREADS" not in os.environ:
+        # N sessions each using every core would only fight over them.
+        os.environ["CENTER_EMBED_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    settings = load_settings()
+    settings.keys()  # an unreadable key file fails here, not in every worker
+    ServedModel.open(model, settings.device, 1)  # one-line errors for a file that is not ours
+    return settings
+
+
+def run_server(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    log_level: str = "info",
+) -> None:
+    """Serve `model` until SIGTERM or Ctrl-C; in-flight requests finish first."""
+    model = Path(model)
+    settings = check_and_load_settings(model, workers)
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="center-embed-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # /metrics sums every worker
+    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully; with this
+    # handler that ends in exit status 0 (and our clean-up runs) instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    url = f"http://{host}:{port}"
+    print(
+        f"serving {model} at {url}  (docs: {url}/docs)\n"
+        f"try: curl -F files=@image.jpg {url}/v1/classify",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        uvicorn.run(
+            "center_embed.service.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config(log_level),
+            access_log=False,  # ours is structured and carries the timings
+            # On SIGTERM: stop accepting, let in-flight requests finish (each is bounded
+            # by the request timeout), then drain the batcher in the lifespan shutdown.
+            timeout_graceful_shutdown=math.ceil(settings.timeout_s) + 5,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
