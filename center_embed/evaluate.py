@@ -11,8 +11,8 @@ import torch
 from center_embed.checkpoint import build_model, load_checkpoint
 from center_embed.data import load_dataset, select_classes
 from center_embed.errors import UserError
+from center_embed.inference import resolve_device, split_metrics, use_bf16
 from center_embed.metrics import retrieval_metrics
-from center_embed.train import resolve_device, split_metrics, use_bf16
 
 
 def evaluate_checkpoint(

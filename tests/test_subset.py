@@ -13,7 +13,8 @@ from center_embed.cli import main
 from center_embed.data import load_dataset, select_classes
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
-from center_embed.train import embed_images, train
+from center_embed.inference import embed_images
+from center_embed.train import train
 from tests.conftest import tiny_config, write_image_folder
 
 
