@@ -25,7 +25,6 @@ from center_embed.center_loss import CenterLoss
 from center_embed.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from center_embed.config import Config
 from center_embed.data import (
-    BatchLoader,
     channel_stats,
     load_dataset,
     select_classes,
@@ -34,6 +33,7 @@ from center_embed.data import (
 )
 from center_embed.errors import UserError
 from center_embed.inference import resolve_device, split_metrics, use_bf16, use_channels_last
+from center_embed.loader import BatchLoader
 from center_embed.model import EmbeddingNet
 
 # --------------------------------------------------------------------------- optimiser

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from center_embed.data import (
-    BatchLoader,
     Split,
     channel_stats,
     load_dataset,
@@ -23,6 +22,7 @@ from center_embed.data import (
     split_validation,
 )
 from center_embed.errors import UserError
+from center_embed.loader import BatchLoader
 from tests.conftest import write_image_folder
 
 
