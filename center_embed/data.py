@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import tarfile
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_path
 from center_embed.imageio import ImageDecodeError, decode_image, image_extensions
 
 CACHE_VERSION = 1
@@ -264,24 +264,20 @@ def _cache_key(kind: str, source: Path, image_size: int) -> str:
 
 
 def _write_cache(cache: Path, dataset: Dataset) -> None:
-    """Write into a temporary folder, then rename: a crash never leaves a torn cache."""
+    """Fill a temporary folder, then rename it: a crash never leaves a torn cache."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
-        for split_name in ("train", "test"):
-            split = getattr(dataset, split_name)
-            np.save(tmp / f"{split_name}_images.npy", split.images)
-            np.save(tmp / f"{split_name}_labels.npy", split.labels)
-        meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process won the race: theirs is as good as ours
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        with atomic_path(cache, directory=True) as tmp:
+            for split_name in ("train", "test"):
+                split = getattr(dataset, split_name)
+                np.save(tmp / f"{split_name}_images.npy", split.images)
+                np.save(tmp / f"{split_name}_labels.npy", split.labels)
+            meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
+            (tmp / "meta.json").write_text(json.dumps(meta))
     except OSError:
-        pass  # a read-only cache location only costs the next start its decode time
+        # Either the location is read-only, which only costs the next start its decode
+        # time, or another process renamed its cache into place first (a folder cannot
+        # replace a non-empty one): theirs is as good as ours, and ours is removed.
+        pass
 
 
 def _read_cache(cache: Path, source: str) -> Dataset:

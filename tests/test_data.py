@@ -149,6 +149,27 @@ def test_second_load_comes_from_the_cache(tmp_path):
     assert len(load_dataset(root, 32).train) == len(first.train) + 1
 
 
+def test_a_cache_another_process_renamed_first_wins_silently(tmp_path, monkeypatch):
+    """Two processes decode the same dataset at once: the second rename loses, quietly, and
+    leaves no temporary folder behind."""
+    from center_embed import data
+
+    root = write_image_folder(tmp_path / "ds", {"train": 2, "test": 1})
+    cache_root = tmp_path / "cache"
+    real_write = data._write_cache
+
+    def another_process_first(cache: Path, dataset) -> None:
+        cache.mkdir(parents=True)
+        (cache / "meta.json").write_text("theirs")
+        real_write(cache, dataset)
+
+    monkeypatch.setattr(data, "_write_cache", another_process_first)
+    ours = load_dataset(root, 32, cache_root)
+    assert len(ours.train) == 6
+    (cache,) = cache_root.iterdir()  # no temporary folder left beside it
+    assert (cache / "meta.json").read_text() == "theirs"
+
+
 def test_validation_split_is_seeded_and_disjoint():
     split = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100))
     train_a, val_a = split_validation(split, 10, seed=1)
