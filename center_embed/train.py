@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from center_embed.data import (
     spread_sample,
 )
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_copy
 from center_embed.inference import resolve_device, split_metrics, use_bf16, use_channels_last
 from center_embed.loader import BatchLoader
 from center_embed.model import EmbeddingNet
@@ -102,14 +102,16 @@ def center_weight_at(step: int, steps_per_epoch: int, cfg: Config) -> float:
 
 
 class Lookahead:
-    """hlb/airbench lookahead: every few steps the weights move to an EMA of themselves."""
+    """hlb/airbench lookahead: every `every` steps the weights move to an EMA of themselves."""
 
-    def __init__(self, model: torch.nn.Module, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, total_steps: int, every: int) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.total_steps = total_steps
+        self.total_steps, self.every = total_steps, every
 
     def decay(self, step: int) -> float:
-        return 0.95**5 * (step / self.total_steps) ** 3
+        # 0.95 per step, compounded over the steps between updates (airbench: 0.95**5 every
+        # 5 steps), and ramped in as (progress)³ so the early, fast-moving weights lead.
+        return 0.95**self.every * (step / self.total_steps) ** 3
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, decay: float) -> None:
@@ -206,7 +208,8 @@ def setup(
     model, criterion = _build_model(cfg, data, device)
     optimizer = make_optimizer(model, criterion, cfg)
     total_steps = math.ceil(cfg.train.epochs * len(data.loader))
-    lookahead = Lookahead(model, total_steps) if cfg.train.ema_every else None
+    every = cfg.train.ema_every
+    lookahead = Lookahead(model, total_steps, every) if every else None
     run = Run(
         cfg, out, ctx, log, device, bf16, data, model, criterion, optimizer, lookahead,
         total_steps, started, bad_loss=torch.zeros((), dtype=torch.bool, device=device),
@@ -315,7 +318,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         criterion.all_reduce_grad()
     optimizer.step()
     run.step += 1
-    if run.lookahead is not None and run.step % cfg.train.ema_every == 0:
+    if run.lookahead is not None and run.step % run.lookahead.every == 0:
         run.lookahead.update(run.model, run.lookahead.decay(run.step))
     return ce, center, loss
 
@@ -387,8 +390,7 @@ def end_of_epoch(run: Run, totals: EpochTotals) -> None:
     val_acc = record.get("val", {}).get("nearest_center_accuracy", float(run.step))
     if val_acc >= run.best:
         run.best = val_acc
-        shutil.copyfile(run.out / "last.pt", run.out / ".best.pt.tmp")
-        (run.out / ".best.pt.tmp").replace(run.out / "best.pt")
+        atomic_copy(run.out / "last.pt", run.out / "best.pt")
 
 
 def _epoch_record(run: Run, totals: EpochTotals) -> dict[str, Any]:

@@ -82,3 +82,13 @@ def test_sgd_rule_with_center_loss_off(tiny_folder, tmp_path):
     assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(
         (tmp_path / "best.pt").stat().st_mode & 0o777
     )
+
+
+def test_lookahead_decay_follows_ema_every():
+    """0.95 per step, compounded over the `ema_every` steps between updates; ramped in."""
+    from center_embed.train import Lookahead
+
+    net = torch.nn.Linear(2, 2)
+    assert Lookahead(net, 100, every=5).decay(100) == pytest.approx(0.95**5)
+    assert Lookahead(net, 100, every=3).decay(100) == pytest.approx(0.95**3)
+    assert Lookahead(net, 100, every=3).decay(50) == pytest.approx(0.95**3 / 8)
