@@ -56,8 +56,7 @@ class BatchLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images (b, 3, H, W) float normalised, labels (b,)) for this process."""
-        order = torch.randperm(len(self.labels), generator=self._generator(epoch))
-        order = order.to(self.labels.device)
+        order = self._to_device(torch.randperm(len(self.labels), generator=self._generator(epoch)))
         shard = self.batch_size // self.world_size
         for step in range(start_step, len(self)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
@@ -73,7 +72,6 @@ class BatchLoader:
 
     def _augment_grid(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image row and column indices doing a reflect-padded random crop and flip."""
-        device = self.images.device
         h, w = self.images.shape[1:3]
         rows = torch.arange(h).expand(n, h)
         cols = torch.arange(w).expand(n, w)
@@ -85,7 +83,17 @@ class BatchLoader:
         if self.flip:
             flip = torch.rand(n, generator=g) < 0.5
             cols = torch.where(flip[:, None], cols.flip(1), cols)
-        return rows.to(device), cols.to(device)
+        grid = self._to_device(torch.cat([rows, cols], 1))  # one copy: (n, h + w)
+        return grid[:, :h], grid[:, h:]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host to device without a host sync: a plain .to("cuda") from pageable memory
+        waits for the GPU to finish its queue, which would stall every step. A pinned
+        buffer copies asynchronously (torch keeps it alive until the copy is done)."""
+        device = self.images.device
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

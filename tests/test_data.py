@@ -229,6 +229,18 @@ def test_batch_loader_shards_the_global_batch():
         assert torch.equal(torch.cat([parts[0][step][1], parts[1][step][1]]), y)
 
 
+@pytest.mark.gpu
+def test_batch_loader_draws_the_same_batches_on_cuda():
+    """The random choices are drawn on the CPU: a GPU run sees the CPU run's batches."""
+    images = torch.randint(0, 256, (40, 8, 8, 3), dtype=torch.uint8)
+    labels = torch.arange(40)
+    kw = dict(mean=[0.5] * 3, std=[0.25] * 3, flip=True, translate=2, seed=1)
+    on_cpu = list(BatchLoader(images, labels, 8, **kw).epoch(3))
+    on_gpu = list(BatchLoader(images.cuda(), labels.cuda(), 8, **kw).epoch(3))
+    for (x, y), (xg, yg) in zip(on_cpu, on_gpu, strict=True):
+        assert torch.equal(y, yg.cpu()) and torch.equal(x, xg.cpu())
+
+
 def test_channel_stats_sample_every_class():
     """Folders are read class by class: the statistics must not come from the first only."""
     images = np.zeros((30, 2, 2, 3), np.uint8)
