@@ -152,7 +152,7 @@ class Run:
     lookahead: Lookahead | None
     total_steps: int
     started: float  # time.perf_counter() when the run (or this resumption) began
-    # The model as the step calls it: wrapped by DDP under torchrun.
+    # The model as the step calls it (DDP, torch.compile: see training_forward).
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
