@@ -29,8 +29,9 @@ from torch import nn
 
 from center_embed.center_loss import CenterLoss
 from center_embed.config import load_config
+from center_embed.inference import use_bf16
 from center_embed.model import EmbeddingNet
-from center_embed.train import make_optimizer, use_bf16
+from center_embed.train import make_optimizer
 
 
 def interleaved(

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from center_embed import distributed
 from center_embed.center_loss import CenterLoss
 from center_embed.config import load_config
+from center_embed.inference import use_bf16
 from center_embed.model import EmbeddingNet
-from center_embed.train import make_optimizer, use_bf16
+from center_embed.train import make_optimizer
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Datasets: read once, cache as uint8 arrays, split, and batch on the training device.
+"""Datasets: read once, cache as uint8 arrays, split. numpy only (no torch).
 
 Two on-disk formats are read:
   * an image-folder tree: `train/<class>/*` and `test/<class>/*`, any format Pillow reads;
@@ -7,8 +7,7 @@ Two on-disk formats are read:
 
 Decoding 60,000 JPEGs takes a while, so the decoded arrays are cached as .npy files keyed
 by the source path, its fingerprint and the image size; a second start memory-maps them.
-Nothing in this file runs per image during training: `BatchLoader` augments whole
-batches with tensor ops on the device that holds the dataset.
+Batching and augmentation on the training device are loader.py's job.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import json
 import os
 import pickle
 import tarfile
-import tempfile
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.errors import UserError
+from center_embed.fileio import atomic_path
 from center_embed.imageio import ImageDecodeError, decode_image, image_extensions
 
 CACHE_VERSION = 1
@@ -266,24 +264,20 @@ def _cache_key(kind: str, source: Path, image_size: int) -> str:
 
 
 def _write_cache(cache: Path, dataset: Dataset) -> None:
-    """Write into a temporary folder, then rename: a crash never leaves a torn cache."""
+    """Fill a temporary folder, then rename it: a crash never leaves a torn cache."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
-        for split_name in ("train", "test"):
-            split = getattr(dataset, split_name)
-            np.save(tmp / f"{split_name}_images.npy", split.images)
-            np.save(tmp / f"{split_name}_labels.npy", split.labels)
-        meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process won the race: theirs is as good as ours
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        with atomic_path(cache, directory=True) as tmp:
+            for split_name in ("train", "test"):
+                split = getattr(dataset, split_name)
+                np.save(tmp / f"{split_name}_images.npy", split.images)
+                np.save(tmp / f"{split_name}_labels.npy", split.labels)
+            meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
+            (tmp / "meta.json").write_text(json.dumps(meta))
     except OSError:
-        pass  # a read-only cache location only costs the next start its decode time
+        # Either the location is read-only, which only costs the next start its decode
+        # time, or another process renamed its cache into place first (a folder cannot
+        # replace a non-empty one): theirs is as good as ours, and ours is removed.
+        pass
 
 
 def _read_cache(cache: Path, source: str) -> Dataset:
@@ -366,91 +360,3 @@ def channel_stats(images: np.ndarray, max_images: int = 10000) -> tuple[list[flo
     mean = sample.mean(axis=(0, 1, 2))
     std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
-
-
-# --------------------------------------------------------------------------- batching
-
-
-class BatchLoader:
-    """Batches from a uint8 dataset held on the training device, augmented as tensor ops.
-
-    Every random choice comes from a generator seeded by (seed, epoch, step), so an epoch
-    is reproducible from its number alone: resuming mid-run replays it exactly, and every
-    process of a distributed run draws the same global batch, then keeps its own shard.
-    """
-
-    def __init__(
-        self,
-        images,  # torch.Tensor (N, H, W, 3) uint8 on the device
-        labels,  # torch.Tensor (N,) int64 on the device
-        batch_size: int,
-        mean: list[float],
-        std: list[float],
-        flip: bool = False,
-        translate: int = 0,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        import torch
-
-        if batch_size % world_size:
-            raise UserError(f"batch size {batch_size} is not divisible by {world_size} processes")
-        self.images, self.labels = images, labels
-        self.batch_size, self.flip, self.translate, self.seed = batch_size, flip, translate, seed
-        self.rank, self.world_size = rank, world_size
-        device = images.device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-
-    def __len__(self) -> int:
-        return len(self.labels) // self.batch_size  # drop the last partial batch
-
-    def _generator(self, *key: int):
-        import torch
-
-        g = torch.Generator(device="cpu")
-        g.manual_seed(int(hashlib.sha256(repr((self.seed, *key)).encode()).hexdigest()[:15], 16))
-        return g
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
-        """Yield (images (b, 3, H, W) float normalised, labels (b,)) for this process."""
-        import torch
-
-        order = torch.randperm(len(self.labels), generator=self._generator(epoch))
-        order = order.to(self.labels.device)
-        shard = self.batch_size // self.world_size
-        for step in range(start_step, len(self)):
-            index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            rows, cols = self._augment_grid(len(index), self._generator(epoch, step))
-            mine = slice(self.rank * shard, (self.rank + 1) * shard)
-            index, rows, cols = index[mine], rows[mine], cols[mine]
-            pixels = self.images[index[:, None, None], rows[:, :, None], cols[:, None, :]]
-            yield self.normalize(pixels), self.labels[index]
-
-    def normalize(self, pixels):
-        """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory already."""
-        return (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-
-    def _augment_grid(self, n: int, g):
-        """Per-image row and column indices doing a reflect-padded random crop and flip."""
-        import torch
-
-        device = self.images.device
-        h, w = self.images.shape[1:3]
-        rows = torch.arange(h).expand(n, h)
-        cols = torch.arange(w).expand(n, w)
-        t = self.translate
-        if t > 0:
-            shifts = torch.randint(-t, t + 1, (n, 2), generator=g)
-            rows = _reflect(rows + shifts[:, :1], h)
-            cols = _reflect(cols + shifts[:, 1:], w)
-        if self.flip:
-            flip = torch.rand(n, generator=g) < 0.5
-            cols = torch.where(flip[:, None], cols.flip(1), cols)
-        return rows.to(device), cols.to(device)
-
-
-def _reflect(index, size: int):
-    """Reflect indices in [-size+1, 2*size-2] as F.pad(mode='reflect') does."""
-    return (size - 1) - ((size - 1) - index.abs()).abs()

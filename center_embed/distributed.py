@@ -2,7 +2,7 @@
 
 Launched by torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment), training joins
 a process group: gloo on the CPU, nccl on CUDA. Each process takes its shard of every
-global batch (see BatchLoader), DDP averages the model's gradients, CenterLoss all-reduces
+global batch (see loader.BatchLoader), DDP averages the model's gradients, CenterLoss all-reduces
 its per-class sums and counts (or, for `sgd`, its centers' gradient), and only rank 0
 writes checkpoints and logs.
 

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from center_embed.checkpoint import build_model, load_checkpoint
-from center_embed.data import load_dataset, select_classes
-from center_embed.errors import UserError
+from center_embed.data import load_for_classes
+from center_embed.fileio import atomic_write_text
+from center_embed.inference import resolve_device, split_metrics, use_bf16
 from center_embed.metrics import retrieval_metrics
-from center_embed.train import resolve_device, split_metrics, use_bf16
 
 
 def evaluate_checkpoint(
@@ -31,14 +31,9 @@ def evaluate_checkpoint(
     model, criterion, cfg = build_model(ckpt)
     dev = resolve_device(device)
     model.to(dev)
-    dataset = load_dataset(data or cfg.data.path, cfg.data.image_size, cfg.data.cache_dir)
-    if cfg.data.classes:
-        dataset = select_classes(dataset, cfg.data.classes)
-    if dataset.class_names != ckpt["class_names"]:
-        raise UserError(
-            f"the dataset's classes {dataset.class_names} differ from the checkpoint's "
-            f"{ckpt['class_names']}"
-        )
+    dataset = load_for_classes(
+        data or cfg.data.path, ckpt["class_names"], cfg.data.image_size, cfg.data.cache_dir
+    )
     use16 = use_bf16(bf16, dev)
     plain, e = split_metrics(model, criterion.centers, dataset.test, ckpt["preprocess"], dev, use16)
     plain.update(retrieval_metrics(e, torch.as_tensor(dataset.test.labels)))
@@ -79,8 +74,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,9 @@
 """The training loop: cross-entropy + λ·center loss, airbench-style optimisation.
 
-Read top to bottom: device and precision choices, the optimiser and its schedules, the
-lookahead EMA, inference helpers used for validation and eval, then `train` itself.
+Read top to bottom: the optimiser and its schedules, the lookahead EMA, the state of a run
+and its set-up, one optimiser step, one epoch of steps, the end of an epoch (validate, log,
+checkpoint), then `train`, which strings them together. Device, precision and embedding
+helpers live in inference.py; the on-device batch loader in loader.py.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -25,7 +27,6 @@ from center_embed.center_loss import CenterLoss
 from center_embed.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint, save_checkpoint
 from center_embed.config import Config
 from center_embed.data import (
-    BatchLoader,
     Split,
     channel_stats,
     load_dataset,
@@ -34,36 +35,10 @@ from center_embed.data import (
     spread_sample,
 )
 from center_embed.errors import UserError
-from center_embed.metrics import accuracy, intra_inter_ratio, nearest_center
+from center_embed.fileio import atomic_copy
+from center_embed.inference import resolve_device, split_metrics, use_bf16, use_channels_last
+from center_embed.loader import BatchLoader
 from center_embed.model import EmbeddingNet
-
-# --------------------------------------------------------------------------- device
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device={name!r} is not a device name") from None
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
-    if setting != "auto":
-        return setting == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def use_channels_last(setting: str, device: torch.device) -> bool:
-    # Measured on this project's 2-core Xeon: 1.3-1.7x faster per step in channels_last.
-    return setting != "off"
-
 
 # --------------------------------------------------------------------------- optimiser
 
@@ -127,14 +102,16 @@ def center_weight_at(step: int, steps_per_epoch: int, cfg: Config) -> float:
 
 
 class Lookahead:
-    """hlb/airbench lookahead: every few steps the weights move to an EMA of themselves."""
+    """hlb/airbench lookahead: every `every` steps the weights move to an EMA of themselves."""
 
-    def __init__(self, model: torch.nn.Module, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, total_steps: int, every: int) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.total_steps = total_steps
+        self.total_steps, self.every = total_steps, every
 
     def decay(self, step: int) -> float:
-        return 0.95**5 * (step / self.total_steps) ** 3
+        # 0.95 per step, compounded over the steps between updates (airbench: 0.95**5 every
+        # 5 steps), and ramped in as (progress)³ so the early, fast-moving weights lead.
+        return 0.95**self.every * (step / self.total_steps) ** 3
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, decay: float) -> None:
@@ -144,130 +121,126 @@ class Lookahead:
                 param.copy_(ema)
 
 
-# --------------------------------------------------------------------------- inference
+# --------------------------------------------------------------------------- the run
 
 
-@torch.no_grad()
-def embed_images(
-    model: EmbeddingNet,
-    images: np.ndarray | torch.Tensor,
-    mean: list[float],
-    std: list[float],
-    device: torch.device,
-    bf16: bool = False,
-    tta: int = 0,
-    batch_size: int = 1000,
-) -> torch.Tensor:
-    """Embeddings (N, D) float32 on the CPU for uint8 images (N, H, W, 3).
+@dataclass
+class TrainingData:
+    """The training split on the device, as a loader; the validation split on the host."""
 
-    tta=1 averages the embedding of each image and its mirror; tta=2 also averages the
-    views shifted one pixel up-left and down-right (reflect padded), weighting the
-    untranslated pair by one half, as airbench does. The head is linear, so logits of the
-    averaged embedding equal the averaged logits.
-    """
-    model.eval()
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
-        x = (chunk.permute(0, 3, 1, 2).float() - m) / s  # (b, 3, H, W), channels_last
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(_embed_tta(model, x, tta).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.embedding_dim)
+    class_names: list[str]
+    source: str  # where the dataset was read from, for provenance
+    preprocess: dict[str, Any]  # what inference must do to an image; stored in checkpoints
+    loader: BatchLoader
+    val: Split
 
 
-def _embed_tta(model: EmbeddingNet, x: torch.Tensor, tta: int) -> torch.Tensor:
-    def mirror(v: torch.Tensor) -> torch.Tensor:
-        if tta == 0:
-            return model.embed(v).float()
-        return 0.5 * (model.embed(v).float() + model.embed(v.flip(-1)).float())
+@dataclass
+class Run:
+    """What the loop reads and changes: built by `setup`, advanced by `train_step`."""
 
-    e = mirror(x)
-    if tta < 2:
-        return e
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = 0.5 * (mirror(padded[..., :h, :w]) + mirror(padded[..., 2 : h + 2, 2 : w + 2]))
-    return 0.5 * e + 0.5 * shifted
+    cfg: Config
+    out: Path
+    ctx: distributed.Context
+    log: Callable[[str], None]
+    device: torch.device
+    bf16: bool
+    data: TrainingData
+    model: EmbeddingNet
+    criterion: CenterLoss
+    optimizer: torch.optim.SGD
+    lookahead: Lookahead | None
+    total_steps: int
+    started: float  # time.perf_counter() when the run (or this resumption) began
+    # The model as the step calls it (DDP, torch.compile: see training_forward).
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -1.0  # best validation nearest-center accuracy so far
+    bad_loss: torch.Tensor | None = None  # () bool on the device: a loss was not finite
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.loader)
 
-def split_metrics(
-    model: EmbeddingNet,
-    centers: torch.Tensor,
-    split: Split,
-    preprocess: dict[str, Any],
-    device: torch.device,
-    bf16: bool,
-    tta: int = 0,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Softmax and nearest-center accuracy and the intra/inter ratio on one split."""
-    e = embed_images(model, split.images, preprocess["mean"], preprocess["std"], device, bf16, tta)
-    labels = torch.as_tensor(split.labels)
-    centers = centers.detach().float().cpu()
-    with torch.no_grad():
-        logits = model.head(e.to(device)).float().cpu()
-    metrics = {
-        "softmax_accuracy": accuracy(logits.argmax(1), labels),
-        "nearest_center_accuracy": accuracy(nearest_center(e, centers), labels),
-        "intra_inter_ratio": intra_inter_ratio(e, labels, centers),
-    }
-    return metrics, e
+    def metrics(self, val: dict[str, float] | None = None) -> dict[str, Any]:
+        """The `metrics` entry of a checkpoint, and what `train` returns."""
+        return {
+            "val": val or (self.history[-1].get("val", {}) if self.history else {}),
+            "history": self.history,
+            "best_val_nearest_center_accuracy": self.best,
+            "train_seconds": time.perf_counter() - self.started,
+        }
 
-
-# --------------------------------------------------------------------------- training
-
-
-class TrainingInterrupted(UserError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
-
-
-def train(
-    cfg: Config,
-    out_dir: str | Path,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train, writing last.pt, best.pt and metrics.jsonl under out_dir. Returns the
-    final validation metrics. Under torchrun every process calls this; rank 0 writes."""
-    ctx = distributed.setup(cfg.train.device)
-    if not ctx.is_main:
-        log = _silent
-    try:
-        return _train(cfg, Path(out_dir), resume, log, ctx)
-    finally:  # also on an error or an interruption, so the process group never leaks
-        distributed.teardown(ctx)
+    def checkpoint(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint dict (see checkpoint.py): everything a resume or export needs."""
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "package_version": __version__,
+            "config": self.cfg.to_dict(),
+            "class_names": list(self.data.class_names),
+            "preprocess": self.data.preprocess,
+            "embedding_dim": self.cfg.model.embedding_dim,
+            "model": self.model.state_dict(),
+            "center_loss": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.lookahead is None else self.lookahead.state,
+            "epoch": self.step / self.steps_per_epoch,
+            "step": self.step,
+            "metrics": metrics,
+            "data_source": self.data.source,
+        }
 
 
-def _train(
-    cfg: Config,
-    out: Path,
-    resume: bool,
-    log: Callable[[str], None],
-    ctx: distributed.Context,
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    resumed = None
-    if resume:
-        resumed = load_checkpoint(out / "last.pt")
-        if resumed["config"] != cfg.to_dict():
-            # The run's own config wins: a resumed run is the same run (threads and
-            # precision included, which is why this comes first).
-            cfg = Config.from_dict(resumed["config"])
-            log(f"resuming with the config stored in {out / 'last.pt'}")
-    elif (out / "last.pt").exists():  # every rank checks, so none waits for a failed one
-        raise UserError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-
+def setup(
+    cfg: Config, out: Path, resume: bool, log: Callable[[str], None], ctx: distributed.Context
+) -> Run:
+    """Config (a resumed run's own), device, data on the device, model, loss, optimiser and
+    lookahead, with a resumed run's state restored into them."""
+    started = time.perf_counter()
+    cfg, resumed = _config_to_run(cfg, out, resume, log)
     device = resolve_device(cfg.train.device, ctx.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     bf16 = use_bf16(cfg.train.bf16, device)
-    channels_last = use_channels_last(cfg.train.channels_last, device)
+    data = _load_data(cfg, device, ctx)
+    model, criterion = _build_model(cfg, data, device)
+    optimizer = make_optimizer(model, criterion, cfg)
+    total_steps = math.ceil(cfg.train.epochs * len(data.loader))
+    every = cfg.train.ema_every
+    lookahead = Lookahead(model, total_steps, every) if every else None
+    run = Run(
+        cfg, out, ctx, log, device, bf16, data, model, criterion, optimizer, lookahead,
+        total_steps, started, bad_loss=torch.zeros((), dtype=torch.bool, device=device),
+    )  # fmt: skip
+    if resumed is not None:
+        _restore(run, resumed)
+    run.forward = training_forward(model, ctx, cfg.train.compile, device)  # after the restore:
+    return run  # DDP broadcasts rank 0's weights when it wraps the model
 
-    # ---- data: decoded once (cached), held on the device as uint8
+
+def _config_to_run(
+    cfg: Config, out: Path, resume: bool, log: Callable[[str], None]
+) -> tuple[Config, dict[str, Any] | None]:
+    """The config and, when resuming, the checkpoint to continue from."""
+    if not resume:
+        if (out / "last.pt").exists():  # every rank checks, so none waits for a failed one
+            raise UserError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        return cfg, None
+    resumed = load_checkpoint(out / "last.pt")
+    if resumed["config"] != cfg.to_dict():
+        # The run's own config wins: a resumed run is the same run (threads and
+        # precision included, which is why this comes first).
+        cfg = Config.from_dict(resumed["config"])
+        log(f"resuming with the config stored in {out / 'last.pt'}")
+    return cfg, resumed
+
+
+def _load_data(cfg: Config, device: torch.device, ctx: distributed.Context) -> TrainingData:
+    """Decoded once (cached), held on the device as uint8; validation stays on the host."""
     dataset = select_classes(
         load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.cache_dir), cfg.data.classes
     )
@@ -281,201 +254,178 @@ def _train(
         "layout": "NHWC uint8 RGB",
         "resize": "shorter side to input size (bilinear), centre crop",
     }
-    num_classes = len(dataset.class_names)
     images = torch.from_numpy(np.ascontiguousarray(train_split.images)).to(device)
     labels = torch.from_numpy(train_split.labels).to(device)
     loader = BatchLoader(
         images, labels, cfg.train.batch_size, mean, std, cfg.data.flip, cfg.data.translate,
         cfg.train.seed, ctx.rank, ctx.world_size,
     )  # fmt: skip
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {len(labels)} training images"
         )
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    return TrainingData(dataset.class_names, dataset.source, preprocess, loader, val_split)
 
-    # ---- model, loss, optimiser
-    model = EmbeddingNet(cfg.model, num_classes).to(device)
+
+def _build_model(
+    cfg: Config, data: TrainingData, device: torch.device
+) -> tuple[EmbeddingNet, CenterLoss]:
+    model = EmbeddingNet(cfg.model, len(data.class_names)).to(device)
+    images = data.loader.images
     whitening_sample = torch.from_numpy(spread_sample(len(images), 5000)).to(device)
-    model.init_whitening(loader.normalize(images[whitening_sample]))
-    if channels_last:
+    model.init_whitening(data.loader.normalize(images[whitening_sample]))
+    if use_channels_last(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     criterion = CenterLoss(
-        num_classes, cfg.model.embedding_dim, cfg.loss.update, cfg.loss.alpha, cfg.loss.decay
-    ).to(device)
-    optimizer = make_optimizer(model, criterion, cfg)
-    lookahead = Lookahead(model, total_steps) if cfg.train.ema_every else None
-    step, history, best = 0, [], -1.0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        criterion.load_state_dict(resumed["center_loss"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if lookahead is not None and resumed.get("ema") is not None:
-            lookahead.state = {k: v.to(device) for k, v in resumed["ema"].items()}
-        step = resumed["step"]
-        history = resumed["metrics"].get("history", [])
-        best = resumed["metrics"].get("best_val_nearest_center_accuracy", -1.0)
-        log(f"resumed {out / 'last.pt'} at step {step}/{total_steps}")
+        len(data.class_names), cfg.model.embedding_dim, cfg.loss.update, cfg.loss.alpha,
+        cfg.loss.decay,
+    ).to(device)  # fmt: skip
+    return model, criterion
+
+
+def _restore(run: Run, resumed: dict[str, Any]) -> None:
+    run.model.load_state_dict(resumed["model"])
+    run.criterion.load_state_dict(resumed["center_loss"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    if run.lookahead is not None and resumed.get("ema") is not None:
+        run.lookahead.state = {k: v.to(run.device) for k, v in resumed["ema"].items()}
+    run.step = resumed["step"]
+    run.history = resumed["metrics"].get("history", [])
+    run.best = resumed["metrics"].get("best_val_nearest_center_accuracy", -1.0)
+    run.log(f"resumed {run.out / 'last.pt'} at step {run.step}/{run.total_steps}")
+
+
+def training_forward(
+    model: EmbeddingNet, ctx: distributed.Context, compile: bool, device: torch.device
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The model as the step calls it: DDP-wrapped under torchrun, and compiled when
+    train.compile is on and the device is CUDA.
+
+    CUDA only: on the CPU inductor needs a C++ toolchain at run time (not part of a plain
+    install), and on this project's 2-core CPU it compiled the cpu preset's network for
+    about a minute to save roughly a tenth of each step (batch 256, bf16; a shared, noisy
+    machine): no clear gain for a run of minutes. Validation calls the plain model, as
+    eval mode would be a second compilation.
+    """
     forward = distributed.wrap(model, ctx)
-
-    def checkpoint(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "package_version": __version__,
-            "config": cfg.to_dict(),
-            "class_names": list(dataset.class_names),
-            "preprocess": preprocess,
-            "embedding_dim": cfg.model.embedding_dim,
-            "model": model.state_dict(),
-            "center_loss": criterion.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "ema": None if lookahead is None else lookahead.state,
-            "epoch": step / steps_per_epoch,
-            "step": step,
-            "metrics": metrics,
-            "data_source": dataset.source,
-        }
-
-    def metrics_so_far(val: dict[str, float] | None = None) -> dict[str, Any]:
-        return {
-            "val": val or (history[-1].get("val", {}) if history else {}),
-            "history": history,
-            "best_val_nearest_center_accuracy": best,
-            "train_seconds": time.perf_counter() - t0,
-        }
-
-    def interrupt() -> None:
-        if ctx.is_main:
-            save_checkpoint(out / "last.pt", checkpoint(metrics_so_far()))
-        distributed.barrier(ctx)  # nobody exits (and has torchrun stop rank 0) before it saved
-        launcher = "center-embed" if ctx.world_size == 1 else "torchrun ... -m center_embed.cli"
-        raise TrainingInterrupted(
-            f"interrupted at step {step}/{total_steps}; saved {out / 'last.pt'}. "
-            f"Continue with: {launcher} train --resume {out}"
-        )
-
-    # ---- the loop
-    stop = _StopFlag()
-    bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    with stop.installed():
-        while step < total_steps:
-            if distributed.any_rank(stop.requested, device):  # between epochs
-                interrupt()
-            epoch = step // steps_per_epoch
-            for g in optimizer.param_groups:
-                if g["name"] == "whiten_bias" and epoch >= cfg.train.whiten_bias_epochs:
-                    g["base_lr"] = 0.0
-            model.train()
-            criterion.train()
-            epoch_start = time.perf_counter()
-            sums = torch.zeros(3, device=device)  # ce, center, count
-            bar = _progress(cfg, ctx, epoch, steps_per_epoch, step % steps_per_epoch)
-            for x, y in loader.epoch(epoch, start_step=step % steps_per_epoch):
-                factor = lr_factor(step, total_steps, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                lam = center_weight_at(step, steps_per_epoch, cfg)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    e, logits = forward(x)  # (b, D), (b, C)
-                ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.loss.label_smoothing)
-                center = criterion(e, y)  # updates paper/mean centers after the loss
-                loss = ce + lam * center
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if criterion.update == "sgd" and criterion.centers.grad is not None and lam > 0:
-                    criterion.centers.grad.div_(lam)  # the centers' step is not scaled by λ
-                    criterion.all_reduce_grad()
-                optimizer.step()
-                step += 1
-                if lookahead is not None and step % cfg.train.ema_every == 0:
-                    lookahead.update(model, lookahead.decay(step))
-                sums += torch.stack([ce.detach(), center.detach(), torch.ones((), device=device)])
-                bad_loss |= ~torch.isfinite(loss.detach())
-                if bar is not None and step % 10 == 0:
-                    _show(bar, sums, x.shape[0] * ctx.world_size, epoch_start, 10)
-                if device.type == "cpu" or step % 50 == 0:  # a host sync: rare on GPU
-                    _check_finite(bad_loss, step, epoch, out)
-                if step >= total_steps or step % steps_per_epoch == 0:
-                    break  # an epoch's last step stops after the epoch's validation
-                # Processes agree on the step they stop at; on a GPU only every 50 steps,
-                # as a collective is a host sync.
-                agree = ctx.world_size == 1 or device.type == "cpu" or step % 50 == 0
-                if agree and distributed.any_rank(stop.requested, device):
-                    interrupt()
-            if bar is not None:
-                bar.close()
-            _check_finite(bad_loss, step, epoch, out)
-            if step >= total_steps and lookahead is not None:
-                lookahead.update(model, 1.0)  # finish on the averaged weights
-
-            # ---- end of epoch (or of training): validate, log, checkpoint
-            last = step >= total_steps
-            if not (last or (epoch + 1) % cfg.train.eval_every == 0):
-                continue
-            n = float(sums[2].clamp_min(1))
-            record: dict[str, Any] = {
-                "epoch": round(step / steps_per_epoch, 4),
-                "step": step,
-                "train_ce": float(sums[0]) / n,
-                "train_center": float(sums[1]) / n,
-                "center_weight": center_weight_at(step - 1, steps_per_epoch, cfg),
-                "images_per_second": float(sums[2])
-                * cfg.train.batch_size
-                / (time.perf_counter() - epoch_start),
-                "elapsed_seconds": time.perf_counter() - t0,
-            }
-            if len(val_split) and ctx.is_main:  # the others would only repeat it
-                record["val"], _ = split_metrics(
-                    model, criterion.centers, val_split, preprocess, device, bf16
-                )
-            history.append(record)
-            if ctx.is_main:
-                _log_epoch(record, out, log)
-                val_acc = record.get("val", {}).get("nearest_center_accuracy", float(step))
-                save_checkpoint(out / "last.pt", checkpoint(metrics_so_far(record.get("val"))))
-                if val_acc >= best:
-                    best = val_acc
-                    shutil.copyfile(out / "last.pt", out / ".best.pt.tmp")
-                    (out / ".best.pt.tmp").replace(out / "best.pt")
-    final = metrics_so_far()
-    if ctx.is_main:  # last.pt also records the final best, so a finished run says what it did
-        save_checkpoint(out / "last.pt", checkpoint(final))
-    # Leave together: tearing gloo down while a peer still uses it can abort the process.
-    distributed.barrier(ctx)
-    return final
+    if compile and device.type == "cuda":
+        return torch.compile(forward)  # the batch size is fixed (partial batches dropped)
+    return forward
 
 
-def _silent(message: str) -> None:
-    pass
+# --------------------------------------------------------------------------- one step
 
 
-def _check_finite(bad: torch.Tensor, step: int, epoch: int, out: Path) -> None:
-    if distributed.any_rank(bool(bad), bad.device):  # all processes stop together
-        raise UserError(
-            f"the loss became NaN or infinite by step {step} (epoch {epoch + 1}); stopped. "
-            f"The last good checkpoint, if any, is {out / 'last.pt'}. "
-            "Lower train.lr or loss.center_weight."
-        )
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimiser step on a batch x (b, 3, H, W), y (b,); returns (ce, center, loss),
+    still on the device (reading them is a host sync)."""
+    cfg, optimizer, criterion = run.cfg, run.optimizer, run.criterion
+    factor = lr_factor(run.step, run.total_steps, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    lam = center_weight_at(run.step, run.steps_per_epoch, cfg)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+        e, logits = run.forward(x)  # (b, D), (b, C)
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.loss.label_smoothing)
+    center = criterion(e, y)  # updates paper/mean centers after the loss
+    loss = ce + lam * center
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if criterion.update == "sgd" and criterion.centers.grad is not None and lam > 0:
+        criterion.centers.grad.div_(lam)  # the centers' step is not scaled by λ
+        criterion.all_reduce_grad()
+    optimizer.step()
+    run.step += 1
+    if run.lookahead is not None and run.step % run.lookahead.every == 0:
+        run.lookahead.update(run.model, run.lookahead.decay(run.step))
+    return ce, center, loss
 
 
-def _progress(cfg: Config, ctx: distributed.Context, epoch: int, total: int, done: int):
-    if not (cfg.train.progress and ctx.is_main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+# --------------------------------------------------------------------------- one epoch
 
 
-def _show(bar, sums: torch.Tensor, batch: int, start: float, n: int) -> None:
-    count = float(sums[2].clamp_min(1))
-    seconds = time.perf_counter() - start
-    bar.set_postfix(
-        ce=f"{float(sums[0]) / count:.3f}",
-        center=f"{float(sums[1]) / count:.3f}",
-        img_s=f"{count * batch / max(seconds, 1e-9):.0f}",
-    )
-    bar.update(n)
+@dataclass
+class EpochTotals:
+    epoch: int  # 0-based
+    started: float  # time.perf_counter()
+    sums: torch.Tensor  # (3,) on the device: summed ce, summed center loss, step count
+
+
+def train_epoch(run: Run, stop: _StopFlag) -> EpochTotals:
+    """Steps to the end of the current epoch (or of training), from wherever it stands."""
+    spe = run.steps_per_epoch
+    epoch = run.step // spe
+    if epoch >= run.cfg.train.whiten_bias_epochs:
+        for g in run.optimizer.param_groups:
+            if g["name"] == "whiten_bias":
+                g["base_lr"] = 0.0
+    run.model.train()
+    run.criterion.train()
+    totals = EpochTotals(epoch, time.perf_counter(), torch.zeros(3, device=run.device))
+    bar = _progress(run, epoch)
+    for x, y in run.data.loader.epoch(epoch, start_step=run.step % spe):
+        ce, center, loss = train_step(run, x, y)
+        one = torch.ones((), device=run.device)
+        totals.sums += torch.stack([ce.detach(), center.detach(), one])
+        run.bad_loss |= ~torch.isfinite(loss.detach())
+        if bar is not None:
+            bar.advance(totals.sums)
+        if run.device.type == "cpu" or run.step % 50 == 0:  # a host sync: rare on GPU
+            _check_finite(run, epoch)
+        if run.step >= run.total_steps or run.step % spe == 0:
+            break  # an epoch's last step stops after the epoch's validation
+        # Processes agree on the step they stop at; on a GPU only every 50 steps,
+        # as a collective is a host sync.
+        agree = run.ctx.world_size == 1 or run.device.type == "cpu" or run.step % 50 == 0
+        if agree and distributed.any_rank(stop.requested, run.device):
+            _interrupt(run)
+    if bar is not None:
+        bar.close()
+    _check_finite(run, epoch)
+    if run.step >= run.total_steps and run.lookahead is not None:
+        run.lookahead.update(run.model, 1.0)  # finish on the averaged weights
+    return totals
+
+
+# --------------------------------------------------------------------------- end of epoch
+
+
+def end_of_epoch(run: Run, totals: EpochTotals) -> None:
+    """Every `eval_every` epochs and after the last: validate, log, checkpoint, best.pt."""
+    if not (run.step >= run.total_steps or (totals.epoch + 1) % run.cfg.train.eval_every == 0):
+        return
+    record = _epoch_record(run, totals)
+    if len(run.data.val) and run.ctx.is_main:  # the others would only repeat it
+        record["val"], _ = split_metrics(
+            run.model, run.criterion.centers, run.data.val, run.data.preprocess, run.device,
+            run.bf16,
+        )  # fmt: skip
+    run.history.append(record)
+    if not run.ctx.is_main:
+        return
+    _log_epoch(record, run.out, run.log)
+    save_checkpoint(run.out / "last.pt", run.checkpoint(run.metrics(record.get("val"))))
+    val_acc = record.get("val", {}).get("nearest_center_accuracy", float(run.step))
+    if val_acc >= run.best:
+        run.best = val_acc
+        atomic_copy(run.out / "last.pt", run.out / "best.pt")
+
+
+def _epoch_record(run: Run, totals: EpochTotals) -> dict[str, Any]:
+    """One line of metrics.jsonl: the epoch's mean losses and speed (validation added later)."""
+    spe = run.steps_per_epoch
+    n = float(totals.sums[2].clamp_min(1))
+    return {
+        "epoch": round(run.step / spe, 4),
+        "step": run.step,
+        "train_ce": float(totals.sums[0]) / n,
+        "train_center": float(totals.sums[1]) / n,
+        "center_weight": center_weight_at(run.step - 1, spe, run.cfg),
+        "images_per_second": float(totals.sums[2])
+        * run.cfg.train.batch_size
+        / (time.perf_counter() - totals.started),
+        "elapsed_seconds": time.perf_counter() - run.started,
+    }
 
 
 def _log_epoch(record: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
@@ -496,6 +446,33 @@ def _log_epoch(record: dict[str, Any], out: Path, log: Callable[[str], None]) ->
             f"intra/inter {val['intra_inter_ratio']:.3f}",
         ]
     log("  ".join(parts))
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+def _interrupt(run: Run) -> NoReturn:
+    if run.ctx.is_main:
+        save_checkpoint(run.out / "last.pt", run.checkpoint(run.metrics()))
+    distributed.barrier(run.ctx)  # nobody exits (and has torchrun stop rank 0) before it saved
+    launcher = "center-embed" if run.ctx.world_size == 1 else "torchrun ... -m center_embed.cli"
+    raise TrainingInterrupted(
+        f"interrupted at step {run.step}/{run.total_steps}; saved {run.out / 'last.pt'}. "
+        f"Continue with: {launcher} train --resume {run.out}"
+    )
+
+
+def _check_finite(run: Run, epoch: int) -> None:
+    if distributed.any_rank(bool(run.bad_loss), run.device):  # all processes stop together
+        raise UserError(
+            f"the loss became NaN or infinite by step {run.step} (epoch {epoch + 1}); stopped. "
+            f"The last good checkpoint, if any, is {run.out / 'last.pt'}. "
+            "Lower train.lr or loss.center_weight."
+        )
 
 
 class _StopFlag:
@@ -522,3 +499,80 @@ class _StopFlag:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """The epoch's tqdm bar. On a GPU reading the running sums is a host sync, so they are
+    read at most once a second; counting steps reads nothing from the device."""
+
+    REFRESH_SECONDS = 1.0
+
+    def __init__(self, run: Run, epoch: int) -> None:
+        from tqdm import tqdm  # imported only when a bar is shown
+
+        spe = run.steps_per_epoch
+        self.bar = tqdm(
+            total=spe, initial=run.step % spe, desc=f"epoch {epoch + 1}", unit="step", leave=False
+        )
+        self.batch_size = run.cfg.train.batch_size
+        self.started = self.shown = time.perf_counter()
+
+    def advance(self, sums: torch.Tensor) -> None:
+        """One step done; `sums` (3,) are the epoch's summed ce, center loss and steps."""
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - self.shown < self.REFRESH_SECONDS:
+            return
+        self.shown = now
+        ce, center, count = sums.tolist()  # the host sync
+        count = max(count, 1.0)
+        self.bar.set_postfix(
+            ce=f"{ce / count:.3f}",
+            center=f"{center / count:.3f}",
+            img_s=f"{count * self.batch_size / (now - self.started):.0f}",
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(run: Run, epoch: int) -> _Progress | None:
+    """A bar on rank 0 when train.progress is on; none (and no reads) otherwise."""
+    return _Progress(run, epoch) if run.cfg.train.progress and run.ctx.is_main else None
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train, writing last.pt, best.pt and metrics.jsonl under out_dir. Returns the
+    final validation metrics. Under torchrun every process calls this; rank 0 writes."""
+    ctx = distributed.setup(cfg.train.device)
+    try:
+        run = setup(cfg, Path(out_dir), resume, log if ctx.is_main else _silent, ctx)
+        stop = _StopFlag()
+        with stop.installed():
+            while run.step < run.total_steps:
+                if distributed.any_rank(stop.requested, run.device):  # between epochs
+                    _interrupt(run)
+                end_of_epoch(run, train_epoch(run, stop))
+        final = run.metrics()
+        if ctx.is_main:  # last.pt also records the final best, so a finished run says what it did
+            save_checkpoint(run.out / "last.pt", run.checkpoint(final))
+        # Leave together: tearing gloo down while a peer still uses it can abort the process.
+        distributed.barrier(ctx)
+        return final
+    finally:  # also on an error or an interruption, so the process group never leaks
+        distributed.teardown(ctx)
+
+
+def _silent(message: str) -> None:
+    pass

@@ -133,6 +133,7 @@ TORCH_MODULES = (
     "center_embed.inference",
     "center_embed.metrics",
     "center_embed.model",
+    "center_embed.loader",
     "center_embed.train",
     "center_embed.report.build",  # retrieval metrics come from center_embed.metrics
     "center_embed.export",  # and every module in it

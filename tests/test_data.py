@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from center_embed.data import (
-    BatchLoader,
     Split,
     channel_stats,
     load_dataset,
@@ -23,6 +22,7 @@ from center_embed.data import (
     split_validation,
 )
 from center_embed.errors import UserError
+from center_embed.loader import BatchLoader
 from tests.conftest import write_image_folder
 
 
@@ -149,6 +149,27 @@ def test_second_load_comes_from_the_cache(tmp_path):
     assert len(load_dataset(root, 32).train) == len(first.train) + 1
 
 
+def test_a_cache_another_process_renamed_first_wins_silently(tmp_path, monkeypatch):
+    """Two processes decode the same dataset at once: the second rename loses, quietly, and
+    leaves no temporary folder behind."""
+    from center_embed import data
+
+    root = write_image_folder(tmp_path / "ds", {"train": 2, "test": 1})
+    cache_root = tmp_path / "cache"
+    real_write = data._write_cache
+
+    def another_process_first(cache: Path, dataset) -> None:
+        cache.mkdir(parents=True)
+        (cache / "meta.json").write_text("theirs")
+        real_write(cache, dataset)
+
+    monkeypatch.setattr(data, "_write_cache", another_process_first)
+    ours = load_dataset(root, 32, cache_root)
+    assert len(ours.train) == 6
+    (cache,) = cache_root.iterdir()  # no temporary folder left beside it
+    assert (cache / "meta.json").read_text() == "theirs"
+
+
 def test_validation_split_is_seeded_and_disjoint():
     split = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100))
     train_a, val_a = split_validation(split, 10, seed=1)
@@ -206,6 +227,18 @@ def test_batch_loader_shards_the_global_batch():
     for step, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][step][0], parts[1][step][0]]), x)
         assert torch.equal(torch.cat([parts[0][step][1], parts[1][step][1]]), y)
+
+
+@pytest.mark.gpu
+def test_batch_loader_draws_the_same_batches_on_cuda():
+    """The random choices are drawn on the CPU: a GPU run sees the CPU run's batches."""
+    images = torch.randint(0, 256, (40, 8, 8, 3), dtype=torch.uint8)
+    labels = torch.arange(40)
+    kw = dict(mean=[0.5] * 3, std=[0.25] * 3, flip=True, translate=2, seed=1)
+    on_cpu = list(BatchLoader(images, labels, 8, **kw).epoch(3))
+    on_gpu = list(BatchLoader(images.cuda(), labels.cuda(), 8, **kw).epoch(3))
+    for (x, y), (xg, yg) in zip(on_cpu, on_gpu, strict=True):
+        assert torch.equal(y, yg.cpu()) and torch.equal(x, xg.cpu())
 
 
 def test_channel_stats_sample_every_class():

@@ -26,8 +26,8 @@ from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
 from center_embed.export.onnx_export import OPSET, export_checkpoint
 from center_embed.export.verify import split_accuracy
+from center_embed.inference import embed_images
 from center_embed.runtime import OnnxModel
-from center_embed.train import embed_images
 from tests.conftest import write_image_folder
 
 

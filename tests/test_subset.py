@@ -13,7 +13,8 @@ from center_embed.cli import main
 from center_embed.data import load_dataset, select_classes
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
-from center_embed.train import embed_images, train
+from center_embed.inference import embed_images
+from center_embed.train import train
 from tests.conftest import tiny_config, write_image_folder
 
 
@@ -89,7 +90,7 @@ def test_evaluating_a_subset_model_on_data_without_its_classes(tiny_folder, tmp_
     cfg = tiny_config(tiny_folder, data__classes="red,blue", train__epochs="1")
     train(cfg, tmp_path / "run", log=lambda _: None)
     other = write_image_folder(tmp_path / "other", {"train": 2, "test": 2}, ["red", "green"])
-    with pytest.raises(UserError, match=r"unknown classes \['blue'\]"):
+    with pytest.raises(UserError, match=r"lacks the model's classes \['blue'\]"):
         evaluate_checkpoint(tmp_path / "run" / "best.pt", data=str(other))
     # The full dataset is fine: the checkpoint's subset is applied to it.
     assert evaluate_checkpoint(tmp_path / "run" / "best.pt", bf16="off")["test_images"] == 32

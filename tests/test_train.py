@@ -87,3 +87,36 @@ def test_sgd_rule_with_center_loss_off(tiny_folder, tmp_path):
     assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(
         (tmp_path / "best.pt").stat().st_mode & 0o777
     )
+
+
+def test_lookahead_decay_follows_ema_every():
+    """0.95 per step, compounded over the `ema_every` steps between updates; ramped in."""
+    from center_embed.train import Lookahead
+
+    net = torch.nn.Linear(2, 2)
+    assert Lookahead(net, 100, every=5).decay(100) == pytest.approx(0.95**5)
+    assert Lookahead(net, 100, every=3).decay(100) == pytest.approx(0.95**3)
+    assert Lookahead(net, 100, every=3).decay(50) == pytest.approx(0.95**3 / 8)
+
+
+def test_compile_is_for_cuda_only():
+    """train.compile leaves the CPU forward as it is (inductor there needs a C++ toolchain)."""
+    from center_embed.distributed import Context
+    from center_embed.train import training_forward
+
+    net = torch.nn.Linear(2, 2)
+    assert training_forward(net, Context(), True, torch.device("cpu")) is net
+
+
+@pytest.mark.gpu
+def test_compiled_training_on_cuda_learns(tiny_folder, tmp_path):
+    from center_embed.distributed import Context
+    from center_embed.train import training_forward
+
+    cuda = torch.device("cuda")
+    assert hasattr(
+        training_forward(torch.nn.Linear(2, 2).cuda(), Context(), True, cuda), "_orig_mod"
+    )
+    cfg = tiny_config(tiny_folder, train__device="cuda", train__compile="true", train__epochs="4")
+    result = train(cfg, tmp_path, log=lambda _: None)
+    assert result["val"]["nearest_center_accuracy"] >= 0.9
