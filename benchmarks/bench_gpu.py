@@ -25,8 +25,12 @@ fails or a timeout loses nothing already measured):
              which source lines make the host wait for the device, and how often
   extra      the `gpu` preset at 12 and 20 epochs (one seed each), and once as users
              run it (its own validation and checkpoints every few epochs)
-  whatif     what train.py does not do yet: cudnn.benchmark on, and torch.compile of the
-             model (patched in through distributed.wrap; the first run pays compilation)
+  whatif     what train.py and data.py do not do yet, patched in from here: the loader's
+             augmentation grid copied without a host sync (pinned memory, non_blocking;
+             same random draws, so the run must equal `gpu λ seed 0`), cudnn.benchmark,
+             and torch.compile of the model through distributed.wrap (the first compiled
+             run pays the compilation; inductor's emulate_precision_casts is on, as the
+             bf16 backward of torch.amax is NaN without it, seen on the CPU)
 
 Timed runs take `--set train.eval_every=1000 train.progress=false`: no validation or
 checkpoint inside the timed loop (the last epoch always validates, after the loop).
@@ -60,6 +64,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -712,10 +717,47 @@ def short_path(filename: str) -> str:
     return str(Path(*Path(filename).parts[-3:]))
 
 
+@contextlib.contextmanager
+def pinned_loader_grid():
+    """BatchLoader with its augmentation grid copied from pinned memory without blocking:
+    the same random draws (the loader's own code makes them, on a CPU stand-in), but no
+    host sync per step (GPU_NOTES.md, "Changes needed in train.py")."""
+    loader = train_module.BatchLoader
+    real = loader._augment_grid
+
+    def grid(self, n, g):
+        shape = (0, *self.images.shape[1:])
+        stand_in = SimpleNamespace(
+            images=torch.empty(shape, dtype=self.images.dtype),
+            translate=self.translate,
+            flip=self.flip,
+        )
+        rows, cols = real(stand_in, n, g)  # CPU tensors
+        device = self.images.device
+        return (
+            rows.pin_memory().to(device, non_blocking=True),
+            cols.pin_memory().to(device, non_blocking=True),
+        )
+
+    loader._augment_grid = grid
+    try:
+        yield
+    finally:
+        loader._augment_grid = real
+
+
 def stage_whatif(bench: Bench) -> dict[str, Any]:
     out: dict[str, Any] = {}
     epochs = preset_epochs(bench, "gpu")
     cost = estimate(bench, "gpu", epochs)
+    if bench.cuda and bench.fits(cost + 10):
+        with pinned_loader_grid():
+            run = train_run(bench, "gpu", 0, label="pinned, non-blocking loader grid")
+        out["pinned_loader"] = {"run": run, "compare_with": "gpu λ seed 0 (same seed)"}
+        with pinned_loader_grid():
+            out["pinned_loader"]["syncaudit"] = stage_syncaudit(bench)
+    else:
+        out["pinned_loader"] = "skipped: " + ("budget" if bench.cuda else "no CUDA")
     if bench.cuda and bench.fits(2 * cost + 10):
         torch.backends.cudnn.benchmark = True
         try:
@@ -732,18 +774,25 @@ def stage_whatif(bench: Bench) -> dict[str, Any]:
     if not bench.fits(2 * cost + 90):
         out["compile"] = "skipped: budget (compilation takes about a minute)"
         return out
-    real_wrap = distributed.wrap
+    # Inductor keeps bf16 intermediates in fp32 unless told to round them; the backward of
+    # the global max pool (torch.amax) then compares a rounded activation with an unrounded
+    # maximum, finds no match and divides by zero: NaN at the first step (seen on the CPU).
+    import torch._inductor.config as inductor_config
+
+    real_wrap, emulate = distributed.wrap, inductor_config.emulate_precision_casts
 
     def compiled_wrap(model, ctx):
         return torch.compile(real_wrap(model, ctx))
 
     distributed.wrap = compiled_wrap
+    inductor_config.emulate_precision_casts = True
     try:
         first = train_run(bench, "gpu", 0, label="compiled run 1 (compiles)")
         second = train_run(bench, "gpu", 1, label="compiled run 2")
     finally:
         distributed.wrap = real_wrap
-    out["compile"] = {"first": first, "second": second}
+        inductor_config.emulate_precision_casts = emulate
+    out["compile"] = {"first": first, "second": second, "emulate_precision_casts": True}
     return out
 
 
@@ -844,7 +893,14 @@ def table(results: dict[str, Any]) -> str:
             )
     whatif = stages.get("whatif", {}).get("result", {})
     for key, value in whatif.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "run" in value:
+            run, audit = value["run"], value.get("syncaudit", {})
+            lines.append(
+                f"{key}: loop {run['loop_seconds']} s, wall {run['wall_seconds']} s, NC "
+                f"{100 * run['test']['nearest_center_accuracy']:.2f}; host syncs in one epoch: "
+                f"{audit.get('syncs')} over {audit.get('steps')} steps"
+            )
+        elif isinstance(value, dict):
             a, b = value["first"], value["second"]
             lines.append(
                 f"{key}: loop {a['loop_seconds']} s (first run), {b['loop_seconds']} s "
