@@ -25,12 +25,13 @@ fails or a timeout loses nothing already measured):
              which source lines make the host wait for the device, and how often
   extra      the `gpu` preset at 12 and 20 epochs (one seed each), and once as users
              run it (its own validation and checkpoints every few epochs)
-  whatif     what train.py and data.py do not do yet, patched in from here: the loader's
-             augmentation grid copied without a host sync (pinned memory, non_blocking;
-             same random draws, so the run must equal `gpu λ seed 0`), cudnn.benchmark,
-             and torch.compile of the model through distributed.wrap (the first compiled
-             run pays the compilation; inductor's emulate_precision_casts is on, as the
-             bf16 backward of torch.amax is NaN without it, seen on the CPU)
+  pinned     what data.py does not do yet, patched in from here: the loader's augmentation
+             grid copied without a host sync (pinned memory, non_blocking; the same random
+             draws, so the run must equal `gpu λ seed 0`), with its own sync audit
+  cudnn      torch.backends.cudnn.benchmark on (two runs: the first autotunes)
+  compile    torch.compile of the model, patched in through distributed.wrap (the first
+             run pays the compilation); inductor's emulate_precision_casts is on, as the
+             bf16 backward of torch.amax is NaN without it (seen on the CPU)
 
 Timed runs take `--set train.eval_every=1000 train.progress=false`: no validation or
 checkpoint inside the timed loop (the last epoch always validates, after the loop).
@@ -95,7 +96,9 @@ STAGES = [
     "centerloss",
     "syncaudit",
     "extra",
-    "whatif",
+    "pinned",
+    "cudnn",
+    "compile",
 ]
 TIMING = ["train.eval_every=1000", "train.progress=false"]
 # --tiny: seconds on a CPU, same code paths.
@@ -746,54 +749,62 @@ def pinned_loader_grid():
         loader._augment_grid = real
 
 
-def stage_whatif(bench: Bench) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    epochs = preset_epochs(bench, "gpu")
-    cost = estimate(bench, "gpu", epochs)
-    if bench.cuda and bench.fits(cost + 10):
-        with pinned_loader_grid():
-            run = train_run(bench, "gpu", 0, label="pinned, non-blocking loader grid")
-        out["pinned_loader"] = {"run": run, "compare_with": "gpu λ seed 0 (same seed)"}
-        with pinned_loader_grid():
-            out["pinned_loader"]["syncaudit"] = stage_syncaudit(bench)
-    else:
-        out["pinned_loader"] = "skipped: " + ("budget" if bench.cuda else "no CUDA")
-    if bench.cuda and bench.fits(2 * cost + 10):
-        torch.backends.cudnn.benchmark = True
-        try:
-            first = train_run(bench, "gpu", 0, label="cudnn.benchmark run 1 (autotunes)")
-            second = train_run(bench, "gpu", 1, label="cudnn.benchmark run 2")
-        finally:
-            torch.backends.cudnn.benchmark = False
-        out["cudnn_benchmark"] = {"first": first, "second": second}
-    else:
-        out["cudnn_benchmark"] = "skipped: " + ("budget" if bench.cuda else "no CUDA")
-    if not (bench.cuda or "whatif" in (bench.args.stages or "")):
-        out["compile"] = "skipped on the CPU unless --stages names whatif"
-        return out
+def stage_pinned(bench: Bench) -> dict[str, Any]:
+    cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    if not bench.cuda:
+        return {"skipped": "needs CUDA (pinned memory)"}
+    if not bench.fits(cost + 10):
+        return {"skipped": "budget"}
+    with pinned_loader_grid():
+        run = train_run(bench, "gpu", 0, label="pinned, non-blocking loader grid")
+        audit = stage_syncaudit(bench)
+    return {"run": run, "syncaudit": audit, "compare_with": "gpu λ seed 0 (same seed)"}
+
+
+def stage_cudnn(bench: Bench) -> dict[str, Any]:
+    cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    if not bench.cuda:
+        return {"skipped": "needs CUDA"}
+    if not bench.fits(2 * cost + 10):
+        return {"skipped": "budget"}
+    torch.backends.cudnn.benchmark = True
+    try:
+        first = train_run(bench, "gpu", 0, label="cudnn.benchmark run 1 (autotunes)")
+        second = train_run(bench, "gpu", 1, label="cudnn.benchmark run 2")
+    finally:
+        torch.backends.cudnn.benchmark = False
+    return {"first": first, "second": second}
+
+
+def stage_compile(bench: Bench) -> dict[str, Any]:
+    cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    if not (bench.cuda or "compile" in (bench.args.stages or "")):
+        return {"skipped": "on the CPU only when --stages names compile"}
     if not bench.fits(2 * cost + 90):
-        out["compile"] = "skipped: budget (compilation takes about a minute)"
-        return out
+        return {"skipped": "budget (compilation takes about a minute)"}
     # Inductor keeps bf16 intermediates in fp32 unless told to round them; the backward of
     # the global max pool (torch.amax) then compares a rounded activation with an unrounded
     # maximum, finds no match and divides by zero: NaN at the first step (seen on the CPU).
     import torch._inductor.config as inductor_config
 
-    real_wrap, emulate = distributed.wrap, inductor_config.emulate_precision_casts
+    real_wrap = distributed.wrap
+    has_switch = hasattr(inductor_config, "emulate_precision_casts")
+    emulate = getattr(inductor_config, "emulate_precision_casts", None)
 
     def compiled_wrap(model, ctx):
         return torch.compile(real_wrap(model, ctx))
 
     distributed.wrap = compiled_wrap
-    inductor_config.emulate_precision_casts = True
+    if has_switch:
+        inductor_config.emulate_precision_casts = True
     try:
         first = train_run(bench, "gpu", 0, label="compiled run 1 (compiles)")
         second = train_run(bench, "gpu", 1, label="compiled run 2")
     finally:
         distributed.wrap = real_wrap
-        inductor_config.emulate_precision_casts = emulate
-    out["compile"] = {"first": first, "second": second, "emulate_precision_casts": True}
-    return out
+        if has_switch:
+            inductor_config.emulate_precision_casts = emulate
+    return {"first": first, "second": second, "emulate_precision_casts": has_switch}
 
 
 # --------------------------------------------------------------------------- report
@@ -891,23 +902,25 @@ def table(results: dict[str, Any]) -> str:
                 f"NC {100 * run['test']['nearest_center_accuracy']:.2f} / TTA "
                 f"{100 * run['test_tta']['nearest_center_accuracy']:.2f}"
             )
-    whatif = stages.get("whatif", {}).get("result", {})
-    for key, value in whatif.items():
-        if isinstance(value, dict) and "run" in value:
+    for key in ("pinned", "cudnn", "compile"):
+        value = stages.get(key, {}).get("result")
+        if value is None:
+            continue
+        if "skipped" in value:
+            lines.append(f"{key}: skipped, {value['skipped']}")
+        elif "run" in value:
             run, audit = value["run"], value.get("syncaudit", {})
             lines.append(
                 f"{key}: loop {run['loop_seconds']} s, wall {run['wall_seconds']} s, NC "
                 f"{100 * run['test']['nearest_center_accuracy']:.2f}; host syncs in one epoch: "
                 f"{audit.get('syncs')} over {audit.get('steps')} steps"
             )
-        elif isinstance(value, dict):
+        else:
             a, b = value["first"], value["second"]
             lines.append(
                 f"{key}: loop {a['loop_seconds']} s (first run), {b['loop_seconds']} s "
                 f"(second), wall {a['wall_seconds']} / {b['wall_seconds']} s"
             )
-        else:
-            lines.append(f"{key}: {value}")
     status = ", ".join(f"{k} {v.get('status')} ({v.get('seconds')} s)" for k, v in stages.items())
     lines.append(f"stages: {status}")
     return "\n".join(lines)
