@@ -29,9 +29,10 @@ fails or a timeout loses nothing already measured):
              grid copied without a host sync (pinned memory, non_blocking; the same random
              draws, so the run must equal `gpu λ seed 0`), with its own sync audit
   cudnn      torch.backends.cudnn.benchmark on (two runs: the first autotunes)
-  compile    torch.compile of the model, patched in through distributed.wrap (the first
-             run pays the compilation); inductor's emulate_precision_casts is on, as the
-             bf16 backward of torch.amax is NaN without it (seen on the CPU)
+  compile    torch.compile of the training forward (train.compile where train.py reads it,
+             else patched in through distributed.wrap; the first run pays compilation),
+             as is, and if that fails with inductor's emulate_precision_casts: on the CPU
+             the bf16 backward of torch.amax was NaN without it
 
 Timed runs take `--set train.eval_every=1000 train.progress=false`: no validation or
 checkpoint inside the timed loop (the last epoch always validates, after the loop).
@@ -292,6 +293,7 @@ def train_run(
     label: str = "",
     keep: str = "",
     timing: bool = True,
+    estimates: bool = True,
 ) -> dict[str, Any]:
     """Train one run in this process and measure it; test accuracy from its best.pt."""
     from center_embed.train import train
@@ -342,7 +344,8 @@ def train_run(
     else:
         shutil.rmtree(out, ignore_errors=True)
     seconds = record["loop_seconds"] or record["train_seconds"]
-    bench.epoch_seconds[preset] = seconds / cfg.train.epochs
+    if estimates:  # the time budget's estimates come from runs like the timed ones
+        bench.epoch_seconds[preset] = seconds / cfg.train.epochs
     print(
         f"  [{label}] loop {seconds:.2f} s, wall {wall:.2f} s, "
         f"{record['images_per_second']:.0f} img/s, nearest-center "
@@ -354,7 +357,10 @@ def train_run(
 
 
 def test_metrics(bench: Bench, checkpoint: Path) -> dict[str, Any]:
-    from center_embed.train import split_metrics, use_bf16
+    try:  # inference helpers live in center_embed.inference once train.py is split
+        from center_embed.inference import split_metrics, use_bf16
+    except ImportError:
+        from center_embed.train import split_metrics, use_bf16
 
     ckpt = load_checkpoint(checkpoint)
     model, criterion, cfg = build_model(ckpt)
@@ -425,16 +431,20 @@ def tiny_subset(source: Path, target: Path, train: int = 40, test: int = 12) -> 
 
 
 def stage_warmup(bench: Bench) -> dict[str, Any]:
-    run = train_run(bench, "gpu", 999, ["train.epochs=1"], label="warm-up (1 epoch)")
+    run = train_run(
+        bench, "gpu", 999, ["train.epochs=1"], label="warm-up (1 epoch)", estimates=False
+    )
     return {"run": run, "note": "excluded from every statistic"}
 
 
 def stage_gpu(bench: Bench) -> dict[str, Any]:
-    runs: dict[str, list] = {"lambda": [], "lambda0": []}
-    cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    runs: dict[str, Any] = {"lambda": [], "lambda0": []}
     for i in range(bench.args.seeds):
+        cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
         order = ["lambda", "lambda0"] if i % 2 == 0 else ["lambda0", "lambda"]
-        if not bench.fits(2 * cost + 60):  # keep time for the later stages
+        # The first pair always runs (the estimate is a guess until then); later pairs
+        # only while time is left for the stages after this one.
+        if not bench.fits(2 * cost + 60 if i else 30):
             runs["stopped_early"] = f"after {i} seeds: budget"
             break
         for kind in order:
@@ -642,13 +652,15 @@ def time_host(fn: Callable[[], Any], tiny: bool, seconds: float = 0.6) -> dict[s
 
 
 def import_export_module(name: str):
-    """The exporter lives in `export` today and moves to `center_embed.export`."""
-    try:
-        return importlib.import_module(f"center_embed.export.{name}")
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("center_embed.export"):
-            raise
-        return importlib.import_module(f"export.{name}")
+    """The exporter lives in `export` today and moves to `center_embed.export`: the first
+    of the two that imports (the error of the first if neither does)."""
+    errors = []
+    for package in ("center_embed.export", "export"):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ImportError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def stage_centerloss(bench: Bench) -> dict[str, Any]:
@@ -751,6 +763,8 @@ def pinned_loader_grid():
 
 def stage_pinned(bench: Bench) -> dict[str, Any]:
     cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    if hasattr(train_module.BatchLoader, "_to_device"):
+        return {"skipped": "this tree's loader already copies without a host sync"}
     if not bench.cuda:
         return {"skipped": "needs CUDA (pinned memory)"}
     if not bench.fits(cost + 10):
@@ -777,34 +791,60 @@ def stage_cudnn(bench: Bench) -> dict[str, Any]:
 
 
 def stage_compile(bench: Bench) -> dict[str, Any]:
-    cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+    """Compiled training forward: as the tree does it first (train.compile where train.py
+    reads it, else patched in through distributed.wrap); if that run fails (NaN), again
+    with inductor's emulate_precision_casts. Then a second run on the warm caches."""
     if not (bench.cuda or "compile" in (bench.args.stages or "")):
         return {"skipped": "on the CPU only when --stages names compile"}
-    if not bench.fits(2 * cost + 90):
-        return {"skipped": "budget (compilation takes about a minute)"}
-    # Inductor keeps bf16 intermediates in fp32 unless told to round them; the backward of
-    # the global max pool (torch.amax) then compares a rounded activation with an unrounded
-    # maximum, finds no match and divides by zero: NaN at the first step (seen on the CPU).
+    import torch._dynamo
     import torch._inductor.config as inductor_config
 
+    native = hasattr(train_module, "training_forward")  # train.py wires train.compile
+    extra = ["train.compile=true"] if native else []
+    result: dict[str, Any] = {"via": "train.compile" if native else "patched distributed.wrap"}
+    switches = [False, True] if hasattr(inductor_config, "emulate_precision_casts") else [False]
+    saved = getattr(inductor_config, "emulate_precision_casts", None)
+    for emulate in switches:
+        cost = estimate(bench, "gpu", preset_epochs(bench, "gpu"))
+        if not bench.fits(2 * cost + 90):
+            result[f"emulate_precision_casts={emulate}"] = "skipped: budget"
+            break
+        torch._dynamo.reset()  # no graph compiled under the other setting is reused
+        if saved is not None:
+            inductor_config.emulate_precision_casts = emulate
+        try:
+            with compiled_forward(native):
+                label = f"compiled (emulate_precision_casts={emulate})"
+                try:
+                    first = train_run(bench, "gpu", 0, extra, label=f"{label} run 1 (compiles)")
+                except Exception as e:  # a NaN loss is a UserError; anything else too
+                    result[f"emulate_precision_casts={emulate}"] = f"{type(e).__name__}: {e}"
+                    continue
+                second = train_run(bench, "gpu", 1, extra, label=f"{label} run 2")
+        finally:
+            if saved is not None:
+                inductor_config.emulate_precision_casts = saved
+        result.update(first=first, second=second, emulate_precision_casts=emulate)
+        break
+    return result
+
+
+@contextlib.contextmanager
+def compiled_forward(native: bool):
+    """Nothing to do where train.py compiles; else compile through distributed.wrap."""
+    if native:
+        yield
+        return
     real_wrap = distributed.wrap
-    has_switch = hasattr(inductor_config, "emulate_precision_casts")
-    emulate = getattr(inductor_config, "emulate_precision_casts", None)
 
     def compiled_wrap(model, ctx):
         return torch.compile(real_wrap(model, ctx))
 
     distributed.wrap = compiled_wrap
-    if has_switch:
-        inductor_config.emulate_precision_casts = True
     try:
-        first = train_run(bench, "gpu", 0, label="compiled run 1 (compiles)")
-        second = train_run(bench, "gpu", 1, label="compiled run 2")
+        yield
     finally:
         distributed.wrap = real_wrap
-        if has_switch:
-            inductor_config.emulate_precision_casts = emulate
-    return {"first": first, "second": second, "emulate_precision_casts": has_switch}
 
 
 # --------------------------------------------------------------------------- report
@@ -916,11 +956,15 @@ def table(results: dict[str, Any]) -> str:
                 f"{audit.get('syncs')} over {audit.get('steps')} steps"
             )
         else:
-            a, b = value["first"], value["second"]
-            lines.append(
-                f"{key}: loop {a['loop_seconds']} s (first run), {b['loop_seconds']} s "
-                f"(second), wall {a['wall_seconds']} / {b['wall_seconds']} s"
-            )
+            notes = [f"{k}: {v}" for k, v in value.items() if k.startswith("emulate_p")]
+            if "first" in value:
+                a, b = value["first"], value["second"]
+                lines.append(
+                    f"{key}: loop {a['loop_seconds']} s (first run), {b['loop_seconds']} s "
+                    f"(second), wall {a['wall_seconds']} / {b['wall_seconds']} s, NC "
+                    f"{100 * b['test']['nearest_center_accuracy']:.2f}"
+                )
+            lines += [f"{key}: {note}"[:300] for note in notes]
     status = ", ".join(f"{k} {v.get('status')} ({v.get('seconds')} s)" for k, v in stages.items())
     lines.append(f"stages: {status}")
     return "\n".join(lines)
