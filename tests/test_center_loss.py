@@ -1,11 +1,22 @@
-"""CenterLoss against brute-force Python loops, for every update rule."""
+"""CenterLoss against brute-force Python loops, for every update rule and both update paths
+(dense for few classes, sparse for many), on one process and on two (gloo)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from center_embed import CenterLoss
+from center_embed.center_loss import DENSE_MAX_CLASSES
+
+PATHS = ["dense", "sparse"]
 
 
 def brute_force_loss(x: list[list[float]], y: list[int], c: list[list[float]]) -> float:
@@ -151,3 +162,179 @@ def test_shape_and_option_errors():
         CenterLoss(4, 2, update="adam")
     with pytest.raises(ValueError, match="alpha"):
         CenterLoss(4, 2, alpha=0)
+
+
+# --------------------------------------------------------------------------- both paths
+
+
+def brute_force_run(batches, num_classes, dim, update, alpha=0.5, decay=1.0):
+    """Centers and counts after the batches, by Python loops over classes and samples."""
+    centers = [[0.0] * dim for _ in range(num_classes)]
+    counts = [0.0] * num_classes
+    sums = [[0.0] * dim for _ in range(num_classes)]
+    for x, y in batches:
+        for j in range(num_classes):
+            members = [xi for xi, yi in zip(x, y, strict=True) if yi == j]
+            n = len(members)
+            if update == "paper":
+                for d in range(dim):
+                    delta = sum(centers[j][d] - xi[d] for xi in members) / (1 + n)
+                    centers[j][d] -= alpha * delta
+                counts[j] += n
+            else:
+                counts[j] = decay * counts[j] + n
+                for d in range(dim):
+                    sums[j][d] = decay * sums[j][d] + sum(xi[d] for xi in members)
+                if n:  # only classes in the batch are recomputed
+                    centers[j] = [s / counts[j] for s in sums[j]]
+    return centers, counts
+
+
+def random_batches(num_classes, dim, steps=4, batch=24, seed=0, present=None):
+    """Batches with duplicated labels in each, drawn from `present` classes (default: the
+    first half, so the other half stays absent throughout)."""
+    g = torch.Generator().manual_seed(seed)
+    present = present if present is not None else list(range(max(1, num_classes // 2)))
+    batches = []
+    for _ in range(steps):
+        x = torch.randn(batch, dim, generator=g, dtype=torch.float64) * 2 + 1
+        y = torch.tensor(present)[torch.randint(0, len(present), (batch,), generator=g)]
+        y[1] = y[0]  # at least one duplicate
+        batches.append((x, y))
+    return batches
+
+
+RULES = [("paper", {"alpha": 0.5}), ("paper", {"alpha": 1.0}), ("mean", {"decay": 1.0}),
+         ("mean", {"decay": 0.8})]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("update", "options"), RULES)
+def test_both_paths_match_brute_force(path, dtype, update, options):
+    num_classes, dim = 9, 3
+    batches = random_batches(num_classes, dim, present=[0, 2, 3, 7])
+    criterion = CenterLoss(num_classes, dim, update, path=path, **options).to(dtype).train()
+    for x, y in batches:
+        loss = criterion(x.to(dtype), y)
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    plain = [(x.tolist(), y.tolist()) for x, y in batches]
+    centers, counts = brute_force_run(plain, num_classes, dim, update, **options)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    expected = torch.tensor(centers, dtype=torch.float64)
+    torch.testing.assert_close(criterion.centers.double(), expected, atol=tolerance, rtol=0)
+    counts_expected = torch.tensor(counts, dtype=torch.float64)
+    torch.testing.assert_close(criterion.counts.double(), counts_expected, atol=0, rtol=tolerance)
+    for absent in (1, 4, 5, 6, 8):  # never in a batch: untouched, and no NaN from 0 / 0
+        assert criterion.centers[absent].abs().sum() == 0
+        assert criterion.counts[absent] == 0
+
+
+@pytest.mark.parametrize(("update", "options"), RULES)
+def test_dense_and_sparse_paths_agree_bit_for_bit_on_cpu(update, options):
+    num_classes, dim = 40, 6
+    modules = {p: CenterLoss(num_classes, dim, update, path=p, **options).train() for p in PATHS}
+    for x, y in random_batches(num_classes, dim, steps=6, batch=50, seed=3):
+        losses = {p: m(x.float(), y) for p, m in modules.items()}
+        assert torch.equal(losses["dense"], losses["sparse"])
+    dense, sparse = modules["dense"], modules["sparse"]
+    for name in ("centers", "counts", "sums"):
+        assert torch.equal(getattr(dense, name), getattr(sparse, name)), name
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_class_decayed_after_being_seen_keeps_its_mean(path):
+    """Mean rule with a decay: a class absent from later batches keeps S_j / N_j."""
+    criterion = CenterLoss(3, 2, "mean", decay=0.5, path=path).train()
+    criterion(torch.tensor([[2.0, 4.0], [4.0, 8.0]]), torch.tensor([1, 1]))
+    for _ in range(30):  # N_1 shrinks towards 0; the center of class 1 must not move
+        criterion(torch.tensor([[1.0, 1.0]]), torch.tensor([0]))
+    assert criterion.centers[1].tolist() == [3.0, 6.0]
+    assert criterion.centers[0].tolist() == [1.0, 1.0]
+    assert criterion.centers[2].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("update", ["paper", "mean"])
+def test_empty_batch_and_single_sample(path, update):
+    criterion = CenterLoss(5, 2, update, path=path).train()
+    loss = criterion(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0 and criterion.centers.abs().sum() == 0
+    criterion(torch.tensor([[2.0, -2.0]]), torch.tensor([4]))
+    # paper: c − α·(c − x)/(1 + n) with c = 0, α = 0.5, n = 1; mean: x itself
+    expected = [0.5, -0.5] if update == "paper" else [2.0, -2.0]
+    assert criterion.centers[4].tolist() == expected
+    assert criterion.counts.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_path_choice():
+    assert CenterLoss(DENSE_MAX_CLASSES, 2).path == "dense"
+    assert CenterLoss(DENSE_MAX_CLASSES + 1, 2).path == "sparse"
+    assert CenterLoss(10, 2, path="sparse").path == "sparse"
+    assert "path='dense'" in repr(CenterLoss(10, 2))
+    with pytest.raises(ValueError, match="path must be"):
+        CenterLoss(10, 2, path="fast")
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_rules(rank: int, world: int, num_classes: int, path: str) -> dict[str, torch.Tensor]:
+    """Every rule over three global batches of 12, on this process's shard of each."""
+    out = {}
+    batches = random_batches(num_classes, 4, steps=3, batch=12, seed=5, present=[1, 3, 4, 9])
+    shard = 12 // world
+    for update, options in RULES:
+        criterion = CenterLoss(num_classes, 4, update, path=path, **options).train()
+        for x, y in batches:
+            mine = slice(rank * shard, (rank + 1) * shard)
+            criterion(x[mine].float(), y[mine])
+        key = f"{update}-{next(iter(options.values()))}"
+        out[f"{key}.centers"] = criterion.centers.clone()
+        out[f"{key}.counts"] = criterion.counts.clone()
+    return out
+
+
+def _distributed_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for path in PATHS:
+            result = _run_rules(rank, WORLD, 11, path)
+            torch.save(result, Path(out) / f"{path}-{rank}.pt")
+        dist.barrier()  # leave together: gloo torn down under a peer can abort it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_update_as_one_process_on_the_global_batch(tmp_path):
+    ctx = mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+                   join=False)  # fmt: skip
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("processes still running after 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    one = _run_rules(0, 1, 11, "dense")
+    for path in PATHS:
+        ranks = [torch.load(tmp_path / f"{path}-{r}.pt") for r in range(WORLD)]
+        for key, expected in one.items():
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"{path}: ranks differ in {key}"
+            torch.testing.assert_close(ranks[0][key], expected, atol=1e-6, rtol=0,
+                                       msg=f"{path} {key}")  # fmt: skip
+        assert ranks[0]["paper-0.5.centers"][1].abs().sum() > 0.1  # they moved
+        assert ranks[0]["paper-0.5.centers"][0].abs().sum() == 0  # an absent class did not
