@@ -104,11 +104,11 @@ export PYTHONPATH=$PKG CENTER_EMBED_STAGED=1
 # ---------------------------------------------------------------- tests
 # From the staged copy: pytest puts the rootdir of tests/ (a package) first on sys.path,
 # and `python3 -m` the working directory; here both are $PKG, never the checkout.
-say "tests (marker gpu, and the center-loss tests)"
+say "tests (marker gpu, and the center-loss and training tests)"
 T=$(( $(left) - 200 )); [ "$T" -gt 300 ] && T=300; [ "$T" -lt 60 ] && T=60
 (
   cd "$PKG" && timeout -k 10 "$T" python3 -m pytest -q -p no:cacheprovider -rs \
-    -m "gpu or not slow" tests/test_gpu.py tests/test_center_loss.py
+    -m "gpu or not slow" tests/test_gpu.py tests/test_center_loss.py tests/test_train.py
 ) 2>&1 | tee "$OUT/pytest.log"
 PYTEST_STATUS="exit ${PIPESTATUS[0]}"
 

@@ -173,23 +173,38 @@ class Run:
         }
 
     def checkpoint(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint dict (see checkpoint.py): everything a resume or export needs."""
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "package_version": __version__,
-            "config": self.cfg.to_dict(),
-            "class_names": list(self.data.class_names),
-            "preprocess": self.data.preprocess,
-            "embedding_dim": self.cfg.model.embedding_dim,
-            "model": self.model.state_dict(),
-            "center_loss": self.criterion.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "ema": None if self.lookahead is None else self.lookahead.state,
-            "epoch": self.step / self.steps_per_epoch,
-            "step": self.step,
-            "metrics": metrics,
-            "data_source": self.data.source,
-        }
+        """The checkpoint dict (see checkpoint.py): everything a resume or export needs,
+        with every tensor on the CPU, so a file written on a GPU loads anywhere with
+        torch.load(weights_only=True)."""
+        return _to_cpu(
+            {
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "package_version": __version__,
+                "config": self.cfg.to_dict(),
+                "class_names": list(self.data.class_names),
+                "preprocess": self.data.preprocess,
+                "embedding_dim": self.cfg.model.embedding_dim,
+                "model": self.model.state_dict(),
+                "center_loss": self.criterion.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": None if self.lookahead is None else self.lookahead.state,
+                "epoch": self.step / self.steps_per_epoch,
+                "step": self.step,
+                "metrics": metrics,
+                "data_source": self.data.source,
+            }
+        )
+
+
+def _to_cpu(value: Any) -> Any:
+    """The same nested dicts, lists and tuples, with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def setup(
@@ -308,9 +323,17 @@ def training_forward(
     eval mode would be a second compilation.
     """
     forward = distributed.wrap(model, ctx)
-    if compile and device.type == "cuda":
-        return torch.compile(forward)  # the batch size is fixed (partial batches dropped)
-    return forward
+    if not (compile and device.type == "cuda"):
+        return forward
+    import torch._inductor.config as inductor_config
+
+    # In bf16, inductor otherwise keeps fused intermediates unrounded, and the backward of
+    # the global max pool (torch.amax) compares a rounded activation with an unrounded
+    # maximum, matches nothing and divides 0 by 0: NaN from the second step (reproduced
+    # on the CPU). Rounding where eager rounds keeps the two in agreement.
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        inductor_config.emulate_precision_casts = True
+    return torch.compile(forward)  # the batch size is fixed (partial batches dropped)
 
 
 # --------------------------------------------------------------------------- one step

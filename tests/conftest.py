@@ -69,3 +69,17 @@ def tiny_checkpoint(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("run")
     train(tiny_config(tiny_folder), out, log=lambda _: None)
     return out / "best.pt"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, with a reason, where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -152,6 +152,10 @@ def test_tiny_training_run_on_cuda(tiny_folder, tmp_path):
     # A checkpoint written on the GPU rebuilds on the CPU (what export and eval do).
     model, criterion, _ = build_model(load_checkpoint(tmp_path / "best.pt"))
     assert criterion.centers.device.type == "cpu"
+    # And with plain torch.load, as DESIGN.md promises: every tensor was saved on the CPU.
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)
+    devices = {t.device.type for t in _tensors(raw)}
+    assert devices == {"cpu"}
     assert torch.isfinite(model.embed(torch.zeros(2, 3, 32, 32))).all()
 
 
@@ -178,3 +182,14 @@ def test_bf16_channels_last_forward_matches_fp32(widths):
     cosine = F.cosine_similarity(e16, e32, dim=1)
     assert cosine.min() >= 0.995, cosine.min()
     torch.testing.assert_close(logits16, logits32, atol=0.05 * logits32.abs().max(), rtol=0)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _tensors(v)
