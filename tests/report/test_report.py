@@ -24,13 +24,7 @@ from center_embed.report.build import (
 )
 from center_embed.report.plots import project_2d
 from center_embed.runtime import OnnxModel
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from center_embed.export.onnx_export import export_checkpoint
-
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+from tests.helpers import tiny_config, write_image_folder
 
 
 @pytest.fixture()
@@ -124,8 +118,6 @@ def test_report_without_a_run(tiny_onnx, tiny_folder, tmp_path):
 
 
 def test_report_needs_the_model_classes(tiny_onnx, tmp_path):
-    from tests.conftest import write_image_folder
-
     other = write_image_folder(tmp_path / "d", {"train": 2, "test": 2}, ["cyan", "magenta"])
     with pytest.raises(UserError, match="lacks the model's classes"):
         build_report(tiny_onnx, tmp_path / "r", str(other))
@@ -177,7 +169,6 @@ def test_a_2d_model_is_drawn_without_projection(tiny_folder, tmp_path, monkeypat
     from center_embed.export.onnx_export import export_checkpoint
     from center_embed.report import plots as report_plots
     from center_embed.train import train
-    from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_folder, model__embedding_dim="2", train__epochs="1")
     train(cfg, tmp_path / "run", log=lambda _: None)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from center_embed.center_loss import DENSE_MAX_CLASSES, CenterLoss
 from center_embed.config import ModelConfig, load_config
 from center_embed.model import EmbeddingNet
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 
 from center_embed import CenterLoss
 from center_embed.center_loss import DENSE_MAX_CLASSES
+from tests.helpers import free_port
 
 PATHS = ["dense", "sparse"]
 
@@ -282,12 +282,6 @@ def test_path_choice():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_rules(rank: int, world: int, num_classes: int, path: str) -> dict[str, torch.Tensor]:
     """Every rule over three global batches of 12, on this process's shard of each."""
     out = {}
@@ -318,7 +312,7 @@ def _distributed_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_processes_update_as_one_process_on_the_global_batch(tmp_path):
-    ctx = mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+    ctx = mp.spawn(_distributed_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
                    join=False)  # fmt: skip
     deadline = time.monotonic() + 120
     try:

@@ -21,17 +21,9 @@ from center_embed.errors import UserError
 from center_embed.runtime import OnnxModel
 from center_embed.score.local import score
 from center_embed.score.output import PartWriter
-from tests.test_data import write_cifar
+from tests.helpers import ROOT, write_cifar
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown", "distances", "embedding"]
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from center_embed.export.onnx_export import export_checkpoint
-
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
 @pytest.fixture()

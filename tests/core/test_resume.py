@@ -17,9 +17,8 @@ from center_embed import train as train_module
 from center_embed.checkpoint import load_checkpoint
 from center_embed.errors import UserError
 from center_embed.train import TrainingInterrupted, train
-from tests.conftest import tiny_config
+from tests.helpers import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # tiny_config: 144 training images, batches of 32
 STATE_KEYS = ("model", "center_loss", "ema")
 

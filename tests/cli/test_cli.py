@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from center_embed.cli import COMMANDS, build_parser, main
-from tests.package_layout import ROOT, source_modules
+from tests.helpers import ROOT, source_modules
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

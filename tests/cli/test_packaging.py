@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.package_layout import ROOT, package_dirs, public_modules, source_modules
+from tests.helpers import ROOT, package_dirs, public_modules, source_modules
 
 SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE")
 

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from center_embed.metrics import intra_inter_ratio, retrieval_metrics, squared_distances
-
-
-def brute_force_retrieval(x: list[list[float]], y: list[int]) -> tuple[float, float]:
-    p1, aps, n = 0.0, 0.0, 0
-    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
-        others = [(math.dist(xi, xj), y[j]) for j, xj in enumerate(x) if j != i]
-        others.sort(key=lambda t: t[0])
-        r = sum(1 for _, yj in others if yj == yi)
-        if r == 0:
-            continue
-        n += 1
-        p1 += others[0][1] == yi
-        hits, ap = 0, 0.0
-        for k, (_, yj) in enumerate(others[:r], start=1):
-            if yj == yi:
-                hits += 1
-                ap += hits / k
-        aps += ap / r
-    return p1 / n, aps / n
+from tests.helpers import brute_force_retrieval
 
 
 def test_retrieval_matches_brute_force():

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,8 +35,14 @@ from center_embed.service.app import create_app
 from center_embed.service.batcher import BatchTimeout, MicroBatcher, QueueFull
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
-from tests import service_fixtures
-from tests.service_fixtures import API_KEY, encode, png_bomb, serve_in_thread, tiny_images
+from tests.helpers import (
+    API_KEY,
+    encode,
+    free_port,
+    png_bomb,
+    serve_in_thread,
+    tiny_images,
+)
 
 with warnings.catch_warnings():  # starlette's notice that its TestClient will move to httpx2
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
@@ -45,10 +50,6 @@ with warnings.catch_warnings():  # starlette's notice that its TestClient will m
 
 OPENAPI_COPY = Path(__file__).parent / "openapi.json"
 JSON_TYPE = {"content-type": "application/json"}
-# The shared fixtures (the exported model, onnxruntime on it, a live server).
-served_onnx = service_fixtures.served_onnx
-reference = service_fixtures.reference
-live = service_fixtures.live
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,8 +134,8 @@ def images() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def client(served_onnx) -> Iterator[TestClient]:
-    with running(served_onnx, max_images=8, max_vectors=4, max_body_bytes=256 * 1024) as c:
+def client(tiny_onnx) -> Iterator[TestClient]:
+    with running(tiny_onnx, max_images=8, max_vectors=4, max_body_bytes=256 * 1024) as c:
         yield c
 
 
@@ -208,7 +209,7 @@ def test_distances_agree_with_onnxruntime(client, reference, images):
     assert [list(r["distances"]) for r in top1] == [[r["class_name"]] for r in top1]
 
 
-def test_model_and_centers(client, reference, served_onnx):
+def test_model_and_centers(client, reference, tiny_onnx):
     import onnx
     from onnx import numpy_helper
 
@@ -218,7 +219,7 @@ def test_model_and_centers(client, reference, served_onnx):
     assert body["limits"]["max_images"] == 8 and body["limits"]["max_vectors"] == 4
     assert body["model"]["num_classes"] == len(reference.info.class_names)
 
-    graph = onnx.load(served_onnx).graph
+    graph = onnx.load(tiny_onnx).graph
     centers = next(numpy_helper.to_array(i) for i in graph.initializer if i.name == "centers")
     body = client.get("/v1/centers").json()
     assert body["dim"] == reference.info.embedding_dim
@@ -379,9 +380,9 @@ def test_bad_base64_and_malformed_json(client, images):
     assert response.status_code == 400
 
 
-def test_pillow_bomb_guard_stays_on(served_onnx):
+def test_pillow_bomb_guard_stays_on(tiny_onnx):
     """With our pixel limit above Pillow's, Pillow's own decompression-bomb guard answers."""
-    with running(served_onnx, max_pixels=10**12) as client:
+    with running(tiny_onnx, max_pixels=10**12) as client:
         # Pillow's error (over twice its limit) and its warning (over its limit) both refuse.
         for side in (100_000, 10_000):
             response = client.post("/v1/embed", files=multipart(png_bomb(side, side)))
@@ -455,13 +456,13 @@ def test_routing_and_query_errors(client, images):
 # --------------------------------------------------------------------------- security
 
 
-def test_api_keys(served_onnx, images, tmp_path, caplog):
+def test_api_keys(tiny_onnx, images, tmp_path, caplog):
     key_file = tmp_path / "keys.txt"
     key_file.write_text("# service keys\nfile-key-1\n\n")
     missing = error(401, "unauthorized", "missing API key: send Authorization: Bearer <key>")
     invalid = error(401, "unauthorized", "invalid API key")
     caplog.set_level(logging.DEBUG)
-    with running(served_onnx, api_keys=[API_KEY, "other"], api_keys_file=key_file) as client:
+    with running(tiny_onnx, api_keys=[API_KEY, "other"], api_keys_file=key_file) as client:
         for route in ("/v1/model", "/v1/centers"):
             response = client.get(route)
             assert answer(response) == missing
@@ -482,18 +483,18 @@ def test_api_keys(served_onnx, images, tmp_path, caplog):
     logged = "\n".join(record.getMessage() + str(record.__dict__) for record in caplog.records)
     assert "center_embed.access" in {record.name for record in caplog.records}
     assert API_KEY not in logged and "file-key-1" not in logged
-    assert API_KEY not in repr(Settings(model=served_onnx, api_keys=[API_KEY]))
+    assert API_KEY not in repr(Settings(model=tiny_onnx, api_keys=[API_KEY]))
     key_file.write_text("# nothing yet\n")  # a key file without keys never opens the API
     with pytest.raises(UserError, match="holds no key"):
-        create_app(Settings(model=served_onnx, api_keys_file=key_file))
+        create_app(Settings(model=tiny_onnx, api_keys_file=key_file))
 
 
-def test_cors_off_unless_configured(served_onnx):
+def test_cors_off_unless_configured(tiny_onnx):
     preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
-    with running(served_onnx) as client:
+    with running(tiny_onnx) as client:
         response = client.options("/v1/classify", headers=preflight)
         assert "access-control-allow-origin" not in response.headers
-    with running(served_onnx, cors_origins=["http://ui.example"]) as client:
+    with running(tiny_onnx, cors_origins=["http://ui.example"]) as client:
         response = client.options("/v1/classify", headers=preflight)
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == "http://ui.example"
@@ -502,10 +503,10 @@ def test_cors_off_unless_configured(served_onnx):
 # --------------------------------------------------------------------------- readiness, load
 
 
-def test_readyz_before_and_after_warm_up(served_onnx, images):
-    served = ServedModel.open(served_onnx, "cpu")
+def test_readyz_before_and_after_warm_up(tiny_onnx, images):
+    served = ServedModel.open(tiny_onnx, "cpu")
     gate = Gate(served, is_open=False)  # warm-up blocks until the test opens the gate
-    with running(served_onnx, served, wait_ready=False) as client:
+    with running(tiny_onnx, served, wait_ready=False) as client:
         assert gate.entered.wait(10)
         assert answer(client.get("/healthz")) == (200, {"status": "ok"})
         not_ready = error(503, "not_ready", "model is loading or warming up")
@@ -522,10 +523,10 @@ def test_readyz_before_and_after_warm_up(served_onnx, images):
         assert "center_embed_ready 1.0" in client.get("/metrics").text
 
 
-def test_warm_up_failure_stays_not_ready(served_onnx):
-    good = ServedModel.open(served_onnx, "cpu")
+def test_warm_up_failure_stays_not_ready(tiny_onnx):
+    good = ServedModel.open(tiny_onnx, "cpu")
     wrong = ServedModel(good.model, good.centers + 1.0, good.sha256)  # not the graph's centers
-    with running(served_onnx, wrong, wait_ready=False) as client:
+    with running(tiny_onnx, wrong, wait_ready=False) as client:
         deadline = time.monotonic() + 10
         while not client.app.state.warmup_error:
             assert time.monotonic() < deadline
@@ -535,12 +536,12 @@ def test_warm_up_failure_stays_not_ready(served_onnx):
         assert "centers initializer is not what the graph uses" in body["error"]["message"]
 
 
-def test_dependencies_can_be_overridden(served_onnx, reference, images):
+def test_dependencies_can_be_overridden(tiny_onnx, reference, images):
     """Each route takes what it uses from service/deps.py, so a test can swap it."""
     from center_embed.service import deps
     from center_embed.service.security import KeyChecker
 
-    with running(served_onnx, api_keys=[API_KEY], max_vectors=4) as client:
+    with running(tiny_onnx, api_keys=[API_KEY], max_vectors=4) as client:
         auth = {"Authorization": f"Bearer {API_KEY}"}
         overrides = client.app.dependency_overrides
         served = client.app.state.model
@@ -554,7 +555,7 @@ def test_dependencies_can_be_overridden(served_onnx, reference, images):
                 for r in response.json()["results"]]  # fmt: skip
         np.testing.assert_allclose(ours, shifted.distances(vectors)["distances"], rtol=1e-5)
 
-        overrides[deps.get_settings] = lambda: Settings(model=served_onnx, max_vectors=1)
+        overrides[deps.get_settings] = lambda: Settings(model=tiny_onnx, max_vectors=1)
         response = client.post("/v1/distances", json={"embeddings": vectors.tolist()}, headers=auth)
         assert answer(response) == error(
             413, "too_many_vectors", "2 vectors in one request; at most 1"
@@ -573,11 +574,11 @@ def test_dependencies_can_be_overridden(served_onnx, reference, images):
         np.testing.assert_array_equal([c["center"] for c in body["centers"]], served.centers)
 
 
-def test_queue_full_answers_429_and_timeout_504(served_onnx, images):
-    served = ServedModel.open(served_onnx, "cpu")
+def test_queue_full_answers_429_and_timeout_504(tiny_onnx, images):
+    served = ServedModel.open(tiny_onnx, "cpu")
     gate = Gate(served)
     settings = {"max_queue": 2, "max_images": 2, "max_batch": 2, "timeout_s": 5}
-    with running(served_onnx, served, **settings) as client, ThreadPoolExecutor(2) as pool:
+    with running(tiny_onnx, served, **settings) as client, ThreadPoolExecutor(2) as pool:
         gate.opened.clear()
         gate.entered.clear()
         first = pool.submit(client.post, "/v1/embed", files=multipart(images[0]))
@@ -599,7 +600,7 @@ def test_queue_full_answers_429_and_timeout_504(served_onnx, images):
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert gate.batches[-2:] == [1, 2]
 
-    with running(served_onnx, served, timeout_s=0.2) as client:
+    with running(tiny_onnx, served, timeout_s=0.2) as client:
         gate.opened.clear()
         started = time.monotonic()
         response = client.post("/v1/classify", files=multipart(images[0]))
@@ -739,10 +740,10 @@ def test_batch_waits_for_requests_on_the_way():
 # --------------------------------------------------------------------------- shutdown
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(served_onnx, images):
-    served = ServedModel.open(served_onnx, "cpu")
+def test_graceful_shutdown_finishes_in_flight_requests(tiny_onnx, images):
+    served = ServedModel.open(tiny_onnx, "cpu")
     gate = Gate(served)
-    app = create_app(Settings(model=served_onnx), model=served)
+    app = create_app(Settings(model=tiny_onnx), model=served)
     with serve_in_thread(app) as server, ThreadPoolExecutor(3) as pool:
         gate.opened.clear()
         gate.entered.clear()
@@ -763,16 +764,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(served_onnx, images):
         assert [f.result().status_code for f in pending] == [200, 200, 200]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("workers", [1, 2])
-def test_cli_serve_workers_and_sigterm(served_onnx, images, workers):
+def test_cli_serve_workers_and_sigterm(tiny_onnx, images, workers):
     port = free_port()
-    command = [sys.executable, "-m", "center_embed.cli", "serve", str(served_onnx),
+    command = [sys.executable, "-m", "center_embed.cli", "serve", str(tiny_onnx),
                "--port", str(port), "--workers", str(workers)]  # fmt: skip
     env = {**os.environ, "CENTER_EMBED_API_KEYS": API_KEY}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -827,13 +822,13 @@ def test_cli_errors_and_help(tmp_path, capsys, monkeypatch):
     assert "MAX_BATCH" in capsys.readouterr().out
 
 
-def test_bad_settings_never_echo_keys(served_onnx, monkeypatch, capsys):
+def test_bad_settings_never_echo_keys(tiny_onnx, monkeypatch, capsys):
     from center_embed.cli import main
 
     monkeypatch.setenv("CENTER_EMBED_MODEL", "")  # serve sets it; restored afterwards
     monkeypatch.setenv("CENTER_EMBED_API_KEYS", "very-secret")
     monkeypatch.setenv("CENTER_EMBED_MAX_BATCH", "0")
-    assert main(["serve", str(served_onnx)]) == 1
+    assert main(["serve", str(tiny_onnx)]) == 1
     err = capsys.readouterr().err
     assert "CENTER_EMBED_MAX_BATCH" in err and "very-secret" not in err
 
@@ -847,18 +842,18 @@ def test_openapi_matches_committed_copy(client):
         OPENAPI_COPY.write_text(json.dumps(served, indent=2, sort_keys=True) + "\n")
     assert served == json.loads(OPENAPI_COPY.read_text()), (
         "the API changed: review it, then CENTER_EMBED_UPDATE_OPENAPI=1 pytest "
-        "tests/test_service.py -k openapi"
+        "tests/service/test_service.py -k openapi"
     )
 
 
-def test_service_never_imports_torch(served_onnx, images):
+def test_service_never_imports_torch(tiny_onnx, images):
     code = f"""
 import sys
 from fastapi.testclient import TestClient
 from center_embed.service.app import create_app
 from center_embed.service.settings import Settings
 import center_embed.cli.serve, center_embed.service.client
-app = create_app(Settings(model={str(served_onnx)!r}))
+app = create_app(Settings(model={str(tiny_onnx)!r}))
 with TestClient(app) as client:
     while client.get("/readyz").status_code != 200:
         pass

@@ -10,7 +10,6 @@ import gc
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,18 +27,11 @@ from center_embed import distributed
 from center_embed.center_loss import CenterLoss
 from center_embed.checkpoint import load_checkpoint
 from center_embed.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import ROOT, free_port, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 RULES = {"paper": dict(alpha=0.5), "mean": dict(decay=0.9), "sgd": {}}
 B, C, D, STEPS = 12, 5, 4, 3  # global batch, classes, embedding dim, optimizer steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(fn, *args, timeout: float = 120) -> None:

@@ -15,7 +15,7 @@ from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
 from center_embed.inference import embed_images
 from center_embed.train import train
-from tests.conftest import tiny_config, write_image_folder
+from tests.helpers import tiny_config, write_image_folder
 
 
 def test_subset_run_trains_evaluates_and_records_its_classes(tiny_folder, tmp_path):

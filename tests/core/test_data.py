@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,38 +21,7 @@ from center_embed.data import (
 )
 from center_embed.errors import UserError
 from center_embed.loader import BatchLoader
-from tests.conftest import write_image_folder
-
-
-def cifar_batch(n: int, seed: int, num_classes: int = 10) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"labels": [int(v) for v in rng.integers(0, num_classes, n)],
-        b"batch_label": b"test",
-    }
-
-
-def write_cifar(root: Path, as_archive: bool, per_batch: int = 6) -> tuple[Path, dict]:
-    """A small CIFAR-10 python archive (or extracted folder) in the canonical format."""
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    batches = {name: cifar_batch(per_batch, seed) for seed, name in enumerate(names)}
-    meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}
-    blobs = {name: pickle.dumps(b) for name, b in batches.items()}
-    blobs["batches.meta"] = pickle.dumps(meta)
-    if not as_archive:
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        for name, blob in blobs.items():
-            (folder / name).write_bytes(blob)
-        return root, batches
-    path = root / "cifar-10-python.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, blob in blobs.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path, batches
+from tests.helpers import write_cifar, write_image_folder
 
 
 @pytest.mark.parametrize("as_archive", [True, False])

@@ -24,11 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests import service_fixtures
-from tests.service_fixtures import API_KEY
-
-served_onnx = service_fixtures.served_onnx  # the shared fixtures
-live = service_fixtures.live
+from tests.helpers import API_KEY
 
 CHECKS = [
     not_a_server_error,

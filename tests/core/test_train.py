@@ -16,7 +16,7 @@ from center_embed.checkpoint import (
 from center_embed.errors import UserError
 from center_embed.evaluate import evaluate_checkpoint
 from center_embed.train import train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("update", ["paper", "mean", "sgd"])

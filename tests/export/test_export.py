@@ -28,12 +28,7 @@ from center_embed.export.onnx_export import OPSET, export_checkpoint
 from center_embed.export.verify import split_accuracy
 from center_embed.inference import embed_images
 from center_embed.runtime import OnnxModel
-from tests.conftest import write_image_folder
-
-
-@pytest.fixture(scope="module")
-def fp32_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+from tests.helpers import write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +64,10 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17, 40])
-def test_parity_with_torch(tiny_checkpoint, fp32_model, batch):
+def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     _, test = splits(tiny_checkpoint)
     images = np.ascontiguousarray(test.images[:batch])
-    got = OnnxModel(fp32_model, device="cpu").run(images)
+    got = OnnxModel(tiny_onnx, device="cpu").run(images)
     want = torch_outputs(tiny_checkpoint, images)
     assert relative(got["embeddings"], want["embeddings"]) < 1e-4
     assert relative(got["distances"], want["distances"]) < 1e-4
@@ -81,15 +76,15 @@ def test_parity_with_torch(tiny_checkpoint, fp32_model, batch):
     assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
 
 
-def test_dynamic_batch_and_io_contract(fp32_model):
-    proto = onnx.load(str(fp32_model))
+def test_dynamic_batch_and_io_contract(tiny_onnx):
+    proto = onnx.load(str(tiny_onnx))
     (image_input,) = proto.graph.input
     dims = image_input.type.tensor_type.shape.dim
     assert image_input.name == contract.INPUT_NAME and dims[0].dim_param and not dims[0].dim_value
     assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
-    model = OnnxModel(fp32_model, device="cpu", threads=1)
+    model = OnnxModel(tiny_onnx, device="cpu", threads=1)
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 33):
         out = model.run(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
@@ -107,12 +102,12 @@ def test_dynamic_batch_and_io_contract(fp32_model):
     }
 
 
-def test_contract_distances_are_the_graphs(fp32_model):
+def test_contract_distances_are_the_graphs(tiny_onnx):
     """The numpy formula the service uses on vectors gives the graph's own outputs."""
-    model = OnnxModel(fp32_model, device="cpu", threads=1)
+    model = OnnxModel(tiny_onnx, device="cpu", threads=1)
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    d = contract.squared_distances(out["embeddings"], contract.read_centers(fp32_model))
+    d = contract.squared_distances(out["embeddings"], contract.read_centers(tiny_onnx))
     np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
     nearest = contract.nearest_centers(out["distances"])
     np.testing.assert_array_equal(nearest["labels"], out["labels"])
@@ -136,11 +131,11 @@ def test_checkpoint_object_gives_back_the_dict_on_disk(tiny_checkpoint):
     assert all(torch.equal(loaded.model_state[k], v) for k, v in raw["model"].items())
 
 
-def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, fp32_model):
-    proto = onnx.load(str(fp32_model), load_external_data=False)
+def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, tiny_onnx):
+    proto = onnx.load(str(tiny_onnx), load_external_data=False)
     assert [p.version for p in proto.opset_import if p.domain in ("", "ai.onnx")] == [OPSET]
     assert all(not i.external_data for i in proto.graph.initializer)
-    assert list(fp32_model.parent.iterdir()) == [fp32_model]  # no side file, no temp left
+    assert list(tiny_onnx.parent.iterdir()) == [tiny_onnx]  # no side file, no temp left
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     _, criterion, _ = build_model(load_checkpoint(tiny_checkpoint))
     np.testing.assert_array_equal(initializers["centers"], criterion.centers.numpy())
@@ -152,9 +147,9 @@ def test_one_file_with_named_centers_and_pinned_opset(tiny_checkpoint, fp32_mode
 # --------------------------------------------------------------------------- metadata
 
 
-def test_metadata_round_trip(tiny_checkpoint, fp32_model):
+def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
     ckpt = load_checkpoint(tiny_checkpoint)
-    props = {p.key: p.value for p in onnx.load(str(fp32_model)).metadata_props}
+    props = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
     info = contract.parse_metadata(props)
     assert info.class_names == ckpt["class_names"] == ["blue", "green", "red"]
     assert info.embedding_dim == 16 and info.input_size == (32, 32)
@@ -172,10 +167,10 @@ def test_metadata_round_trip(tiny_checkpoint, fp32_model):
     assert verification["batch_sizes"] == [1, 3, 17] and verification["label_mismatches"] == 0
 
 
-def test_threshold_matches_its_definition(tiny_checkpoint, fp32_model):
+def test_threshold_matches_its_definition(tiny_checkpoint, tiny_onnx):
     """The global threshold is the 95% quantile of min distances of correctly classified
     validation images; each class's is the same over that class."""
-    model = OnnxModel(fp32_model, device="cpu")
+    model = OnnxModel(tiny_onnx, device="cpu")
     val, _ = splits(tiny_checkpoint)
     out = model.run_batched(val.images)
     correct = out["labels"] == val.labels
@@ -215,16 +210,16 @@ def test_quantile_and_test_split_fallback(tiny_checkpoint, tmp_path):
 # --------------------------------------------------------------------------- accuracy
 
 
-def test_verify_accuracy_equals_torch_eval(tiny_checkpoint, fp32_model):
-    onnx_result = split_accuracy(fp32_model)
+def test_verify_accuracy_equals_torch_eval(tiny_checkpoint, tiny_onnx):
+    onnx_result = split_accuracy(tiny_onnx)
     torch_result = evaluate_checkpoint(tiny_checkpoint, device="cpu", tta=0, bf16="off")
     assert onnx_result["images"] == torch_result["test_images"] == 48
     diff = abs(onnx_result["nearest_center_accuracy"] - torch_result["nearest_center_accuracy"])
     assert diff <= 0.001
 
 
-def test_int8_agrees_with_fp32(tiny_checkpoint, fp32_model, int8_model):
-    fp32, int8 = OnnxModel(fp32_model, device="cpu"), OnnxModel(int8_model, device="cpu")
+def test_int8_agrees_with_fp32(tiny_checkpoint, tiny_onnx, int8_model):
+    fp32, int8 = OnnxModel(tiny_onnx, device="cpu"), OnnxModel(int8_model, device="cpu")
     assert int8.info.precision == "int8"
     proto = onnx.load(str(int8_model))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
@@ -244,9 +239,9 @@ def test_int8_agrees_with_fp32(tiny_checkpoint, fp32_model, int8_model):
     )
 
 
-def test_fp16_outputs_stay_float32(tiny_checkpoint, fp32_model, tmp_path):
+def test_fp16_outputs_stay_float32(tiny_checkpoint, tiny_onnx, tmp_path):
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m16.onnx", fp16=True)
-    fp16, fp32 = OnnxModel(path, device="cpu"), OnnxModel(fp32_model, device="cpu")
+    fp16, fp32 = OnnxModel(path, device="cpu"), OnnxModel(tiny_onnx, device="cpu")
     assert fp16.info.precision == "fp16"
     kinds = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
     assert onnx.TensorProto.FLOAT16 in kinds.values()
@@ -368,12 +363,12 @@ def test_calibration_data_with_an_extra_class(tiny_checkpoint, tiny_folder, tmp_
     assert calibration["correct"] >= 45  # labels line up with the model's classes
 
 
-def test_inspect_and_verify_need_no_torch(fp32_model):
+def test_inspect_and_verify_need_no_torch(tiny_onnx):
     """Serving machines run inspect and verify without torch installed."""
     code = (
         "import sys; from center_embed.cli import main; "
-        f"assert main(['inspect', {str(fp32_model)!r}]) == 0; "
-        f"assert main(['verify', {str(fp32_model)!r}]) == 0; "
+        f"assert main(['inspect', {str(tiny_onnx)!r}]) == 0; "
+        f"assert main(['verify', {str(tiny_onnx)!r}]) == 0; "
         "assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
