@@ -1,4 +1,5 @@
-"""The evaluation report: its files, and metrics equal to those computed directly."""
+"""The evaluation report: its files, and metrics equal to brute-force references (Python
+loops over the model's outputs), never to the functions the report itself calls."""
 
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ from center_embed.cli import main
 from center_embed.contract import read_centers
 from center_embed.data import load_dataset
 from center_embed.errors import UserError
-from center_embed.metrics import intra_inter_ratio, retrieval_metrics
 from center_embed.report.build import (
     PLOTS,
     build_report,
     confusion_matrix,
+    embedding_metrics,
     read_run,
 )
 from center_embed.report.plots import project_2d
-from center_embed.runtime import OnnxModel
-from tests.helpers import tiny_config, write_image_folder
+from center_embed.runtime import OnnxModel, describe
+from tests.helpers import (
+    brute_force_intra_inter,
+    brute_force_retrieval,
+    tiny_config,
+    write_image_folder,
+)
 
 
 @pytest.fixture()
@@ -43,7 +49,7 @@ def run_folder(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_report_files_and_metrics_equal_direct_computation(
+def test_report_files_and_metrics_equal_brute_force(
     tiny_onnx, tiny_checkpoint, tiny_folder, run_folder, tmp_path
 ):
     out = tmp_path / "report"
@@ -70,13 +76,12 @@ def test_report_files_and_metrics_equal_direct_computation(
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 400
 
-    # Directly: the model over the test split in one batch, and center_embed.metrics.
+    # Directly: the model over the test split in one batch, and brute-force loops.
     report = json.loads((out / "metrics.json").read_text())
     model = OnnxModel(tiny_onnx)
     test = load_dataset(tiny_folder).test
     result = model.run(np.asarray(test.images))
     labels = np.asarray(test.labels)
-    e, y = torch.from_numpy(result["embeddings"]), torch.from_numpy(labels)
     centers = torch.load(tiny_checkpoint, weights_only=True)["center_loss"]["centers"].float()
     assert torch.allclose(torch.from_numpy(read_centers(tiny_onnx)), centers)
     m = report["onnx"]
@@ -85,10 +90,12 @@ def test_report_files_and_metrics_equal_direct_computation(
     for j, name in enumerate(model.info.class_names):
         mine = labels == j
         assert m["per_class_accuracy"][name] == pytest.approx(np.mean(result["labels"][mine] == j))
-    direct = retrieval_metrics(e, y)
-    assert m["precision_at_1"] == pytest.approx(direct["precision_at_1"], abs=1e-6)
-    assert m["map_at_r"] == pytest.approx(direct["map_at_r"], abs=1e-6)
-    assert m["intra_inter_ratio"] == pytest.approx(intra_inter_ratio(e, y, centers), rel=1e-5)
+    points, truth = result["embeddings"].tolist(), labels.tolist()
+    p1, map_r = brute_force_retrieval(points, truth)
+    assert m["precision_at_1"] == pytest.approx(p1, abs=1e-6)
+    assert m["map_at_r"] == pytest.approx(map_r, abs=1e-6)
+    ratio = brute_force_intra_inter(points, truth, centers.tolist())
+    assert m["intra_inter_ratio"] == pytest.approx(ratio, rel=1e-5)
     unknown = result["min_distances"] > model.info.unknown_threshold
     assert m["unknown_rate"] == pytest.approx(unknown.mean())
     assert np.array(m["confusion_matrix"]).sum() == 48
@@ -113,8 +120,10 @@ def test_report_without_a_run(tiny_onnx, tiny_folder, tmp_path):
     assert set(report["plots"]) == {"embedding_2d", "confusion", "min_distance_hist"}
     assert not (tmp_path / "r" / "training_curves.png").exists()
     page = (tmp_path / "r" / "index.html").read_text()
-    if report["softmax"] is None:  # the tiny checkpoint has no test metrics
-        assert "not available" in page
+    # train() alone records no test figures, so neither a run nor the model has softmax.
+    assert "softmax_accuracy" not in describe(OnnxModel(tiny_onnx).info)["training"]["test"]
+    assert report["softmax"] is None
+    assert "softmax accuracy" in page and "not available" in page
 
 
 def test_report_needs_the_model_classes(tiny_onnx, tmp_path):
@@ -149,6 +158,34 @@ def test_confusion_matrix_matches_a_loop():
     for t, p in zip(truth, predicted, strict=True):
         expected[t, p] += 1
     np.testing.assert_array_equal(confusion_matrix(truth, predicted, 4), expected)
+
+
+def test_embedding_metrics_match_hand_computed_figures():
+    """Six 2-D points, two classes, centers at (0, 0) and (4, 0); the figures by hand."""
+    embeddings = np.array([[0, 0], [1, 0], [0, 1], [4, 0], [3, 0], [2.4, 0]], np.float32)
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    predicted = np.array([0, 0, 0, 1, 1, 1])  # the last point sits nearer center 1
+    unknown = np.array([False, False, True, False, False, True])
+    centers = np.array([[0, 0], [4, 0]], np.float32)
+    outputs = {"labels": predicted, "embeddings": embeddings}
+    m = embedding_metrics(outputs, labels, centers, ["a", "b"], unknown)
+    assert m["nearest_center_accuracy"] == pytest.approx(5 / 6)
+    assert m["per_class_accuracy"] == {"a": pytest.approx(3 / 4), "b": 1.0}
+    # Nearest other point: 0->1 (or 2), 1->0, 2->0, 3->4, then 4->5 (0.6) and 5->4 (0.6),
+    # both of the other class: precision@1 = 4/6.
+    assert m["precision_at_1"] == pytest.approx(4 / 6)
+    # AP@R with R = 3 for class a and R = 1 for class b. Points 0, 1, 2 find the other
+    # three a-points first (5 lies 2.4, 1.4 and 2.6 away; 4 lies 3, 2 and 3.2): AP = 1.
+    # Point 3: 4 first, AP = 1; point 4: 5 first, AP = 0. Point 5 ranks 4(b), 1(a), 3(b):
+    # one hit, at rank 2, AP = (1/2) / 3.
+    ap = [1.0, 1.0, 1.0, 1.0, 0.0, 1 / 6]
+    assert m["map_at_r"] == pytest.approx(sum(ap) / 6)
+    # Own-center distances 0, 1, 1, 0, 1, 2.4 (mean 5.4/6 = 0.9); the centers are 4 apart.
+    assert m["intra_inter_ratio"] == pytest.approx(0.9 / 4)
+    assert m["unknown_rate"] == pytest.approx(2 / 6)
+    assert m["unknown_rate_correct"] == pytest.approx(1 / 5)
+    assert m["unknown_rate_wrong"] == 1.0
+    assert m["accuracy_on_known"] == 1.0
 
 
 def test_read_run_keeps_the_last_record_of_a_repeated_epoch(tmp_path):
