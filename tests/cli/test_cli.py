@@ -251,3 +251,40 @@ def test_importing_a_layer_never_loads_a_layer_above_it():
         if any(is_within(above, package) for package in FORBIDDEN[layer_of(m)])
     ]
     assert offences == []
+
+
+def imported_names(node: ast.AST) -> list[str]:
+    """The modules an import statement names; a relative one as tests.<dots><module>, so
+    that even `from .helpers import x` is not the allowed form."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        return ["tests." + "." * node.level + (node.module or "")]
+    if node.module == "tests":  # from tests import conftest
+        return [f"tests.{alias.name}" for alias in node.names]
+    return [node.module or ""]
+
+
+def test_test_files_import_only_the_helpers():
+    """Under tests/, an import of tests.* names tests.helpers and nothing else (no test
+    module, no conftest): fixtures reach tests through pytest, helpers through one module."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {name}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in imported_names(node)
+        if name.split(".")[0] == "tests" and name != "tests.helpers"
+    ]
+    assert offenders == []
+    # The check sees each form a test file could use.
+    forms = {
+        "from tests.conftest import x": ["tests.conftest"],
+        "from tests import test_data": ["tests.test_data"],
+        "import tests.core.test_train": ["tests.core.test_train"],
+        "from .helpers import y": ["tests..helpers"],
+        "from tests.helpers import ROOT": ["tests.helpers"],
+    }
+    for source, names in forms.items():
+        assert imported_names(ast.parse(source).body[0]) == names, source
