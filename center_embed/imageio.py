@@ -17,9 +17,10 @@ image inside `Image.open` (ICO), which untrusted bytes must never reach.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,12 @@ class ImageTooLargeError(ImageDecodeError):
 
 class ImageFormatError(ImageDecodeError):
     """The bytes are an image, but of a format outside the allowed list."""
+
+
+def known_formats() -> set[str]:
+    """Every format name Pillow can open here (what an allowlist may name)."""
+    Image.init()
+    return set(Image.OPEN)
 
 
 def image_extensions(formats: Collection[str] = SAFE_FORMATS) -> set[str]:
@@ -118,23 +125,40 @@ def decode_image(
     other formats raise ImageFormatError before any of their data is decoded.
     """
     source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    with _decode_errors(), _open(source, formats) as image:
+        check_size(image.width, image.height, max_pixels)
+        image.load()
+        return fit_image(ImageOps.exif_transpose(image), size)
+
+
+def check_size(width: int, height: int, max_pixels: int | None) -> None:
+    """ImageTooLargeError for an image over `max_pixels` or over Pillow's bomb limit."""
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
+        )
+    # Pillow raises above twice its limit and only warns above it; refuse both here,
+    # without a process-wide warnings filter (decoding runs in many threads).
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"image rejected as a decompression bomb: {pixels} pixels exceeds "
+            f"Pillow's limit of {Image.MAX_IMAGE_PIXELS}"
+        )
+
+
+def image_size(data: bytes, formats: Collection[str] | None = SAFE_FORMATS) -> tuple[int, int]:
+    """(width, height) from the header alone, raising as decode_image would (ImageFormatError
+    for a refused format): what a caller budgets decoding time and memory with."""
+    with _decode_errors(), _open(io.BytesIO(data), formats) as image:
+        return image.size
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Pillow's many exceptions on bad bytes, as ImageDecodeError and its subclasses."""
     try:
-        with _open(source, formats) as image:
-            pixels = image.width * image.height
-            if max_pixels is not None and pixels > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {image.width}x{image.height} pixels, "
-                    f"more than the limit of {max_pixels}"
-                )
-            # Pillow raises above twice its limit and only warns above it; refuse both here,
-            # without a process-wide warnings filter (decoding runs in many threads).
-            if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
-                raise ImageTooLargeError(
-                    f"image rejected as a decompression bomb: {pixels} pixels exceeds "
-                    f"Pillow's limit of {Image.MAX_IMAGE_PIXELS}"
-                )
-            image.load()
-            return fit_image(ImageOps.exif_transpose(image), size)
+        yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
