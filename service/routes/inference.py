@@ -156,7 +156,7 @@ ImagePipelineDep = Annotated[ImagePipeline, Depends(get_image_pipeline)]
 router = v1_router()
 TOP_K = Query(None, ge=1, description="keep only the k nearest centers")
 WITH_EMBEDDINGS = Query(False, description="add each image's embedding")
-IMAGE_ERRORS = errors(400, 401, 413, 415, 422, 429, 503, 504)
+IMAGE_ERRORS = errors(400, 401, 408, 413, 415, 422, 429, 503, 504)
 
 
 @router.post(
@@ -202,7 +202,7 @@ async def classify(
 @router.post(
     "/distances",
     response_model=ClassifyResponse,
-    responses={**ok(ClassifyResponse, headers=True), **errors(400, 401, 413, 415, 422, 503)},
+    responses={**ok(ClassifyResponse, headers=True), **errors(400, 401, 408, 413, 415, 422, 503)},
     response_model_exclude_none=True,
     openapi_extra=vectors_body(),
 )
