@@ -40,8 +40,9 @@ Image embeddings, nearest-center classification and distances to every class cen
 from a center-embed ONNX model.
 
 Images: multipart `files` parts, or JSON `{"images": ["<base64>", ...]}` (data URIs
-accepted). Any format Pillow reads; converted to RGB, shorter side resized to the model's
-input size (bilinear), centre-cropped. Distances are squared Euclidean.
+accepted). JPEG, PNG, WebP, GIF, BMP or TIFF by default (CENTER_EMBED_IMAGE_FORMATS; others:
+415); EXIF orientation applied, converted to RGB (deeper pixels scaled), shorter side
+resized to the model's input size (bilinear), centre-cropped. Distances are squared Euclidean.
 
 Errors are JSON `{"error": {"code": ..., "message": ...}}`. Timing headers on image
 routes: `x-queue-time` and `x-inference-time`, in milliseconds.
@@ -127,7 +128,7 @@ async def _lifespan(
         metrics.ready.set(0)
         warm_up.cancel()
         await batcher.close()  # answers whatever is still queued
-        decoder.shutdown(wait=True)
+        decoder.shutdown(wait=True, cancel_futures=True)  # queued decodes of cut requests
         log.info("stopped", extra={"fields": {"model": str(settings.model)}})
 
 

@@ -75,7 +75,7 @@ class NotReady(ServiceError):
 
 
 class Timeout(ServiceError):
-    """504."""
+    """504, or 408 (the request did not reach the server in time)."""
 
 
 # The exception raised for an error answer, by HTTP status (ServiceError for the others:
@@ -83,10 +83,12 @@ class Timeout(ServiceError):
 EXCEPTION_BY_STATUS: dict[int, type[ServiceError]] = {
     400: BadRequest,
     401: Unauthorized,
+    408: Timeout,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: ValidationFailed,
     429: Overloaded,
+    431: BadRequest,
     503: NotReady,
     504: Timeout,
 }

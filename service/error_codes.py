@@ -26,6 +26,8 @@ class ErrorCode(StrEnum):
 
     BAD_REQUEST = "bad_request", 400  # refused by the framework before any route ran
     MALFORMED_BODY = "malformed_body", 400
+    BODY_TIMEOUT = "body_timeout", 408  # the body did not arrive within body_timeout_s
+    HEADER_TIMEOUT = "header_timeout", 408  # sent by service/protocol.py, then closed
     BAD_IMAGE = "bad_image", 400
     BAD_BASE64 = "bad_base64", 400
     UNAUTHORIZED = "unauthorized", 401
@@ -36,25 +38,34 @@ class ErrorCode(StrEnum):
     TOO_MANY_IMAGES = "too_many_images", 413
     TOO_MANY_VECTORS = "too_many_vectors", 413
     IMAGE_TOO_LARGE = "image_too_large", 413
+    TOO_MANY_PIXELS = "too_many_pixels", 413  # all images of a request, from their headers
+    TOO_MANY_PARTS = "too_many_parts", 413  # multipart parts of any name
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415
+    UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format", 415
     VALIDATION_ERROR = "validation_error", 422
+    OUT_OF_RANGE = "out_of_range", 422  # vectors whose distances would overflow float32
+    NON_FINITE_OUTPUT = "non_finite_output", 422  # the model gave NaN/inf for this input
     QUEUE_FULL = "queue_full", 429
+    HEADERS_TOO_LARGE = "headers_too_large", 431  # sent by service/protocol.py, then closed
     INTERNAL = "internal", 500  # a bug; never the answer to bad input
     NOT_READY = "not_ready", 503
     SHUTTING_DOWN = "shutting_down", 503
+    TOO_MANY_CONNECTIONS = "too_many_connections", 503  # service/protocol.py, then closed
     TIMEOUT = "timeout", 504
 
 
 STATUS_MEANINGS: dict[int, str] = {
     400: "malformed body, undecodable image or bad base64 (the message names the part)",
     401: "missing or invalid API key",
+    408: "the request's headers or body did not arrive in time",
     404: "no such route",
     405: "the route does not take this method",
-    413: "body, image count, vector count or image pixels over the limit",
-    415: "unsupported Content-Type",
-    422: "request fails validation",
+    413: "body, image count, vector count, part count or image pixels over the limit",
+    415: "unsupported Content-Type or image format",
+    422: "request fails validation, vectors out of range, or non-finite model outputs",
     429: "queue full: retry later",
+    431: "request headers too large",
     500: "internal error: a bug in the service",
-    503: "model not loaded and warmed up yet, or shutting down",
+    503: "model not loaded and warmed up yet, shutting down, or too many connections",
     504: "no answer within the per-request timeout",
 }

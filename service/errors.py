@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from center_embed.service.error_codes import ErrorCode
+from center_embed.service.middleware import loggable_path
 
 log = logging.getLogger("center_embed.service")
 
@@ -88,7 +89,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, loggable_path(request.url.path))
         return error_response(
             ErrorCode.INTERNAL.status, ErrorCode.INTERNAL, "internal server error"
         )

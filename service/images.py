@@ -2,19 +2,28 @@
 
 Images arrive either as multipart `files` parts or as a JSON object
 `{"images": ["<base64>", ...]}` (strict base64; `data:image/...;base64,` URIs accepted).
-Each is decoded by `OnnxModel.decode` (center_embed.imageio): any format Pillow reads,
-converted to RGB, shorter side resized to the model's input size (bilinear, antialiased
-when shrinking), centre-cropped. Pillow's decompression-bomb guard stays on, and images
-with more than `max_pixels` pixels are refused from their header, before decoding.
+Each is decoded by center_embed.imageio.decode_image: only the allowed formats (415 for
+the others, told from their header bytes), converted to RGB, shorter side resized to the
+model's input size (bilinear, antialiased when shrinking), centre-cropped.
 
-Decoding runs in a thread pool, never on the event loop.
+Nothing here lets a request cost much before it is refused:
+- the body is read with a deadline (408) and a size bound (413, from Content-Length when
+  declared, else as it streams); multipart is parsed as it streams, counting parts (413);
+- JSON is parsed (and base64 decoded) in the decode pool, never on the event loop;
+- image headers are read first (`probe_parts`): the format, each image's pixels and the
+  request's total pixels are checked before anything is decoded (413, 415);
+- then images are decoded one at a time (`decode_part`), so a request holds at most one
+  thread of the pool and the caller can stop between images at its deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
+import contextlib
 import json
 import re
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +34,14 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from center_embed.imageio import ImageDecodeError, ImageTooLargeError
+from center_embed.imageio import (
+    ImageDecodeError,
+    ImageFormatError,
+    ImageTooLargeError,
+    check_size,
+    decode_image,
+    image_size,
+)
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError, validation_message
 from center_embed.service.schemas import DistancesRequest, ImagesRequest
@@ -36,6 +52,9 @@ FILES = "files"
 _DATA_URI = re.compile(r"data:[\w.+/-]*(?:;[\w.+=-]+)*;base64,", re.ASCII)
 _IMAGES = TypeAdapter(ImagesRequest)
 _VECTORS = TypeAdapter(DistancesRequest)
+CLOSE = {"Connection": "close"}  # the rest of an unread body must not become a next request
+EXTRA_PARTS = 8  # multipart parts not named `files` that a form may carry along
+BYTES_PER_VALUE = 64  # JSON text per float, generously (indentation, long exponents)
 
 
 @dataclass
@@ -58,24 +77,46 @@ def require_media_type(request: Request, allowed: tuple[str, ...]) -> str:
     return found
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to pass `limit` bytes."""
-    too_large = ApiError(ErrorCode.BODY_TOO_LARGE, f"request body is larger than {limit} bytes")
+async def read_body(
+    request: Request, limit: int, timeout: float, feed: Callable[[bytes], None] | None = None
+) -> bytes:
+    """The whole body, refusing it (413) as soon as it is known to pass `limit` bytes and
+    (408) when it has not all arrived within `timeout` seconds. With `feed`, each chunk goes
+    there as it arrives (a streaming parser) and nothing is kept."""
+    too_large = ApiError(
+        ErrorCode.BODY_TOO_LARGE, f"request body is larger than {limit} bytes", CLOSE
+    )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                if feed is None:
+                    chunks.append(chunk)
+                else:
+                    feed(chunk)
+    except TimeoutError:
+        raise ApiError(
+            ErrorCode.BODY_TIMEOUT,
+            f"the request body did not arrive within {timeout:g} s ({size} bytes came)",
+            CLOSE,
+        ) from None
     except ClientDisconnect:  # nobody will read the answer; it is not a server error
         raise ApiError(
             ErrorCode.MALFORMED_BODY, "the client left before sending the body"
         ) from None
     return b"".join(chunks)
+
+
+def vectors_body_limit(max_body: int, max_vectors: int, dim: int) -> int:
+    """The largest /v1/distances body worth reading: `max_vectors` vectors of `dim` values
+    at a generous BYTES_PER_VALUE each (a 33 MB single vector is refused unread)."""
+    return min(max_body, max_vectors * dim * BYTES_PER_VALUE + 1024 * 1024)
 
 
 def load_json(body: bytes) -> Any:
@@ -123,8 +164,9 @@ def b64decode(text: str, where: str) -> bytes:
         raise ApiError(ErrorCode.BAD_BASE64, f"{where}: not valid base64 ({e})") from None
 
 
-def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
-    """{"embeddings": [[D floats], ...]} -> float32 (N, D), every value finite."""
+def vectors_from_json(body: bytes, dim: int, max_vectors: int, max_norm: float) -> np.ndarray:
+    """{"embeddings": [[D floats], ...]} -> float32 (N, D), every value finite and every
+    vector's norm at most `max_norm` (beyond it its distances would overflow float32)."""
     request = validate(_VECTORS, load_json(body))
     vectors = request.embeddings
     if len(vectors) > max_vectors:
@@ -144,6 +186,14 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
             f"embeddings[{bad[0]}] has a value that is not finite (NaN, infinite, or beyond "
             "float32's range)",
         )
+    norms = np.sqrt((array.astype(np.float64) ** 2).sum(1))
+    far = np.flatnonzero(norms > max_norm)
+    if len(far):
+        raise ApiError(
+            ErrorCode.OUT_OF_RANGE,
+            f"embeddings[{far[0]}] has norm {norms[far[0]]:.3g}: its squared distances to the "
+            f"centers would overflow float32 (norms up to {max_norm:.3g} are accepted)",
+        )
     return array
 
 
@@ -151,10 +201,13 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int) -> np.ndarray:
 
 
 class _Parts:
-    """Collects multipart parts in memory (the body is in memory already, bounded)."""
+    """Collects multipart parts as the body streams in (bounded by the body limit), and
+    refuses a body of too many parts when the one past the bound begins."""
 
     def __init__(self, max_files: int) -> None:
         self.max_files = max_files
+        self.max_parts = max_files + EXTRA_PARTS
+        self.parts = 0
         self.files: list[ImagePart] = []
         self._header_field, self._header_value = b"", b""
         self._disposition = b""
@@ -171,6 +224,12 @@ class _Parts:
         }
 
     def _begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise too_many(
+                ErrorCode.TOO_MANY_PARTS, "multipart parts", f"more than {self.max_parts}",
+                self.max_parts,
+            )  # fmt: skip
         self._disposition, self._data = b"", []
 
     def _field(self, data: bytes, start: int, end: int) -> None:
@@ -199,18 +258,21 @@ class _Parts:
         self.files.append(ImagePart(name, b"".join(self._data)))
 
 
-def parts_from_multipart(body: bytes, content_type: str, max_images: int) -> list[ImagePart]:
-    _, params = parse_options_header(content_type)
+async def parts_from_multipart(
+    request: Request, max_body: int, timeout: float, max_images: int
+) -> list[ImagePart]:
+    """The `files` parts of a multipart body, parsed chunk by chunk as it arrives."""
+    _, params = parse_options_header(request.headers["content-type"])
     boundary = params.get(b"boundary")
     if not boundary:
         raise ApiError(ErrorCode.MALFORMED_BODY, "multipart body without a boundary parameter")
     parts = _Parts(max_images)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
-        parser.write(body)
+        await read_body(request, max_body, timeout, parser.write)
         parser.finalize()
     except FormParserError as e:
-        raise ApiError(ErrorCode.MALFORMED_BODY, f"malformed multipart body: {e}") from None
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"malformed multipart body: {e}", CLOSE) from None
     if not parts.files:
         raise ApiError(
             ErrorCode.VALIDATION_ERROR, f"no `{FILES}` parts: send each image as a part named files"
@@ -221,28 +283,67 @@ def parts_from_multipart(body: bytes, content_type: str, max_images: int) -> lis
 # --------------------------------------------------------------------------- both
 
 
-async def image_parts(request: Request, max_body: int, max_images: int) -> list[ImagePart]:
-    """The images of a request, still encoded: 415, 413, 400 or 422 when they are not."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a request's images may be: formats, pixels of one image, pixels of them all."""
+
+    formats: Collection[str]
+    max_pixels: int
+    max_request_pixels: int
+
+
+async def image_parts(
+    request: Request, max_body: int, timeout: float, max_images: int, pool: Any
+) -> list[ImagePart]:
+    """The images of a request, still encoded: 415, 413, 408, 400 or 422 when they are not.
+    JSON is parsed in `pool` (an Executor), off the event loop."""
     kind = require_media_type(request, (MULTIPART, JSON))
-    body = await read_body(request, max_body)
-    if kind == JSON:
-        return parts_from_json(body, max_images)
-    return parts_from_multipart(body, request.headers["content-type"], max_images)
+    if kind == MULTIPART:
+        return await parts_from_multipart(request, max_body, timeout, max_images)
+    body = await read_body(request, max_body, timeout)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(pool, parts_from_json, body, max_images)
 
 
-def decode_parts(model: Any, parts: list[ImagePart], max_pixels: int) -> np.ndarray:
-    """Decode every part into one uint8 (N, H, W, 3) batch; runs in a worker thread."""
-    h, w = model.info.input_size
-    batch = np.empty((len(parts), h, w, 3), np.uint8)
-    for i, part in enumerate(parts):
+def probe_parts(parts: list[ImagePart], limits: ImageLimits) -> int:
+    """Read every part's header (not its pixels): refuse an empty part, a format outside
+    the allowlist, an image over max_pixels or a request over max_request_pixels before
+    anything is decoded. Returns the request's total pixels. Runs in a worker thread."""
+    total = 0
+    for part in parts:
         if not part.data:
             raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name} is empty")
-        try:
-            batch[i] = model.decode(part.data, max_pixels)
-        except ImageTooLargeError as e:
-            raise ApiError(ErrorCode.IMAGE_TOO_LARGE, f"{part.name}: {e}") from None
-        except ImageDecodeError as e:
-            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: {e}") from None
-        except Exception as e:  # Pillow's plugins raise more than they document on junk
-            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e!r})") from None
-    return batch
+        with _as_api_errors(part):
+            width, height = image_size(part.data, limits.formats)
+            check_size(width, height, limits.max_pixels)
+        total += width * height
+    if total > limits.max_request_pixels:
+        raise ApiError(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"the images hold {total} pixels in all; at most {limits.max_request_pixels} "
+            "per request",
+        )
+    return total
+
+
+def decode_part(part: ImagePart, size: int, limits: ImageLimits) -> np.ndarray:
+    """One part as uint8 (size, size, 3), or the ApiError naming it. Runs in a worker thread."""
+    with _as_api_errors(part):
+        return decode_image(part.data, size, limits.max_pixels, limits.formats)
+
+
+@contextlib.contextmanager
+def _as_api_errors(part: ImagePart) -> Iterator[None]:
+    """imageio's errors (and whatever else Pillow raises on junk) as ApiErrors naming the part."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except ImageFormatError as e:
+        raise ApiError(ErrorCode.UNSUPPORTED_IMAGE_FORMAT, f"{part.name}: {e}") from None
+    except ImageTooLargeError as e:
+        raise ApiError(ErrorCode.IMAGE_TOO_LARGE, f"{part.name}: {e}") from None
+    except ImageDecodeError as e:
+        raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: {e}") from None
+    except Exception as e:  # Pillow's plugins raise more than they document on junk
+        raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e!r})") from None

@@ -2,21 +2,51 @@
 
 A pure ASGI middleware (no response buffering). The route template, not the raw path, labels
 the metrics, so a scan of random URLs cannot explode their cardinality. Request headers are
-never logged (they may carry an API key).
+never logged (they may carry an API key), and the path is logged cut to MAX_LOGGED_PATH
+characters with control characters escaped (a 64 KB path is not a 64 KB log line).
+
+It is also the last word on a request that is cancelled before it answered (uvicorn cancels
+what is still running when its graceful-shutdown time is over): such a request gets a 503
+JSON `shutting_down` instead of uvicorn's plain-text 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+from center_embed.service.error_codes import ErrorCode
 from center_embed.service.prometheus import Metrics
 
 access_log = logging.getLogger("center_embed.access")
 TIMING_HEADERS = {b"x-queue-time": "queue_ms", b"x-inference-time": "inference_ms"}
+MAX_LOGGED_PATH = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def loggable_path(path: str) -> str:
+    """At most MAX_LOGGED_PATH characters of `path` (and its length when longer), control
+    characters as \\xNN: what a log line may say of a path a client chose."""
+    head = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path[:MAX_LOGGED_PATH])
+    if len(path) > MAX_LOGGED_PATH:
+        return f"{head}... ({len(path)} characters)"
+    return head
+
+
+async def _answer_cancelled(send: Any) -> None:
+    """A 503 JSON for a request cancelled before its answer began."""
+    code = ErrorCode.SHUTTING_DOWN
+    message = "the service is shutting down and could not finish this request in time"
+    body = json.dumps({"error": {"code": str(code), "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": code.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ObservabilityMiddleware:
@@ -32,7 +62,7 @@ class ObservabilityMiddleware:
 
         async def send_and_watch(message: dict) -> None:
             if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
+                seen["status"], seen["started"] = message["status"], True
                 for name, value in message.get("headers", ()):
                     if name in TIMING_HEADERS:
                         seen[TIMING_HEADERS[name]] = float(value)
@@ -40,6 +70,10 @@ class ObservabilityMiddleware:
 
         try:
             await self.app(scope, receive, send_and_watch)
+        except asyncio.CancelledError:
+            if "started" in seen:
+                raise  # half an answer is out: only closing the connection is left
+            await _answer_cancelled(send_and_watch)  # and the request ends here, answered
         finally:
             seconds = time.perf_counter() - started
             route = scope.get("route")
@@ -49,9 +83,10 @@ class ObservabilityMiddleware:
             self.metrics.latency.labels(*labels).observe(seconds)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
+                seen.pop("started", None)
                 fields = {
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": loggable_path(scope["path"]),
                     "route": template,
                     **seen,
                     "duration_ms": round(seconds * 1000, 3),

@@ -29,6 +29,10 @@ class ServedModel:
         self.info = model.info
         self.centers = centers  # (C, D) float32
         self.center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)  # (C,)
+        # ‖e‖² − 2·e·c + ‖c‖² stays below float32's max/4 when ‖e‖ + ‖c‖ is below half its
+        # square root: the embedding norm /v1/distances accepts.
+        largest_center = float(np.sqrt(self.center_norms.max(initial=0.0)))
+        self.max_embedding_norm = 0.5 * float(np.sqrt(np.finfo(np.float32).max)) - largest_center
         self.sha256 = sha256
         h, w = self.info.input_size
         if h != w:

@@ -5,11 +5,14 @@ environment variables, so what the parent decides (the model path, the threads p
 worker, the Prometheus multiprocess folder) is handed down through the environment.
 The parent checks everything it can before starting workers, so a bad setting, key file
 or model is one `UserError` instead of an error in each worker.
+
+The connection limits (`uvicorn_options`): header bytes and time, open connections
+(service/protocol.py, on uvicorn's own parser), idle keep-alive, and the graceful-shutdown
+time, after which uvicorn cancels what still runs and the app answers it 503.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -22,6 +25,7 @@ from pydantic import ValidationError
 
 from center_embed.errors import UserError
 from center_embed.service.middleware import log_config
+from center_embed.service.protocol import protocol_path
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
 
@@ -53,6 +57,20 @@ def check_and_load_settings(model: Path, workers: int) -> Settings:
     settings.keys()  # an unreadable key file fails here, not in every worker
     ServedModel.open(model, settings.device, 1)  # one-line errors for a file that is not ours
     return settings
+
+
+def uvicorn_options(settings: Settings, http: str | type | None = None) -> dict:
+    """uvicorn.Config/uvicorn.run options for the limits in `settings`. `http`: a protocol
+    class instead of the guarded one named by settings.http (tests fix their limits so)."""
+    return {
+        "http": http or protocol_path(settings.http),
+        "timeout_keep_alive": settings.keep_alive_s,
+        # h11's own bound on an incomplete event (headers): ours answers 431 first
+        "h11_max_incomplete_event_size": 2 * settings.max_header_bytes,
+        # On SIGTERM: stop accepting, let in-flight requests finish (each is bounded by the
+        # request timeout), then cancel the rest (503) and drain the batcher in the lifespan.
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+    }
 
 
 def run_server(
@@ -89,9 +107,7 @@ def run_server(
             workers=workers,
             log_config=log_config(log_level),
             access_log=False,  # ours is structured and carries the timings
-            # On SIGTERM: stop accepting, let in-flight requests finish (each is bounded
-            # by the request timeout), then drain the batcher in the lifespan shutdown.
-            timeout_graceful_shutdown=math.ceil(settings.timeout_s) + 5,
+            **uvicorn_options(settings),
         )
     finally:
         if metrics_dir is not None:

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from center_embed.errors import UserError
+from center_embed.imageio import SAFE_FORMATS, known_formats
 
 MiB = 1024 * 1024
 
@@ -47,6 +48,38 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         4096 * 4096, ge=1, description="most pixels in one image, checked before decoding; 413"
     )
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="most pixels of all images of one request, from their headers; 413",
+    )
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(SAFE_FORMATS),
+        description="comma-separated Pillow formats decoded (others: 415)",
+    )
+
+    # The connection (service/protocol.py and server.py); limits a proxy would otherwise set.
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="uvicorn's HTTP parser (auto: httptools when installed)"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest request line + headers; 431, closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time to send a request's headers (slowloris); 408, closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="time to send a request's body once its headers are in; 408"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed")
+    max_connections: int = Field(
+        256, ge=1, description="open connections per worker; beyond it: 503, closed"
+    )
+    graceful_shutdown_s: float | None = Field(
+        None,
+        gt=0,
+        description="on SIGTERM, time in-flight requests get before a 503 (default: timeout_s + 5)",
+    )
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated keys; any one opens /v1 (none: open)"
@@ -56,10 +89,22 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated origins allowed by CORS (none: off)"
     )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "image_formats", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        formats = [f.upper() for f in value]
+        unknown = sorted(set(formats) - known_formats())
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; Pillow knows these: "
+                             f"{', '.join(sorted(known_formats()))}")  # fmt: skip
+        if not formats:
+            raise ValueError("at least one image format must be allowed")
+        return formats
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -69,6 +114,14 @@ class Settings(BaseSettings):
                 "such a request could never be queued"
             )
         return self
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        """What in-flight requests get on SIGTERM: by default every admitted request can end
+        by its own deadline (timeout_s, the decoding included) before the server stops."""
+        if self.graceful_shutdown_s is not None:
+            return self.graceful_shutdown_s
+        return self.timeout_s + 5.0
 
     def keys(self) -> list[bytes]:
         """Every accepted API key: api_keys plus the lines of api_keys_file (# comments).
@@ -89,5 +142,7 @@ class Settings(BaseSettings):
     def limits(self) -> dict[str, float | int]:
         """The limits in force, as /v1/model reports them."""
         names = ("max_body_bytes", "max_images", "max_vectors", "max_pixels", "max_batch",
-                 "max_wait_ms", "max_queue", "timeout_s")  # fmt: skip
+                 "max_wait_ms", "max_queue", "timeout_s", "max_request_pixels",
+                 "max_header_bytes", "header_timeout_s", "body_timeout_s", "keep_alive_s",
+                 "max_connections")  # fmt: skip
         return {name: getattr(self, name) for name in names}

@@ -1,5 +1,10 @@
 """/v1/embed and /v1/classify (images through the micro-batcher and onnxruntime), and
-/v1/distances (embedding vectors, numpy in the decode pool, no queue)."""
+/v1/distances (embedding vectors, numpy in the decode pool, no queue).
+
+An image request's `timeout_s` starts once its body is in and covers decoding, the queue
+and inference (504 past it); every output is checked finite before it is serialised (a
+non-finite value is a 422 naming the input, never a 500 from the JSON encoder).
+"""
 
 from __future__ import annotations
 
@@ -25,10 +30,14 @@ from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.images import (
     JSON,
-    decode_parts,
+    ImageLimits,
+    ImagePart,
+    decode_part,
     image_parts,
+    probe_parts,
     read_body,
     require_media_type,
+    vectors_body_limit,
     vectors_from_json,
 )
 from center_embed.service.prometheus import Metrics
@@ -55,26 +64,79 @@ class ImagePipeline:
     decoder: Executor
     metrics: Metrics
 
+    @property
+    def limits(self) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(tuple(s.image_formats), s.max_pixels, s.max_request_pixels)
+
     async def run(self, request: Request) -> BatchResult:
         """The request's outputs, or the ApiError that says why not (4xx, 503, 504)."""
-        settings = self.settings
-        parts = await image_parts(request, settings.max_body_bytes, settings.max_images)
+        s = self.settings
+        parts = await image_parts(
+            request, s.max_body_bytes, s.body_timeout_s, s.max_images, self.decoder
+        )
         self.metrics.images.labels(request.scope["route"].path).inc(len(parts))
-        loop = asyncio.get_running_loop()
+        deadline = time.perf_counter() + s.timeout_s
         try:
+            await self._in_pool(
+                deadline, "reading the image headers", probe_parts, parts, self.limits
+            )
             async with self.batcher.arrival(len(parts)) as arrival:
-                images = await loop.run_in_executor(
-                    self.decoder, decode_parts, self.model, parts, settings.max_pixels
-                )
-                result = await arrival.submit(images, settings.timeout_s)
+                images = await self.decode(parts, deadline)
+                remaining = max(deadline - time.perf_counter(), 1e-3)
+                result = await arrival.submit(images, remaining)
         except QueueFull as e:
             raise ApiError(ErrorCode.QUEUE_FULL, str(e), {"Retry-After": "1"}) from None
-        except BatchTimeout as e:
-            raise ApiError(ErrorCode.TIMEOUT, str(e)) from None
+        except BatchTimeout:
+            message = f"no answer within {s.timeout_s:g} s (queue and inference)"
+            raise ApiError(ErrorCode.TIMEOUT, message) from None
         except Closed as e:
             raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
+        require_finite(result.outputs, [part.name for part in parts])
         self.metrics.queue_time.observe(result.queue_s)
         return result
+
+    async def decode(self, parts: list[ImagePart], deadline: float) -> np.ndarray:
+        """Decode image by image, each a task of its own in the pool: a request holds at
+        most one decoding thread (requests take turns), and stops at its deadline."""
+        size = self.model.info.input_size[0]
+        batch = np.empty((len(parts), size, size, 3), np.uint8)
+        limits = self.limits
+        for i, part in enumerate(parts):
+            what = f"decoding ({i} of {len(parts)} images done)"
+            batch[i] = await self._in_pool(deadline, what, decode_part, part, size, limits)
+        return batch
+
+    async def _in_pool(self, deadline: float, what: str, work: Any, *args: Any) -> Any:
+        """`work(*args)` in the decode pool, or a 504 at the deadline (the work leaves the
+        pool's queue if it has not started; a started image finishes, bounded by max_pixels)."""
+        remaining = deadline - time.perf_counter()
+        timeout = ApiError(
+            ErrorCode.TIMEOUT, f"no answer within {self.settings.timeout_s:g} s: {what}"
+        )
+        if remaining <= 0:
+            raise timeout
+        job = asyncio.get_running_loop().run_in_executor(self.decoder, work, *args)
+        try:
+            return await asyncio.wait_for(job, remaining)
+        except TimeoutError:
+            raise timeout from None
+
+
+def require_finite(outputs: dict[str, np.ndarray], names: list[str]) -> None:
+    """422 naming the first input whose outputs hold NaN or infinity: the JSON encoder would
+    refuse them (a 500), and no client can use them."""
+    bad = np.zeros(len(names), bool)
+    for value in outputs.values():
+        if value.dtype.kind == "f":
+            bad |= ~np.isfinite(value.reshape(len(names), -1)).all(1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ApiError(
+            ErrorCode.NON_FINITE_OUTPUT,
+            f"the model's outputs for {names[first]} are not finite (NaN or infinite); "
+            f"{int(bad.sum())} of {len(names)} inputs affected",
+        )
 
 
 async def get_image_pipeline(
@@ -94,7 +156,7 @@ ImagePipelineDep = Annotated[ImagePipeline, Depends(get_image_pipeline)]
 router = v1_router()
 TOP_K = Query(None, ge=1, description="keep only the k nearest centers")
 WITH_EMBEDDINGS = Query(False, description="add each image's embedding")
-IMAGE_ERRORS = errors(400, 401, 413, 415, 422, 429, 503, 504)
+IMAGE_ERRORS = errors(400, 401, 408, 413, 415, 422, 429, 503, 504)
 
 
 @router.post(
@@ -140,7 +202,7 @@ async def classify(
 @router.post(
     "/distances",
     response_model=ClassifyResponse,
-    responses={**ok(ClassifyResponse, headers=True), **errors(400, 401, 413, 415, 422, 503)},
+    responses={**ok(ClassifyResponse, headers=True), **errors(400, 401, 408, 413, 415, 422, 503)},
     response_model_exclude_none=True,
     openapi_extra=vectors_body(),
 )
@@ -153,11 +215,16 @@ async def distances(
 ) -> JSONResponse:
     """Nearest center and distances for embedding vectors (no images): as /v1/classify."""
     require_media_type(request, (JSON,))
-    body = await read_body(request, settings.max_body_bytes)
-    vectors = vectors_from_json(body, model.info.embedding_dim, settings.max_vectors)
-    loop = asyncio.get_running_loop()
+    dim = model.info.embedding_dim
+    limit = vectors_body_limit(settings.max_body_bytes, settings.max_vectors, dim)
+    body = await read_body(request, limit, settings.body_timeout_s)
+    loop = asyncio.get_running_loop()  # parsing a few MB of JSON is not for the event loop
+    vectors = await loop.run_in_executor(
+        decoder, vectors_from_json, body, dim, settings.max_vectors, model.max_embedding_norm
+    )
     started = time.perf_counter()
     out = await loop.run_in_executor(decoder, model.distances, vectors)
+    require_finite(out, [f"embeddings[{i}]" for i in range(len(vectors))])
     timing = BatchResult(out, 0.0, time.perf_counter() - started, len(vectors))  # no queue
     results = classifications(model, out, top_k, None)
     body = {"results": results, "model": model.summary()}

@@ -1,0 +1,261 @@
+"""Soak: `center-embed serve` under 64 clients mixing good requests with every attack of
+issue 11, for a while; the status of every answer, the server's memory over time, and the
+latency of the good requests.
+
+    python benchmarks/bench_soak.py model.onnx                 # 600 s, 64 clients
+    python benchmarks/bench_soak.py model.onnx --seconds 60
+
+Side by side in one run: the good requests' p50/p99 latency with the attacks running, and
+without (a short quiet round first, same server). Required: no 500 at all, no 5xx to a good
+request (the attacks designed to get one get 503 too_many_connections or 504 timeout), and
+the server's peak RSS under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
+bounded in time and every read has a timeout. The payloads come from benchmarks/attacks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.attacks
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks import attacks  # noqa: E402
+
+READ_TIMEOUT = 60.0
+
+
+def main() -> int:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p.add_argument("model", help="an exported ONNX model")
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--quiet-seconds", type=float, default=10.0, help="good traffic only, first")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--rss-bound-mb", type=float, default=1024.0)
+    args = p.parse_args()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "center_embed.cli", "serve", args.model, "--port", str(port),
+         "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_ready(port, server)
+        payloads = Payloads(dim=int(model_dim(port)))
+        quiet = asyncio.run(soak(port, payloads, 8, args.quiet_seconds, server.pid, attack=False))
+        loud = asyncio.run(
+            soak(port, payloads, args.clients, args.seconds, server.pid, attack=True)
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = "killed after 60 s"
+        stderr = server.stderr.read()
+    return report(quiet, loud, code, stderr, args.rss_bound_mb)
+
+
+class Payloads:
+    """Every request of the soak, built once: (kind, raw request bytes or a callable)."""
+
+    def __init__(self, dim: int) -> None:
+        rng = np.random.default_rng(0)
+        good = attacks.encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        vector = ('{"embeddings": [[' + ",".join(["0.5"] * dim) + "]]}").encode()
+        grey = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+        tagged, _ = attacks.exif_rotated(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+        json_type = {"Content-Type": "application/json"}
+        self.good = {
+            "good classify": files_request("/v1/classify", good),
+            "good distances": attacks.request("POST", "/v1/distances", json_type, vector),
+        }
+        self.attacks = {
+            "needle png": files_request("/v1/classify", attacks.needle_png()),
+            "16-bit png": files_request("/v1/classify", attacks.deep_png(grey)),
+            "ico 12000²": files_request("/v1/classify", attacks.ico_with_png()),
+            "eps": files_request("/v1/classify", attacks.EPS),
+            "exif 6": files_request("/v1/embed", tagged),
+            "2e19 vector": vectors_request(attacks.huge_vectors(dim)),
+            "30 MB vector": vectors_request(attacks.long_vector(30)),
+            "slow decode": files_request("/v1/classify", *[attacks.big_blank(4096)] * 3),
+            "300k parts": multipart_request(*attacks.many_parts(300_000)),
+            "header flood": attacks.header_flood(4096),
+            "slowloris": "slowloris",
+            "short body": attacks.short_body(),
+            "64 KB path": attacks.request("GET", attacks.long_path(), {}),
+        }  # fmt: skip
+
+
+def files_request(path: str, *images: bytes) -> bytes:
+    content_type, body = attacks.multipart(*images)
+    return attacks.request("POST", path, {"Content-Type": content_type}, body)
+
+
+def vectors_request(body: bytes) -> bytes:
+    return attacks.request("POST", "/v1/distances", {"Content-Type": "application/json"}, body)
+
+
+def multipart_request(content_type: str, body: bytes) -> bytes:
+    return attacks.request("POST", "/v1/embed", {"Content-Type": content_type}, body)
+
+
+async def exchange(port: int, data: bytes | str) -> tuple[str, float]:
+    """One request on its own connection: (status or what happened, seconds)."""
+    started = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    except (OSError, TimeoutError) as e:
+        return f"connect failed ({type(e).__name__})", time.perf_counter() - started
+    try:
+        if data == "slowloris":
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+            for _ in range(200):  # a header line every 0.1 s: at most 20 s
+                await asyncio.sleep(0.1)
+                writer.write(b"X-a: b\r\n")
+                await writer.drain()
+        else:
+            writer.write(data)
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        status = head.split(b" ", 2)[1].decode()
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+        await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+        return status, time.perf_counter() - started
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        return f"closed ({type(e).__name__})", time.perf_counter() - started
+    except TimeoutError:
+        return "no answer in 60 s", time.perf_counter() - started
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def soak(port, payloads, clients, seconds, pid, attack: bool) -> dict:
+    deadline = time.monotonic() + seconds
+    statuses: Counter = Counter()
+    good_latency: list[float] = []
+    rss: list[tuple[float, float]] = []
+
+    async def client(index: int) -> None:
+        rng = random.Random(index)
+        kinds = list(payloads.attacks) if attack else []
+        while time.monotonic() < deadline:
+            if kinds and rng.random() < 0.3:
+                kind = rng.choice(kinds)
+                status, _ = await exchange(port, payloads.attacks[kind])
+            else:
+                kind = rng.choice(list(payloads.good))
+                status, seconds_taken = await exchange(port, payloads.good[kind])
+                if status == "200":
+                    good_latency.append(seconds_taken)
+            statuses[(kind, status)] += 1
+
+    async def watch_memory() -> None:
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            rss.append((time.monotonic() - started, rss_mb(pid)))
+            await asyncio.sleep(1.0)
+
+    await asyncio.gather(watch_memory(), *(client(i) for i in range(clients)))
+    return {"statuses": statuses, "good": good_latency, "rss": rss, "seconds": seconds}
+
+
+def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> int:
+    print(f"{'kind':<16} status counts (soak: {loud['seconds']:g} s, quiet round "
+          f"{quiet['seconds']:g} s)")  # fmt: skip
+    by_kind: dict[str, Counter] = {}
+    for (kind, status), count in loud["statuses"].items():
+        by_kind.setdefault(kind, Counter())[status] = count
+    for kind, counts in sorted(by_kind.items()):
+        print(f"  {kind:<16} {dict(counts)}")
+    fives = {k: c for k, c in loud["statuses"].items() if k[1].startswith("5")}
+    bad = {k: c for k, c in fives.items()
+           if k[1] == "500" or k[0].startswith("good") or k[0] not in ("slow decode",)}  # fmt: skip
+    rss = [m for _, m in loud["rss"]]
+    timeline = [f"{t:.0f}s:{m:.0f}" for t, m in loud["rss"][:: max(1, len(rss) // 10)]]
+    print(f"server RSS MB: start {rss[0]:.0f}, max {max(rss):.0f}, end {rss[-1]:.0f} "
+          f"(bound {bound_mb:g}); over time: {' '.join(timeline)}")  # fmt: skip
+    for name, run in (("quiet", quiet), ("under attack", loud)):
+        lat = sorted(run["good"])
+        if lat:
+            p50_ms, p99_ms = statistics.median(lat) * 1000, p99(lat) * 1000
+            print(f"good requests {name}: {len(lat)} answered 200, p50 {p50_ms:.1f} ms, "
+                  f"p99 {p99_ms:.1f} ms")  # fmt: skip
+    if quiet["good"] and loud["good"]:
+        ratio = p99(loud["good"]) / p99(quiet["good"])
+        print(f"good requests' p99 under attack / quiet: {ratio:.2f}")
+    print(f"5xx: {dict(fives) or 'none'}; server exit status after SIGTERM: {exit_code}")
+    print(f"'Exception in ASGI application' in the server log: {'Exception in ASGI' in stderr}")
+    ok = not bad and max(rss) <= bound_mb and exit_code == 0 and "Exception in ASGI" not in stderr
+    print("PASS" if ok else f"FAIL: {bad or ''}")
+    return 0 if ok else 1
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {server.stderr.read()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise SystemExit("the server did not become ready")
+
+
+def model_dim(port: int) -> int:
+    import httpx
+
+    info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
+    return next(v for k, v in find_items(info) if k.endswith("embedding_dim"))
+
+
+def find_items(value, prefix=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from find_items(v, f"{prefix}.{k}")
+    else:
+        yield prefix, value
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("CENTER_EMBED_THREADS", "1")
+    raise SystemExit(main())
