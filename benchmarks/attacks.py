@@ -51,8 +51,8 @@ def ico_with_png(side: int = 12_000) -> bytes:
 
 
 def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height 1-bit pixels with a tiny IDAT (the same
-    as tests/service_fixtures.png_bomb, which the benchmark cannot import)."""
+    """A valid PNG header claiming width x height 1-bit pixels with a tiny IDAT: a
+    decompression bomb as a decoder sees it before it inflates anything."""
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:

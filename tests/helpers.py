@@ -13,12 +13,10 @@ import math
 import os
 import pickle
 import socket
-import struct
 import tarfile
 import threading
 import time
 import tomllib
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,17 +228,8 @@ def tiny_images(n: int, seed: int = 1, size: int = 32) -> list[np.ndarray]:
 
 
 def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height 1-bit pixels, with a tiny IDAT: a
-    decompression bomb as a decoder sees it before it inflates anything."""
+    """A valid PNG header claiming width x height pixels with a tiny IDAT (one definition,
+    shared with the soak benchmark's attack payloads)."""
+    from benchmarks.attacks import png_bomb as make
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-        + chunk(b"IEND", b"")
-    )
+    return make(width, height)

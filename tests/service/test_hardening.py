@@ -33,15 +33,11 @@ from benchmarks import attacks
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
-from tests import service_fixtures
-from tests.service_fixtures import tiny_images
+from tests.helpers import tiny_images
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
-
-served_onnx = service_fixtures.served_onnx
-reference = service_fixtures.reference
 
 # The real server's limits in these tests: short, so that each case takes seconds.
 LIMITS = {
@@ -108,8 +104,8 @@ def serve(model: Path, **env: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def server(served_onnx: Path) -> Iterator[Server]:
-    with serve(served_onnx) as running:
+def server(tiny_onnx: Path) -> Iterator[Server]:
+    with serve(tiny_onnx) as running:
         yield running
 
 
@@ -186,9 +182,9 @@ def test_refused_formats_are_415_fast_and_cost_no_memory(server):
     assert server.peak_rss_mb() - before < 30  # MB
 
 
-def test_allowlist_is_a_setting(served_onnx):
+def test_allowlist_is_a_setting(tiny_onnx):
     png = attacks.encode(Image.fromarray(tiny_images(1)[0]))
-    with running(served_onnx, image_formats="JPEG,WEBP") as client:
+    with running(tiny_onnx, image_formats="JPEG,WEBP") as client:
         content_type, body = attacks.multipart(png)
         response = client.post("/v1/embed", content=body, headers={"content-type": content_type})
         assert response.status_code == 415
@@ -238,9 +234,9 @@ def running(model: Path, served: ServedModel | None = None, **settings) -> Itera
         yield client
 
 
-def test_non_finite_model_outputs_are_a_422_naming_the_input(served_onnx):
+def test_non_finite_model_outputs_are_a_422_naming_the_input(tiny_onnx):
     """A model that answers NaN must not make the JSON encoder raise (a 500)."""
-    served = ServedModel.open(served_onnx, "cpu", 1)
+    served = ServedModel.open(tiny_onnx, "cpu", 1)
     inner = served.run
     poisoned = {"on": False}
 
@@ -253,7 +249,7 @@ def test_non_finite_model_outputs_are_a_422_naming_the_input(served_onnx):
 
     served.run = run
     images = [attacks.encode(Image.fromarray(p)) for p in tiny_images(2)]
-    with running(served_onnx, served) as client:
+    with running(tiny_onnx, served) as client:
         poisoned["on"] = True
         content_type, body = attacks.multipart(*images)
         response = client.post("/v1/embed", content=body, headers={"content-type": content_type})
@@ -264,11 +260,11 @@ def test_non_finite_model_outputs_are_a_422_naming_the_input(served_onnx):
         )
 
 
-def test_sigterm_answers_every_admitted_request_200_or_503(served_onnx):
+def test_sigterm_answers_every_admitted_request_200_or_503(tiny_onnx):
     """Item 5: SIGTERM with slow requests in flight once cut two of them with a 500."""
     blank = attacks.big_blank(4096)
     slow = [blank] * 5  # ~2 s of decoding each, on 2 threads for 6 requests
-    with serve(served_onnx, CENTER_EMBED_GRACEFUL_SHUTDOWN_S="1", CENTER_EMBED_TIMEOUT_S="30") as s:
+    with serve(tiny_onnx, CENTER_EMBED_GRACEFUL_SHUTDOWN_S="1", CENTER_EMBED_TIMEOUT_S="30") as s:
         ordinary = attacks.encode(Image.fromarray(tiny_images(1)[0]))
 
         def one(images: list[bytes]) -> int | str:
@@ -315,9 +311,9 @@ def test_slow_decoding_gets_504_and_does_not_starve_others(server):
     assert attack_seconds < 3 + 2.5  # the timeout, plus the image being decoded at it
 
 
-def test_request_pixels_are_bounded_before_decoding(served_onnx):
+def test_request_pixels_are_bounded_before_decoding(tiny_onnx):
     blank = attacks.big_blank(4096)  # 16.8 M pixels each
-    with running(served_onnx, max_request_pixels=40_000_000) as client:
+    with running(tiny_onnx, max_request_pixels=40_000_000) as client:
         content_type, body = attacks.multipart(blank, blank, blank)
         started = time.monotonic()
         response = client.post("/v1/embed", content=body, headers={"content-type": content_type})
@@ -326,11 +322,11 @@ def test_request_pixels_are_bounded_before_decoding(served_onnx):
         assert response.json()["error"]["code"] == "too_many_pixels"
 
 
-def test_many_multipart_parts_are_refused_after_reading_few(served_onnx):
+def test_many_multipart_parts_are_refused_after_reading_few(tiny_onnx):
     """Item 6: 600k parts once took 3.8 s of parsing on the event loop before any answer."""
     content_type, body = attacks.many_parts(600_000)
     chunk = 65536
-    with running(served_onnx) as client:
+    with running(tiny_onnx) as client:
         app = client.app
         read = {"chunks": 0}
 
@@ -470,8 +466,8 @@ def test_connections_beyond_the_limit_get_503(server):
 # --------------------------------------------------------------------------- logs (12)
 
 
-def test_access_log_cuts_long_paths_and_escapes_control_characters(served_onnx, caplog):
-    with running(served_onnx) as client, caplog.at_level(logging.INFO, "center_embed.access"):
+def test_access_log_cuts_long_paths_and_escapes_control_characters(tiny_onnx, caplog):
+    with running(tiny_onnx) as client, caplog.at_level(logging.INFO, "center_embed.access"):
         assert client.get(attacks.long_path(65_536)).status_code == 404
     lines = [r for r in caplog.records if r.name == "center_embed.access"]
     path = lines[-1].fields["path"]
