@@ -151,14 +151,17 @@ async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready")
-async def ready(request: Request) -> Response:
-    return Response(status_code=200 if request.app.state.ready else NOT_READY)
+async def readiness(request: Request) -> Response:
+    """200 when ready, else 400 with no body (a health answer is its status alone)."""
+    try:
+        await require_ready(request)
+    except ApiError:
+        return Response(status_code=NOT_READY)
+    return Response(status_code=200)
 
 
-@add_model_route("/ready", ["GET"], [Depends(known_model)])
-async def model_ready(request: Request) -> Response:
-    return Response(status_code=200 if request.app.state.ready else NOT_READY)
+router.add_api_route("/health/ready", readiness, methods=["GET"])
+add_model_route("/ready", ["GET"], [Depends(known_model)])(readiness)
 
 
 @add_model_route("", ["GET"], [Depends(known_model)])
