@@ -34,6 +34,19 @@ CENTERS_INITIALIZER = "centers"
 METADATA_PREFIX = "center_embed."
 DISTANCE = "squared_euclidean"
 
+# The Open Inference Protocol (KServe / Triton "v2") and a Triton model repository name the
+# model and its tensors' element types; the service's /v2 routes and export's Triton writer
+# both take them from here, so a client sees the same model behind either.
+PROTOCOL_MODEL_NAME = "center_embed"
+PROTOCOL_DATATYPES = {"uint8": "UINT8", "int64": "INT64", "float32": "FP32", "float16": "FP16"}
+
+
+def protocol_version(onnx_model_version: int) -> str:
+    """The model's version in the protocol and its Triton version folder: the ONNX file's
+    `model_version` field when the exporter set one, else "1" (Triton's first version)."""
+    return str(onnx_model_version) if onnx_model_version > 0 else "1"
+
+
 # Every metadata key the exporter writes (after METADATA_PREFIX), and what it holds.
 METADATA_KEYS = {
     "format_version": "MODEL_FORMAT_VERSION, as a string",
@@ -177,6 +190,7 @@ def run_batched(
 # protocol buffers, and the few fields we need have been fixed since ONNX 1.0, so a short
 # wire-format reader suffices:
 #
+#     ModelProto.model_version = 5 (int64)
 #     ModelProto.graph = 7  ->  GraphProto.initializer = 5 (repeated TensorProto)
 #     TensorProto: dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9,
 #                  data_location = 14 (1: external data, which our files never use)
@@ -202,6 +216,18 @@ def read_centers(path: str | Path, name: str = CENTERS_INITIALIZER) -> np.ndarra
     except (ValueError, IndexError) as e:
         raise UserError(f"{path}: cannot read the {name!r} initializer ({e})") from None
     raise UserError(f"{path} has no {name!r} initializer: not exported by center-embed")
+
+
+def read_model_version(path: str | Path) -> int:
+    """The ONNX file's ModelProto.model_version (field 5; 0 when the exporter set none)."""
+    data = memoryview(Path(path).read_bytes())
+    try:
+        for number, wire, value in _fields(data):
+            if number == 5 and wire == 0:
+                return int(value)
+    except (ValueError, IndexError) as e:
+        raise UserError(f"{path}: cannot read the model version ({e})") from None
+    return 0
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:

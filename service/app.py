@@ -28,7 +28,7 @@ from center_embed.service.batcher import MicroBatcher
 from center_embed.service.errors import install_handlers
 from center_embed.service.middleware import ObservabilityMiddleware
 from center_embed.service.prometheus import Metrics
-from center_embed.service.routes import health, inference, model_info
+from center_embed.service.routes import health, inference, model_info, v2
 from center_embed.service.security import KeyChecker
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.include_router(health.router)
     app.include_router(model_info.router)
     app.include_router(inference.router)
+    app.include_router(v2.router)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     HEADER_TIMEOUT = "header_timeout", 408  # sent by service/protocol.py, then closed
     BAD_IMAGE = "bad_image", 400
     BAD_BASE64 = "bad_base64", 400
+    BAD_TENSOR = "bad_tensor", 400  # /v2 infer: wrong input, shape, datatype, output
     UNAUTHORIZED = "unauthorized", 401
     NOT_FOUND = "not_found", 404
     METHOD_NOT_ALLOWED = "method_not_allowed", 405

@@ -46,6 +46,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_data_argument(p, default="the run's, as the checkpoint records it; give it if it moved")
     p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
+    p.add_argument(
+        "--triton-repo", metavar="DIR",
+        help="also write the model as a Triton model repository: DIR/center_embed/config.pbtxt "
+        "and DIR/center_embed/1/model.onnx",
+    )  # fmt: skip
+    add_triton_options(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -66,7 +72,59 @@ def run_export(args: argparse.Namespace) -> int:
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({info.precision}, {size:.1f} MB, {info.num_classes} classes, "
           f"unknown threshold {format_optional_number(info.unknown_threshold)})")  # fmt: skip
+    if args.triton_repo:
+        _write_triton(path, args.triton_repo, args)
     return 0
+
+
+# --------------------------------------------------------------------------- triton
+
+
+def add_triton_options(p: argparse.ArgumentParser) -> None:
+    """The Triton model configuration's options (export --triton-repo and triton)."""
+    p.add_argument(
+        "--triton-max-batch", type=int, default=64, metavar="N",
+        help="max_batch_size, the largest batch dynamic batching forms (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--triton-instances", type=int, default=1, metavar="N",
+        help="model instances (onnxruntime sessions) Triton runs (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--triton-gpu", action="store_true",
+        help="GPU instances (the onnxruntime backend's CUDA provider) instead of CPU ones",
+    )  # fmt: skip
+    p.add_argument(
+        "--triton-tensorrt", choices=("fp16", "fp32"),
+        help="with --triton-gpu: the TensorRT execution accelerator at this precision",
+    )  # fmt: skip
+
+
+def add_triton_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="the model repository to write")
+    add_triton_options(p)
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    _open_model(args.model)  # a center-embed model, readable, before anything is written
+    _write_triton(Path(args.model), args.out, args)
+    return 0
+
+
+def _write_triton(model: Path, repository: str, args: argparse.Namespace) -> None:
+    from center_embed.export.triton import TritonOptions, write_triton_repository
+
+    options = TritonOptions(
+        max_batch_size=args.triton_max_batch,
+        instances=args.triton_instances,
+        device="gpu" if args.triton_gpu else "cpu",
+        tensorrt=args.triton_tensorrt,
+    )
+    folder = write_triton_repository(model, repository, options)
+    print(f"wrote the Triton model repository {repository}: {folder.name}/config.pbtxt and "
+          f"{folder.name}/<version>/model.onnx ({options.device}, max batch "
+          f"{options.max_batch_size})")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verify
