@@ -203,7 +203,7 @@ async def infer(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Encoding {encoding} is not supported; send the body uncompressed",
         )
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parsed = parse_request(
         body, request.headers.get(HEADER_LENGTH), model.info.input_size, settings.max_images
     )

@@ -19,15 +19,11 @@ from center_embed.contract import OUTPUT_NAMES, PROTOCOL_MODEL_NAME
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
-from tests import service_fixtures
-from tests.service_fixtures import API_KEY, serve_in_thread, tiny_images
+from tests.helpers import API_KEY, serve_in_thread, tiny_images
 
 with warnings.catch_warnings():  # starlette's notice that its TestClient will move to httpx2
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
-
-served_onnx = service_fixtures.served_onnx  # the shared fixtures
-reference = service_fixtures.reference
 
 
 def auth() -> dict[str, str]:
@@ -42,10 +38,10 @@ INFER = f"/v2/models/{NAME}/infer"
 
 
 @pytest.fixture(scope="module")
-def live(served_onnx):
+def live(tiny_onnx):
     """The app under uvicorn, API key required, small limits so that they can be hit."""
     settings = Settings(
-        model=served_onnx, api_keys=[API_KEY], max_wait_ms=5, max_images=MAX_IMAGES,
+        model=tiny_onnx, api_keys=[API_KEY], max_wait_ms=5, max_images=MAX_IMAGES,
         max_body_bytes=256 * 1024,
     )  # fmt: skip
     with serve_in_thread(create_app(settings)) as server:
@@ -295,11 +291,11 @@ def test_unknown_routes_metrics_and_open_health(live, pixels):
     assert f'center_embed_requests_total{{method="POST",route="{route}",status="200"}}' in metrics
 
 
-def test_not_ready_answers(served_onnx):
+def test_not_ready_answers(tiny_onnx):
     """Health answers 400 while not ready (the spec's "4xx is false"); infer 503 {"error"}."""
-    good = ServedModel.open(served_onnx, "cpu")
+    good = ServedModel.open(tiny_onnx, "cpu")
     wrong = ServedModel(good.model, good.centers + 1.0, good.sha256)  # fails its warm-up
-    with TestClient(create_app(Settings(model=served_onnx), model=wrong)) as client:
+    with TestClient(create_app(Settings(model=tiny_onnx), model=wrong)) as client:
         deadline = time.monotonic() + 10
         while not client.app.state.warmup_error:
             assert time.monotonic() < deadline

@@ -17,9 +17,6 @@ from center_embed.cli import main
 from center_embed.errors import UserError
 from center_embed.export.triton import TritonOptions, write_triton_repository
 from center_embed.fileio import sha256_file
-from tests import service_fixtures
-
-served_onnx = service_fixtures.served_onnx  # the tiny model, exported
 
 # ONNX element type -> Triton data type, written out here rather than taken from the code.
 TRITON_TYPES = {
@@ -58,15 +55,15 @@ def check_tensor(declared, onnx_type: int, onnx_shape: list) -> None:
         assert not declared.HasField("reshape")
 
 
-def test_repository_matches_the_onnx_file(served_onnx, tmp_path):
-    folder = write_triton_repository(served_onnx, tmp_path / "repo")
+def test_repository_matches_the_onnx_file(tiny_onnx, tmp_path):
+    folder = write_triton_repository(tiny_onnx, tmp_path / "repo")
     assert folder == tmp_path / "repo" / "center_embed"
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
         "1",
         "1/model.onnx",
         "config.pbtxt",
     ]
-    assert sha256_file(folder / "1" / "model.onnx") == sha256_file(served_onnx)
+    assert sha256_file(folder / "1" / "model.onnx") == sha256_file(tiny_onnx)
     config = parse_config(folder)
     assert config.name == "center_embed"
     assert (config.backend, config.platform) == ("onnxruntime", "onnxruntime_onnx")
@@ -79,7 +76,7 @@ def test_repository_matches_the_onnx_file(served_onnx, tmp_path):
     ]
     assert not config.HasField("optimization")
 
-    tensors = onnx_tensors(served_onnx)
+    tensors = onnx_tensors(tiny_onnx)
     assert [t.name for t in config.input] == ["images"]
     assert config.input[0].format == mc.ModelInput.FORMAT_NHWC
     assert [t.name for t in config.output] == ["embeddings", "distances", "labels", "min_distances"]
@@ -89,9 +86,9 @@ def test_repository_matches_the_onnx_file(served_onnx, tmp_path):
     assert list(config.input[0].dims) == [32, 32, 3]  # the tiny model's input size
 
 
-def test_gpu_instances_and_tensorrt(served_onnx, tmp_path):
+def test_gpu_instances_and_tensorrt(tiny_onnx, tmp_path):
     options = TritonOptions(max_batch_size=16, instances=2, device="gpu", tensorrt="fp16")
-    config = parse_config(write_triton_repository(served_onnx, tmp_path, options))
+    config = parse_config(write_triton_repository(tiny_onnx, tmp_path, options))
     assert config.max_batch_size == 16
     assert [(g.count, g.kind) for g in config.instance_group] == [
         (2, mc.ModelInstanceGroup.KIND_GPU)
@@ -104,11 +101,11 @@ def test_gpu_instances_and_tensorrt(served_onnx, tmp_path):
     }
 
 
-def test_refusals(served_onnx, tmp_path):
+def test_refusals(tiny_onnx, tmp_path):
     with pytest.raises(UserError, match="runs on GPU instances"):
-        write_triton_repository(served_onnx, tmp_path, TritonOptions(tensorrt="fp32"))
+        write_triton_repository(tiny_onnx, tmp_path, TritonOptions(tensorrt="fp32"))
     with pytest.raises(UserError, match="at least 1"):
-        write_triton_repository(served_onnx, tmp_path, TritonOptions(max_batch_size=0))
+        write_triton_repository(tiny_onnx, tmp_path, TritonOptions(max_batch_size=0))
     other = tmp_path / "other.onnx"
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
@@ -119,12 +116,12 @@ def test_refusals(served_onnx, tmp_path):
     assert not (tmp_path / "repo").exists()  # nothing written for a refused model
 
 
-def test_cli_triton_and_export_flag(served_onnx, tiny_checkpoint, tmp_path, capsys):
-    assert main(["triton", str(served_onnx), "--out", str(tmp_path / "a"), "--triton-gpu"]) == 0
+def test_cli_triton_and_export_flag(tiny_onnx, tiny_checkpoint, tmp_path, capsys):
+    assert main(["triton", str(tiny_onnx), "--out", str(tmp_path / "a"), "--triton-gpu"]) == 0
     config = parse_config(tmp_path / "a" / "center_embed")
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert (
-        main(["triton", str(served_onnx), "--out", str(tmp_path), "--triton-tensorrt", "fp16"]) == 1
+        main(["triton", str(tiny_onnx), "--out", str(tmp_path), "--triton-tensorrt", "fp16"]) == 1
     )
     assert capsys.readouterr().err.strip() == (
         "error: the TensorRT accelerator runs on GPU instances: add --triton-gpu"

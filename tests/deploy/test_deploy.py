@@ -13,7 +13,7 @@ import yaml
 
 from center_embed.service.settings import Settings
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # InferenceService names
 PORT = 8000
 
