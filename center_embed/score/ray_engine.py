@@ -39,6 +39,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -617,6 +618,16 @@ def _pipeline(out, model, schema, describe, size, total, covered, device, actors
         actors = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)) or 1
     with open(model, "rb") as f:
         model_bytes = f.read()  # sent to the actors: they need no shared filesystem
+    with warnings.catch_warnings():  # Ray 2.60 deprecates retry kwargs but names no successor
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _stages(out, model_bytes, schema, describe, size, covered, blocks, gpu, actors,
+                       batch_size, rows_per_block, threads)  # fmt: skip
+
+
+def _stages(out, model_bytes, schema, describe, size, covered, blocks, gpu, actors,
+            batch_size, rows_per_block, threads):  # fmt: skip
+    import ray
+
     dataset = ray.data.from_items([{"block": b} for b in blocks],
                                   override_num_blocks=max(len(blocks), 1))  # fmt: skip
     # On CPUs the actors decode (decoding in separate tasks would only move work between the
@@ -630,8 +641,8 @@ def _pipeline(out, model, schema, describe, size, total, covered, device, actors
         ScoreBatches, batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpu else 0,
         max_restarts=RETRIES, max_task_retries=RETRIES,
-        fn_constructor_kwargs={"model": model_bytes, "device": device, "threads": threads,
-                               "schema": schema, "source": describe},
+        fn_constructor_kwargs={"model": model_bytes, "device": "cuda" if gpu else "cpu",
+                               "threads": threads, "schema": schema, "source": describe},
     )  # fmt: skip
     return dataset.map_batches(
         write_parts, batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
