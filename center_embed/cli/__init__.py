@@ -57,6 +57,7 @@ EXTRA_FOR_PACKAGE = {
     "pydantic_settings": "serve",
     "pyarrow": "score",
     "matplotlib": "score",
+    "ray": "ray",
 }
 
 

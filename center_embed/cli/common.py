@@ -12,6 +12,7 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_THREADS = 0  # onnxruntime's own choice; `score` turns it into 1 per batch
 DEFAULT_BATCH_SIZE = 256
 SPLITS = ("test", "train")
+ENGINES = ("local", "ray")
 
 
 def add_device_argument(p: argparse.ArgumentParser, *, config_key: str | None = None) -> None:
@@ -29,6 +30,16 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=DEFAULT_THREADS,
         help="onnxruntime intra-op threads (default 0: onnxruntime's choice, one per core; "
         "in score, 1 per batch)",
+    )  # fmt: skip
+
+
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    """`--engine`: WHERE the work runs (this process or a Ray cluster); not what executes
+    the graph (that is --runtime)."""
+    p.add_argument(
+        "--engine", choices=ENGINES, default=ENGINES[0],
+        help="local: this process (default); ray: Ray Data, on a local Ray or a cluster "
+        "(pip install 'center-embed[ray]')",
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from center_embed.cli.common import (
     add_batch_size_argument,
     add_device_argument,
+    add_engine_argument,
     add_model_argument,
     add_threads_argument,
 )
@@ -52,8 +53,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     add_device_argument(p)
     p.add_argument(
-        "--row-group-size", type=int, default=8192,
-        help="rows per Parquet row group; also how much an interruption can lose",
+        "--row-group-size", type=int, default=None,
+        help="rows per Parquet row group; also how much an interruption can lose (default "
+        f"8192; with --engine ray: rows per input block, default {RAY_ROWS_PER_BLOCK})",
     )  # fmt: skip
     p.add_argument(
         "--split", choices=["train", "test", "all"],
@@ -64,9 +66,27 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         help="in a folder, try every file instead of only image extensions",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_argument(p)
+    ray = p.add_argument_group("--engine ray (--out is then a folder: a Parquet dataset)")
+    ray.add_argument(
+        "--address", default=None,
+        help="the Ray cluster: auto (the one this machine belongs to), ray://host:10001, ... "
+        "(default: RAY_ADDRESS, else a new local Ray)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--actors", type=int, default=0,
+        help="inference actors, one onnxruntime session each (default 0: one per CPU, or "
+        "per GPU with --device cuda)",
+    )  # fmt: skip
+
+
+RAY_ROWS_PER_BLOCK = 2048
+LOCAL_ROW_GROUP_SIZE = 8192
 
 
 def run_score(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _run_score_on_ray(args)
     from center_embed.score.local import score
     from center_embed.score.sources import DatasetSource, open_source
 
@@ -84,7 +104,7 @@ def run_score(args: argparse.Namespace) -> int:
             workers=args.workers,
             resume=args.resume,
             overwrite=args.overwrite,
-            row_group_size=args.row_group_size,
+            row_group_size=args.row_group_size or LOCAL_ROW_GROUP_SIZE,
             progress=not args.no_progress,
             device=args.device,
             threads=args.threads,
@@ -99,6 +119,35 @@ def run_score(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    print(format_score_summary(summary))
+    return 0
+
+
+def _run_score_on_ray(args: argparse.Namespace) -> int:
+    """--engine ray: the same rows, as a Parquet dataset folder (score/ray_engine.py)."""
+    if args.fmt != "parquet" or args.split:
+        raise UserError("--engine ray writes Parquet from image files: no --format npy, --split")
+    from center_embed.score.ray_engine import score_on_ray
+
+    try:
+        import ray  # noqa: F401  (the optional extra; main() names it when missing)
+    except ModuleNotFoundError as e:
+        raise UserError("--engine ray needs Ray; pip install 'center-embed[ray]'") from e
+    summary = score_on_ray(
+        args.model,
+        args.input,
+        args.out,
+        address=args.address,
+        actors=args.actors,
+        device=args.device,
+        batch_size=args.batch_size,
+        rows_per_block=args.row_group_size or RAY_ROWS_PER_BLOCK,
+        threads=args.threads or 1,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        all_files=args.all_files,
+        progress=not args.no_progress,
+    )
     print(format_score_summary(summary))
     return 0
 
