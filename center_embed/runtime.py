@@ -275,8 +275,9 @@ class OnnxModel:
     """An exported center-embed model, ready to run on uint8 image batches.
 
     runtime / precision: see `choose_runtime` (default: onnxruntime at the file's precision).
-    threads: intra-op threads (0: the runtime's default, one per core). streams: OpenVINO's
-    concurrent inference streams (for callers that run batches from several threads at once).
+    threads: intra-op threads of one run (0: the runtime's default, one per core).
+    streams: OpenVINO's concurrent inference streams, each with `threads` threads, for callers
+    that run batches from several threads at once (an onnxruntime session needs none).
     """
 
     def __init__(

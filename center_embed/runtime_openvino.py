@@ -47,8 +47,8 @@ class OpenVinoBackend:
             "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
             "NUM_STREAMS": str(max(1, streams)),
         }
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = str(threads)
+        if threads:  # OpenVINO counts the threads of all streams together
+            config["INFERENCE_NUM_THREADS"] = str(threads * max(1, streams))
         try:
             model = core.read_model(str(path))
         except RuntimeError:
