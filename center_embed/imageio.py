@@ -106,7 +106,9 @@ def decode_jpeg_fast(data: object, size: int, max_pixels: int | None) -> np.ndar
     if simplejpeg is None or not isinstance(data, bytes | bytearray) or data[:3] != JPEG_MAGIC:
         return None
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray"):  # CMYK/YCCK: Pillow inverts Adobe's CMYK
+            return None
         limits = [n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n is not None]
         if limits and width * height > min(limits):
             return None  # Pillow's path refuses it with the limit's own message
