@@ -175,7 +175,8 @@ def decoders_part(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- 3. score
 
 
-def score_once(model: str, folder: Path, out: Path, new: bool) -> tuple[float, list]:
+def score_once(model: str, folder: Path, out: Path, new: bool) -> tuple[float, float, dict]:
+    """(images/s, CPU ms per image of this process, {id: label}) of one `score` run."""
     from center_embed.score.local import score
 
     saved = imageio.simplejpeg
@@ -183,15 +184,17 @@ def score_once(model: str, folder: Path, out: Path, new: bool) -> tuple[float, l
         imageio.simplejpeg = None  # today's decoding: Pillow for everything
     try:
         runtime = ("auto", "auto") if new else ("onnxruntime", "auto")
+        cpu = time.process_time()
         summary = score(model, folder, out, progress=False, overwrite=True,
                         runtime=runtime[0], precision=runtime[1])  # fmt: skip
+        cpu_ms = 1000 * (time.process_time() - cpu) / max(summary.scored, 1)
     finally:
         imageio.simplejpeg = saved
     import pyarrow.parquet as pq
 
     table = pq.read_table(out, columns=["id", "label"])
     ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
-    return summary.images_per_second, dict(zip(ids, labels, strict=True))
+    return summary.images_per_second, cpu_ms, dict(zip(ids, labels, strict=True))
 
 
 def score_part(args: argparse.Namespace) -> None:
@@ -200,12 +203,13 @@ def score_part(args: argparse.Namespace) -> None:
     old_speeds, new_speeds = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(max(1, args.rounds - 1)):
-            old, old_labels = score_once(args.model, folder, Path(tmp, "old.parquet"), False)
-            new, new_labels = score_once(args.model, folder, Path(tmp, "new.parquet"), True)
+            old, old_cpu, old_labels = score_once(args.model, folder, Path(tmp, "o.parquet"), False)
+            new, new_cpu, new_labels = score_once(args.model, folder, Path(tmp, "n.parquet"), True)
             old_speeds.append(old)
             new_speeds.append(new)
-            print(f"   round {r + 1}: old (onnxruntime fp32, Pillow) {old:7.0f}   "
-                  f"new (auto, simplejpeg) {new:7.0f}   ratio {new / old:4.2f}")  # fmt: skip
+            print(f"   round {r + 1}: old (onnxruntime fp32, Pillow) {old:7.0f} ({old_cpu:.2f} CPU "
+                  f"ms/img)   new (auto, simplejpeg) {new:7.0f} ({new_cpu:.2f} CPU ms/img)   "
+                  f"ratio {new / old:4.2f}, CPU {old_cpu / new_cpu:4.2f}")  # fmt: skip
     same = np.mean([new_labels[k] == v for k, v in old_labels.items()])
     ratio = statistics.median(new_speeds) / statistics.median(old_speeds)
     print(f"   median ratio new/old = {ratio:.2f} (target >= 3); identical labels "
