@@ -87,7 +87,7 @@ def decode_image(data: bytes | Path | str, size: int, max_pixels: int | None = N
 #
 # simplejpeg (libjpeg-turbo, bundled in its wheel; it releases the GIL while decoding) gives
 # the same pixels as Pillow's JPEG decoder (both use libjpeg-turbo's default accurate DCT and
-# fancy upsampling) at about a third of the cost on 32x32 JPEGs, where Pillow's per-image
+# fancy upsampling) at a fifth to a third of the cost on 32x32 JPEGs, where Pillow's per-image
 # overhead dominates (README, "Runtimes", for the measurement and the PyTurboJPEG
 # comparison). It handles only what it surely decodes exactly: JPEG bytes within the pixel
 # limits; anything else (other formats, CMYK, corrupt or truncated data, an image over a
