@@ -230,6 +230,22 @@ def read_model_version(path: str | Path) -> int:
     return 0
 
 
+def read_metadata_props(path: str | Path) -> dict[str, str]:
+    """ModelProto.metadata_props (field 14: key = 1, value = 2) of an ONNX file, for runtimes
+    that do not hand them out (OpenVINO); onnxruntime's session gives the same map."""
+    data = memoryview(Path(path).read_bytes())
+    props: dict[str, str] = {}
+    try:
+        for number, wire, entry in _fields(data):
+            if number != 14 or wire != 2:
+                continue
+            fields = {n: bytes(v).decode("utf-8") for n, w, v in _fields(entry) if w == 2}
+            props[fields.get(1, "")] = fields.get(2, "")
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable ONNX model ({e})") from None
+    return props
+
+
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:

@@ -1,16 +1,29 @@
-"""Opening an exported model: the onnxruntime session over the file contract.
+"""Opening an exported model: one small interface over the inference runtimes.
 
-This is the one place that creates onnxruntime sessions; the HTTP service, the batch
-scorer, the report and `export verify` all go through it. What the file holds (names,
-metadata, the distance formula) is center_embed.contract's. It imports numpy, Pillow and
-onnxruntime only (never torch), so a serving install stays small.
+This is the one place that opens inference runtimes; the HTTP service, the batch scorer,
+the report and `export verify` all go through `OnnxModel`. What the file holds (names,
+metadata, the distance formula) is center_embed.contract's. Two runtimes read the same
+.onnx file as it is:
+
+    onnxruntime   CPU, or CUDA with onnxruntime-gpu (extras `cpu` / `gpu`)
+    openvino      CPU; fp32, or bf16 on CPUs with AVX512-BF16 / AMX (extra `openvino`)
+
+A runtime is a `Backend`: it opens the file, says which device it runs on, and runs a uint8
+batch to the graph's four outputs. `choose_runtime` turns `--runtime auto|onnxruntime|
+openvino` and `--precision auto|fp32|bf16|int8|fp16` into one `RuntimeChoice` and says why
+(auto picks by what is installed and what the CPU supports). The default stays
+onnxruntime at the file's own precision: bf16 changes numbers slightly (README, "Runtimes"),
+so a user opts in. It imports numpy and Pillow, and a runtime only when one is opened
+(never torch), so a serving install stays small.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,10 +33,150 @@ from center_embed.contract import (
     ModelInfo,
     our_metadata,
     parse_metadata,
+    read_metadata_props,
     run_batched,
 )
 from center_embed.errors import UserError
 from center_embed.imageio import decode_image
+
+RUNTIMES = ("onnxruntime", "openvino")
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8", "fp16")
+DEFAULT_RUNTIME = "onnxruntime"  # today's behaviour; `auto` is asked for
+DEFAULT_PRECISION = "auto"  # the fastest the chosen runtime gives on this file and CPU
+EXTRA_FOR_RUNTIME = {"onnxruntime": "cpu", "openvino": "openvino"}
+# /proc/cpuinfo flags that give bf16 matrix arithmetic (AVX512-BF16 dot products, AMX tiles)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which runtime runs the file, at which precision, and why (for logs and /v1/model)."""
+
+    runtime: str  # onnxruntime | openvino
+    precision: str  # what the arithmetic runs in: fp32 | bf16 | int8 | fp16
+    reason: str
+
+
+def installed_runtimes() -> list[str]:
+    """The runtimes importable here, in RUNTIMES order (found without importing them)."""
+    return [name for name in RUNTIMES if importlib.util.find_spec(name) is not None]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The bf16 features this CPU has; where /proc/cpuinfo is unreadable, OpenVINO's view."""
+    flags = cpu_flags()
+    if flags:
+        return [f for f in BF16_CPU_FLAGS if f in flags]
+    if "openvino" in installed_runtimes():
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return ["openvino:BF16"] if "BF16" in capabilities else []
+    return []
+
+
+def choose_runtime(
+    runtime: str = "auto",
+    precision: str = "auto",
+    *,
+    file_precision: str = "fp32",
+    device: str = "auto",
+    installed: list[str] | None = None,
+    bf16_flags: list[str] | None = None,
+) -> RuntimeChoice:
+    """The runtime and precision for a file, from the flags; UserError for what cannot run.
+
+    auto runtime: onnxruntime for CUDA, else OpenVINO where installed, else onnxruntime.
+    auto precision: bf16 under OpenVINO on a bf16 CPU for an fp32 file, else the file's own.
+    """
+    if runtime not in RUNTIME_CHOICES:
+        raise UserError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, not {runtime!r}")
+    if precision not in PRECISION_CHOICES:
+        raise UserError(
+            f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}"
+        )
+    installed = installed_runtimes() if installed is None else installed
+    wants_cuda = device.startswith("cuda") or device == "gpu"
+    if runtime == "auto":
+        runtime, why = _auto_runtime(installed, wants_cuda)
+    else:
+        why = f"{runtime} asked for"
+        if runtime not in installed:
+            extra = EXTRA_FOR_RUNTIME[runtime]
+            raise UserError(f"{runtime} is not installed; pip install 'center-embed[{extra}]'")
+        if runtime == "openvino" and wants_cuda:
+            raise UserError("OpenVINO runs on the CPU here; CUDA needs --runtime onnxruntime")
+    bf16_flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
+    chosen, how = _precision(runtime, precision, file_precision, bf16_flags)
+    return RuntimeChoice(runtime, chosen, f"{why}; {how}")
+
+
+def _auto_runtime(installed: list[str], wants_cuda: bool) -> tuple[str, str]:
+    if not installed:
+        raise UserError("no ONNX runtime is installed; pip install 'center-embed[cpu]'")
+    if wants_cuda:
+        if "onnxruntime" not in installed:
+            raise UserError("CUDA needs onnxruntime-gpu; pip install 'center-embed[gpu]'")
+        return "onnxruntime", "auto: CUDA asked for, onnxruntime"
+    if "openvino" in installed:
+        return "openvino", "auto: OpenVINO is installed (the fastest measured on x86 CPUs)"
+    return "onnxruntime", "auto: onnxruntime, the one runtime installed"
+
+
+def _precision(runtime: str, asked: str, file_precision: str, bf16: list[str]) -> tuple[str, str]:
+    """(precision, why): the file's own precision always runs; bf16 is OpenVINO's on fp32."""
+    can_bf16 = runtime == "openvino" and file_precision == "fp32" and bool(bf16)
+    if asked == "auto":
+        if can_bf16:
+            return "bf16", f"auto: bf16, the CPU has {', '.join(bf16)}"
+        return file_precision, f"auto: the file's {file_precision}"
+    if asked == file_precision:
+        return asked, f"{asked} asked for"
+    if asked == "bf16":
+        if runtime != "openvino":
+            raise UserError("bf16 needs --runtime openvino (onnxruntime has no bf16 CPU path)")
+        if file_precision != "fp32":
+            raise UserError(f"bf16 runs an fp32 file; this one is {file_precision}")
+        if not bf16:
+            raise UserError("this CPU has neither AVX512-BF16 nor AMX: bf16 is not available")
+        return "bf16", f"bf16 asked for; the CPU has {', '.join(bf16)}"
+    raise UserError(
+        f"the file is {file_precision}: --precision {asked} needs a file exported as {asked} "
+        f"(`center-embed export --{asked}`), or --precision auto"
+        if asked != "fp32"
+        else f"the file is {file_precision}: --precision fp32 needs the fp32 export"
+    )
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """One runtime's open model: what OnnxModel needs of it."""
+
+    name: str  # the runtime: onnxruntime | openvino
+    provider: str  # the device it runs on, in the runtime's words
+    threads: int  # intra-op threads asked for (0: the runtime's default)
+
+    def io_names(self) -> tuple[list[str], list[str]]: ...  # (inputs, outputs)
+    def metadata_props(self) -> dict[str, str]: ...
+    def run(self, images: np.ndarray) -> list[np.ndarray]: ...  # OUTPUT_NAMES order
 
 
 def available_providers() -> list[str]:
@@ -79,18 +232,74 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0, spi
         raise
 
 
+class OnnxRuntimeBackend:
+    """onnxruntime: one InferenceSession (thread-safe: concurrent runs share it)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: str, threads: int, spinning: bool) -> None:
+        self.session = create_session(path, device, threads, spinning)
+        self.threads = threads
+
+    @property
+    def provider(self) -> str:
+        """The execution provider actually in use (the first one the session kept)."""
+        return self.session.get_providers()[0]
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        return [i.name for i in self.session.get_inputs()], [
+            o.name for o in self.session.get_outputs()
+        ]
+
+    def metadata_props(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+
+
+def open_backend(
+    choice: RuntimeChoice, path: Path, device: str, threads: int, spinning: bool, streams: int
+) -> Backend:
+    if choice.runtime == "openvino":
+        from center_embed.runtime_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, choice.precision, threads, streams)
+    return OnnxRuntimeBackend(path, device, threads, spinning)
+
+
+# --------------------------------------------------------------------------- the model
+
+
 class OnnxModel:
-    """An exported center-embed model, ready to run on uint8 image batches."""
+    """An exported center-embed model, ready to run on uint8 image batches.
+
+    runtime / precision: see `choose_runtime` (default: onnxruntime at the file's precision).
+    threads: intra-op threads of one run (0: the runtime's default, one per core).
+    streams: OpenVINO's concurrent inference streams, each with `threads` threads, for callers
+    that run batches from several threads at once (an onnxruntime session needs none).
+    """
 
     def __init__(
-        self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True
+        self,
+        path: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        spinning: bool = True,
+        *,
+        runtime: str = DEFAULT_RUNTIME,
+        precision: str = DEFAULT_PRECISION,
+        streams: int = 1,
     ) -> None:
         self.path = Path(path)
-        self.session = create_session(self.path, device, threads, spinning)
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.info = parse_metadata(props, str(self.path))
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
+        if not self.path.is_file():
+            raise UserError(f"model not found: {self.path}")
+        self.choice = choose_runtime(
+            runtime, precision, file_precision=_file_precision(self.path), device=device
+        )
+        self.backend = open_backend(self.choice, self.path, device, threads, spinning, streams)
+        self.info = parse_metadata(self.backend.metadata_props(), str(self.path))
+        inputs, outputs = self.backend.io_names()
         if inputs != [INPUT_NAME] or list(outputs) != list(OUTPUT_NAMES):
             raise UserError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
@@ -99,8 +308,13 @@ class OnnxModel:
 
     @property
     def provider(self) -> str:
-        """The execution provider actually in use (the first one the session kept)."""
-        return self.session.get_providers()[0]
+        """The device in use, in the runtime's words (e.g. CPUExecutionProvider, CPU)."""
+        return self.backend.provider
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """What runs the model and why: for /v1/model, the logs and `inspect`."""
+        return {**asdict(self.choice), "provider": self.provider, "threads": self.backend.threads}
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images uint8 (N, H, W, 3) RGB -> embeddings (N, D), distances (N, C),
@@ -109,7 +323,7 @@ class OnnxModel:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise ValueError(f"images must be uint8 (N, {h}, {w}, 3), got {images.dtype} "
                              f"{images.shape}")  # fmt: skip
-        values = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images)})
+        values = self.backend.run(np.ascontiguousarray(images))
         return dict(zip(OUTPUT_NAMES, values, strict=True))
 
     def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -128,6 +342,15 @@ class OnnxModel:
         if self.info.unknown_threshold is None:
             return np.zeros(len(min_distances), dtype=bool)
         return min_distances > self.info.unknown_threshold
+
+
+def _file_precision(path: Path) -> str:
+    """The precision the file was exported in; fp32 where it cannot be read (the runtime
+    then reports the file as unreadable, in its own words)."""
+    try:
+        return our_metadata(read_metadata_props(path)).get("precision", "fp32")
+    except UserError:
+        return "fp32"
 
 
 def describe(info: ModelInfo) -> dict[str, Any]:

@@ -119,12 +119,17 @@ def split_accuracy(
     split: str = "test",
     threads: int = 0,
     batch_size: int = 256,
+    *,
+    runtime: str = "onnxruntime",
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """Nearest-center accuracy of an ONNX model on a dataset split, through onnxruntime.
+    """Nearest-center accuracy of an ONNX model on a dataset split, through `runtime`.
 
-    `data` defaults to the dataset the model was trained on (its training metadata).
+    `data` defaults to the dataset the model was trained on (its training metadata). Any
+    runtime or precision other than onnxruntime at the file's own precision is also
+    compared with that reference on the same images (`parity`, see `runtime_parity`).
     """
-    model = OnnxModel(model_path, device="auto", threads=threads)
+    model = OnnxModel(model_path, "auto", threads, runtime=runtime, precision=precision)
     info = model.info
     source = data or _training_source(model)
     if info.input_size[0] != info.input_size[1]:
@@ -142,12 +147,66 @@ def split_accuracy(
         "images": int(len(truth)),
         "precision": info.precision,
         "provider": model.provider,
+        "runtime": model.runtime,
         "nearest_center_accuracy": float((out["labels"] == truth).mean()),
         "images_per_second": len(truth) / max(seconds, 1e-9),
     }
     if info.unknown_threshold is not None:
         result["unknown_rate"] = float(model.unknown(out["min_distances"]).mean())
+    if (model.choice.runtime, model.choice.precision) != ("onnxruntime", info.precision):
+        reference = OnnxModel(model_path, "cpu", threads).run_batched(images.images, batch_size)
+        result["parity"] = runtime_parity(out, reference, truth, info.unknown_threshold)
     return result
+
+
+# What another runtime or precision must keep against onnxruntime on the same file, on a
+# real split: the nearest center on 99% of images, and distances within a few percent of
+# the largest (bf16 keeps 8 bits of mantissa: ~0.4% per value, compounded over the layers;
+# README, "Runtimes", for what was measured), and the unknown threshold flagging the same
+# images on 99% of them (then it holds for this runtime and needs no recalibration).
+RUNTIME_TOLERANCES = {"label_agreement": 0.99, "distances": 0.05, "unknown_agreement": 0.99}
+
+
+def runtime_parity(
+    out: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    truth: np.ndarray,
+    threshold: float | None,
+) -> dict[str, Any]:
+    """A runtime's outputs against the onnxruntime reference on the same images: accuracy,
+    label agreement, errors relative to the largest reference value (as the export's
+    parity), the worst per-image min-distance error, and whether the unknown threshold
+    flags the same images. `passed` applies RUNTIME_TOLERANCES."""
+    ref_min, min_d = reference["min_distances"], out["min_distances"]
+    figures: dict[str, Any] = {
+        "reference": "onnxruntime, the file's own precision",
+        "reference_accuracy": float((reference["labels"] == truth).mean()),
+        "label_agreement": float((out["labels"] == reference["labels"]).mean()),
+        **{
+            name: _relative_error(out[name], reference[name])
+            for name in ("embeddings", "distances")
+        },
+        "min_distance_p99": float(
+            np.quantile(np.abs(min_d - ref_min) / np.maximum(ref_min, 1e-12), 0.99)
+        ),
+    }
+    if threshold is not None:
+        figures["unknown_rate_reference"] = float((ref_min > threshold).mean())
+        figures["unknown_agreement"] = float(((min_d > threshold) == (ref_min > threshold)).mean())
+    tol = RUNTIME_TOLERANCES
+    checks = [figures["label_agreement"] >= tol["label_agreement"],
+              figures["distances"] <= tol["distances"],
+              figures.get("unknown_agreement", 1.0) >= tol["unknown_agreement"]]  # fmt: skip
+    figures["tolerances"], figures["passed"] = tol, all(checks)
+    return figures
+
+
+def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    """max|value − reference| / max|reference| (0 for no images)."""
+    if reference.size == 0:
+        return 0.0
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    return float(np.abs(value.astype(np.float64) - reference).max()) / scale
 
 
 def _training_source(model: OnnxModel) -> str:

@@ -103,8 +103,14 @@ async def _lifespan(
     model = given_model
     if model is None:
         model = await asyncio.to_thread(
-            ServedModel.open, settings.model, settings.device, settings.threads
+            ServedModel.open,
+            settings.model,
+            settings.device,
+            settings.threads,
+            runtime=settings.runtime,
+            precision=settings.precision,
         )
+        log.info("model opened", extra={"fields": {"runtime": model.runtime}})
     metrics.set_model(model.info.unknown_threshold)
     decoder = ThreadPoolExecutor(
         settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="center-embed-decode"

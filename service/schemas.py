@@ -86,10 +86,19 @@ class CentersResponse(BaseModel):
     dim: int
 
 
+class RuntimeInfo(BaseModel):
+    runtime: str = Field(description="inference runtime: onnxruntime or openvino")
+    precision: str = Field(description="arithmetic precision in use: fp32, bf16, int8, fp16")
+    reason: str = Field(description="why this runtime and precision (auto says what it saw)")
+    provider: str = Field(description="the device, in the runtime's words")
+    threads: int = Field(description="intra-op threads asked for (0: the runtime's default)")
+
+
 class ModelResponse(BaseModel):
     metadata: dict[str, Any] = Field(description="the model's center_embed.* metadata")
     limits: dict[str, float | int] = Field(description="request limits in force")
     provider: str = Field(description="onnxruntime execution provider actually in use")
+    runtime: RuntimeInfo
     model: ModelSummary
 
 

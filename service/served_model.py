@@ -1,9 +1,9 @@
 """The served model: a `center_embed.runtime.OnnxModel` plus its centers as numpy.
 
-Images go through onnxruntime (the graph computes embeddings, distances, nearest center
-and min distance); embedding vectors sent to /v1/distances go through `distances` here,
-the contract's same formula in numpy, which the warm-up checks against the graph's own
-outputs.
+Images go through the runtime chosen (onnxruntime or OpenVINO: the graph computes
+embeddings, distances, nearest center and min distance); embedding vectors sent to
+/v1/distances go through `distances` here, the contract's same formula in numpy, which
+the warm-up checks against the graph's own outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from center_embed.contract import nearest_centers, read_centers, squared_distances
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
-from center_embed.runtime import OnnxModel, describe
+from center_embed.runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, OnnxModel, describe
 
 WARMUP_SEED = 0
 
@@ -44,15 +44,30 @@ class ServedModel:
             )
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "auto", threads: int = 0) -> ServedModel:
+    def open(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        *,
+        runtime: str = DEFAULT_RUNTIME,
+        precision: str = DEFAULT_PRECISION,
+    ) -> ServedModel:
         path = Path(path)
         # No spinning: the server's own threads (decoding, HTTP) need the cores between runs.
-        model = OnnxModel(path, device, threads, spinning=False)
+        model = OnnxModel(
+            path, device, threads, spinning=False, runtime=runtime, precision=precision
+        )
         return cls(model, read_centers(path), sha256_file(path))
 
     @property
     def provider(self) -> str:
         return self.model.provider
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """Runtime, precision, device, threads, and why they were chosen (/v1/model)."""
+        return self.model.runtime
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""

@@ -55,7 +55,10 @@ def check_and_load_settings(model: Path, workers: int) -> Settings:
         os.environ["CENTER_EMBED_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     settings = load_settings()
     settings.keys()  # an unreadable key file fails here, not in every worker
-    ServedModel.open(model, settings.device, 1)  # one-line errors for a file that is not ours
+    # one-line errors for a file that is not ours, or a runtime/precision that cannot run it
+    ServedModel.open(
+        model, settings.device, 1, runtime=settings.runtime, precision=settings.precision
+    )
     return settings
 
 

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="execution provider")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: one per core)")
     decode_threads: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
+    runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="inference runtime; auto picks by what is installed and the CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8", "fp16"] = Field(
+        "auto", description="arithmetic precision (auto: bf16 under OpenVINO on bf16 CPUs)"
+    )
 
     max_batch: int = Field(64, ge=1, description="most images in one onnxruntime run")
     max_wait_ms: float = Field(

@@ -1,7 +1,8 @@
 """The `center-embed` command: the top layer, which parses arguments and calls the library.
 
 COMMANDS is the registry: each subcommand names its help line and the adapter module of
-this package that handles it (train.py, export.py, serve.py, score.py, report.py). An
+this package that handles it (train.py, export.py, serve.py, score.py, report.py,
+bench.py). An
 adapter module defines `add_<command>_arguments(parser)` and `run_<command>(args) -> int`
 for each command it handles, and is imported only when one of its commands runs, so
 `center-embed --help` is instant and `center-embed serve` never imports torch. Only this
@@ -44,6 +45,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve an ONNX model over HTTP", "serve"),
     "score": Command("score a folder or list of images into Parquet", "score"),
     "report": Command("an evaluation report (HTML, JSON, plots) of a model", "report"),
+    "bench": Command("images/s of each installed runtime x precision x batch size", "bench"),
 }
 
 # A missing import of these top-level packages means an optional extra is not installed.
@@ -51,6 +53,7 @@ EXTRA_FOR_PACKAGE = {
     "torch": "train",
     "onnx": "train",
     "onnxruntime": "cpu",
+    "openvino": "openvino",
     "fastapi": "serve",
     "uvicorn": "serve",
     "pydantic": "serve",

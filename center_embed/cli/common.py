@@ -28,7 +28,7 @@ def add_device_argument(p: argparse.ArgumentParser, *, config_key: str | None = 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=DEFAULT_THREADS,
-        help="onnxruntime intra-op threads (default 0: onnxruntime's choice, one per core; "
+        help="runtime intra-op threads (default 0: the runtime's choice, one per core; "
         "in score, 1 per batch)",
     )  # fmt: skip
 
@@ -40,6 +40,34 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
         "--engine", choices=ENGINES, default=ENGINES[0],
         help="local: this process (default); ray: Ray Data, on a local Ray or a cluster "
         "(pip install 'center-embed[ray]')",
+    )  # fmt: skip
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, *, from_environment: bool = False) -> None:
+    """`--runtime` and `--precision` (center_embed.runtime.choose_runtime says what they do).
+
+    from_environment: the flags are absent unless given, so the service's
+    CENTER_EMBED_RUNTIME / CENTER_EMBED_PRECISION settings decide (serve)."""
+    from center_embed.runtime import (
+        DEFAULT_PRECISION,
+        DEFAULT_RUNTIME,
+        PRECISION_CHOICES,
+        RUNTIME_CHOICES,
+    )
+
+    where = "CENTER_EMBED_{}, else " if from_environment else ""
+    p.add_argument(
+        "--runtime", choices=RUNTIME_CHOICES,
+        default=None if from_environment else DEFAULT_RUNTIME,
+        help="inference runtime; auto: OpenVINO where installed (CPU), else onnxruntime "
+        f"(default: {where.format('RUNTIME')}{DEFAULT_RUNTIME})",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=PRECISION_CHOICES,
+        default=None if from_environment else DEFAULT_PRECISION,
+        help="arithmetic precision; auto: bf16 under OpenVINO on a CPU with AVX512-BF16 or "
+        "AMX, else the file's own (fp32, or int8 for an --int8 export) "
+        f"(default: {where.format('PRECISION')}{DEFAULT_PRECISION})",
     )  # fmt: skip
 
 

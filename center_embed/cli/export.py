@@ -15,6 +15,7 @@ from center_embed.cli.common import (
     add_checkpoint_argument,
     add_data_argument,
     add_model_argument,
+    add_runtime_arguments,
     add_split_argument,
     add_threads_argument,
 )
@@ -144,20 +145,26 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
         "(default: 0.1, or 0.5 for int8 models)",
     )  # fmt: skip
     add_threads_argument(p)
+    add_runtime_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from center_embed.export.verify import compare_with_checkpoint, split_accuracy
 
-    result: dict[str, Any] = split_accuracy(args.model, args.data, args.split, args.threads)
+    result: dict[str, Any] = split_accuracy(
+        args.model, args.data, args.split, args.threads,
+        runtime=args.runtime, precision=args.precision,
+    )  # fmt: skip
+    runtime = result["runtime"]
     print(f"{result['split']} split of {result['data']} ({result['images']} images), "
-          f"{result['precision']} on {result['provider']}")  # fmt: skip
+          f"{result['precision']} file on {runtime['runtime']} {runtime['precision']} "
+          f"({result['provider']}; {runtime['reason']})")  # fmt: skip
     print(f"  nearest-center accuracy  {result['nearest_center_accuracy']:.4f}")
     if "unknown_rate" in result:
         print(f"  flagged unknown          {result['unknown_rate']:.4f}")
     print(f"  images/s                 {result['images_per_second']:.0f}")
-    status = 0
+    status = 0 if "parity" not in result else print_parity(result["parity"])
     if args.checkpoint:
         result.update(compare_with_checkpoint(result, args.checkpoint, args.data))
         tolerance = args.tolerance
@@ -173,6 +180,25 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return status
+
+
+def print_parity(parity: dict[str, Any]) -> int:
+    """The runtime's agreement with onnxruntime; 1 when outside RUNTIME_TOLERANCES."""
+    tol = parity["tolerances"]
+    print(f"  against {parity['reference']} (accuracy {parity['reference_accuracy']:.4f}):")
+    print(f"    label agreement        {parity['label_agreement']:.4f} (at least "
+          f"{tol['label_agreement']:g})")  # fmt: skip
+    print(f"    distances error        {parity['distances']:.4f} of the largest (at most "
+          f"{tol['distances']:g}); embeddings {parity['embeddings']:.4f}; min distance "
+          f"p99 {parity['min_distance_p99']:.4f} relative")  # fmt: skip
+    if "unknown_agreement" in parity:
+        print(f"    unknown flags agree    {parity['unknown_agreement']:.4f} (reference rate "
+              f"{parity['unknown_rate_reference']:.4f}; at least "
+              f"{tol['unknown_agreement']:g} for the threshold to hold)")  # fmt: skip
+    if parity["passed"]:
+        return 0
+    print("FAILED: this runtime/precision disagrees with onnxruntime beyond the tolerances")
+    return 1
 
 
 # --------------------------------------------------------------------------- inspect
@@ -232,7 +258,21 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
             f"  exported by     torch {exporter.get('torch')} ({exporter.get('mode')}, "
             f"opset {exporter.get('opset')})"
         )
+    lines.append(format_runtime_choice(info.precision))
     return "\n".join(lines)
+
+
+def format_runtime_choice(file_precision: str) -> str:
+    """What `--runtime auto --precision auto` runs this file with here, and why."""
+    from center_embed.runtime import choose_runtime, installed_runtimes
+
+    installed = ", ".join(installed_runtimes()) or "none"
+    try:
+        choice = choose_runtime(file_precision=file_precision, device="cpu")
+    except UserError as e:
+        return f"  runtime auto    cannot run here: {e} (installed: {installed})"
+    return (f"  runtime auto    {choice.runtime} {choice.precision} ({choice.reason}; "
+            f"installed: {installed})")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers

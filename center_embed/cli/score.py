@@ -17,6 +17,7 @@ from center_embed.cli.common import (
     add_device_argument,
     add_engine_argument,
     add_model_argument,
+    add_runtime_arguments,
     add_threads_argument,
 )
 from center_embed.errors import UserError
@@ -52,6 +53,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_threads_argument(p)
     add_device_argument(p)
+    add_runtime_arguments(p)
     p.add_argument(
         "--row-group-size", type=int, default=None,
         help="rows per Parquet row group; also how much an interruption can lose (default "
@@ -108,6 +110,8 @@ def run_score(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             device=args.device,
             threads=args.threads,
+            runtime=args.runtime,
+            precision=args.precision,
         )
     except KeyboardInterrupt:
         partial = Path(args.out).with_name(Path(args.out).name + ".partial")

@@ -1,6 +1,7 @@
 """`center-embed serve model.onnx --host 127.0.0.1 --port 8000 [--workers N]`.
 
-Only where to listen is a flag; every other option is a CENTER_EMBED_* environment
+Only where to listen and what runs the model (--runtime, --precision, which set the
+settings of the same names) are flags; every other option is a CENTER_EMBED_* environment
 variable declared once in service/settings.py (listed by `center-embed serve --help`).
 Starting the server is center_embed.service.server's job; this module parses and calls.
 """
@@ -8,6 +9,9 @@ Starting the server is center_embed.service.server's job; this module parses and
 from __future__ import annotations
 
 import argparse
+import os
+
+from center_embed.cli.common import add_runtime_arguments
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +27,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="JSON logs on stderr, one access line per request at info (default: info)",
     )  # fmt: skip
+    add_runtime_arguments(p, from_environment=True)
     p.epilog = settings_help()
 
 
@@ -43,6 +48,10 @@ def settings_help() -> str:
 def run_serve(args: argparse.Namespace) -> int:
     from center_embed.service.server import run_server
 
+    # The flags are settings like any other: the environment carries them to every worker.
+    for name in ("runtime", "precision"):
+        if getattr(args, name) is not None:
+            os.environ[f"CENTER_EMBED_{name.upper()}"] = getattr(args, name)
     run_server(
         args.model, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level
     )

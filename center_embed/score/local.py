@@ -6,8 +6,9 @@
 The pipeline, for any number of images in flat memory:
 
     source.items()  (lazy, fixed order)  ──► batches of --batch-size
-        ──► --workers threads, each taking a whole batch: decode (Pillow), run
-            (onnxruntime, --threads intra-op threads, default 1), build an Arrow table
+        ──► --workers threads, each taking a whole batch: decode (simplejpeg for JPEGs
+            where installed, else Pillow), run (--runtime, --threads intra-op threads,
+            default 1), build an Arrow table
         ──► tables in input order  ──► part files  ──► merge
 
 Why whole batches per worker and single-threaded inference: decoding is Python that holds
@@ -21,7 +22,7 @@ An image that cannot be read or decoded becomes a row with an `error` and no mod
 outputs; it never stops the run. Ctrl-C or SIGTERM stops after the last whole part, and
 `--resume` continues from there (output.py says how that stays exact).
 
-Imports numpy, Pillow, onnxruntime and pyarrow only: never torch.
+Imports numpy, Pillow, the runtime (onnxruntime or OpenVINO) and pyarrow only: never torch.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def score(
     progress: bool = True,
     device: str = "auto",
     threads: int = 0,
+    runtime: str = "onnxruntime",
+    precision: str = "auto",
 ) -> ScoreSummary:
     """Score every image of `source` into `out`; see the module docstring."""
     from center_embed.runtime import OnnxModel
@@ -84,8 +87,8 @@ def score(
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
-    if not isinstance(model, OnnxModel):  # each worker runs its own batch: 1 thread each
-        model = OnnxModel(model, device, threads or 1)
+    if not isinstance(model, OnnxModel):
+        model = open_scoring_model(model, device, threads, runtime, precision)
     if not isinstance(source, Source):
         source = open_source(source)
     h, w = model.info.input_size
@@ -152,6 +155,17 @@ def _pipeline(model, schema, items: Iterator, batch_size: int, workers: int) -> 
         finally:  # interrupted: drop the batches not yet started
             for future in pending:
                 future.cancel()
+
+
+def open_scoring_model(path, device: str, threads: int, runtime: str, precision: str):
+    """The model as the workers share it: each runs its own batch on `threads` threads
+    (default 1; an onnxruntime session takes concurrent runs, OpenVINO gets one stream per
+    core's worth of threads)."""
+    from center_embed.runtime import OnnxModel
+
+    threads = threads or 1
+    streams = max(1, (os.cpu_count() or 1) // threads)
+    return OnnxModel(path, device, threads, runtime=runtime, precision=precision, streams=streams)
 
 
 def default_workers() -> int:

@@ -19,6 +19,7 @@ async def model_info(model: ModelDep, settings: SettingsDep) -> JSONResponse:
             "metadata": model.metadata(),
             "limits": settings.limits(),
             "provider": model.provider,
+            "runtime": model.runtime,
             "model": model.summary(),
         }
     )

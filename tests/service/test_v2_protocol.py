@@ -109,7 +109,7 @@ def test_health_and_metadata(client, reference):
         ],
     }
     # The metadata's datatypes are those onnxruntime declares for the file.
-    declared = {o.name: o.type for o in reference.session.get_outputs()}
+    declared = {o.name: o.type for o in reference.backend.session.get_outputs()}
     assert declared == {
         "embeddings": "tensor(float)",
         "distances": "tensor(float)",

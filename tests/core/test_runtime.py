@@ -1,0 +1,257 @@
+"""The runtime seam (issue 13): choosing a runtime and precision, parity of each runtime and
+precision with onnxruntime fp32 on real images, the service and CLI over OpenVINO, and
+`center-embed bench`.
+
+OpenVINO is in the `dev` extra, so these run in CI; bf16 needs a CPU with AVX512-BF16 or
+AMX and skips elsewhere (saying so). The CIFAR-10 case runs where a trained model is at
+hand (CENTER_EMBED_CIFAR_MODEL) and is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from center_embed.errors import UserError
+from center_embed.runtime import OnnxModel, choose_runtime, cpu_bf16_flags
+from tests.helpers import ROOT
+
+ov = pytest.importorskip("openvino")
+needs_bf16 = pytest.mark.skipif(not cpu_bf16_flags(), reason="CPU has no AVX512-BF16 or AMX")
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from center_embed.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("rt8") / "tiny-int8.onnx"
+    return export_checkpoint(tiny_checkpoint, out, int8=True)
+
+
+def split_images(folder: Path, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, size, size, 3), labels (N,)) of folder/test/<class>/*, classes sorted."""
+    images, labels = [], []
+    for label, class_dir in enumerate(sorted((folder / "test").iterdir())):
+        for path in sorted(class_dir.iterdir()):
+            images.append(np.asarray(Image.open(path).convert("RGB").resize((size, size))))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels)
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def choose(runtime="auto", precision="auto", **kw):
+    defaults = {"file_precision": "fp32", "device": "cpu",
+                "installed": ["onnxruntime", "openvino"], "bf16_flags": ["amx_bf16"]}  # fmt: skip
+    return choose_runtime(runtime, precision, **{**defaults, **kw})
+
+
+def test_auto_picks_openvino_bf16_where_installed_and_supported():
+    picked = choose()
+    assert (picked.runtime, picked.precision) == ("openvino", "bf16")
+    assert "amx_bf16" in picked.reason and "auto" in picked.reason
+
+
+def pair(choice) -> tuple[str, str]:
+    return choice.runtime, choice.precision
+
+
+def test_auto_falls_back_by_what_is_installed_and_supported():
+    assert pair(choose(installed=["onnxruntime"])) == ("onnxruntime", "fp32")
+    assert pair(choose(bf16_flags=[])) == ("openvino", "fp32")
+    assert pair(choose(file_precision="int8")) == ("openvino", "int8")
+    assert pair(choose(device="cuda")) == ("onnxruntime", "fp32")  # OpenVINO: CPU only here
+    assert pair(choose("onnxruntime")) == ("onnxruntime", "fp32")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"runtime": "openvino", "installed": ["onnxruntime"]}, "pip install 'center-embed"),
+        ({"runtime": "onnxruntime", "precision": "bf16"}, "bf16 needs --runtime openvino"),
+        ({"runtime": "openvino", "precision": "bf16", "bf16_flags": []}, "neither AVX512-BF16"),
+        ({"precision": "bf16", "file_precision": "int8"}, "bf16 runs an fp32 file"),
+        ({"precision": "int8"}, "center-embed export --int8"),
+        ({"precision": "fp32", "file_precision": "int8"}, "needs the fp32 export"),
+        ({"runtime": "openvino", "device": "cuda"}, "CUDA needs --runtime onnxruntime"),
+        ({"runtime": "tensorrt"}, "runtime must be one of"),
+        ({"installed": []}, "no ONNX runtime is installed"),
+    ],
+)  # fmt: skip
+def test_impossible_choices_are_one_clear_error(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        choose(**kwargs)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def parity_against_onnxruntime(path: Path, images: np.ndarray, labels: np.ndarray, **kw):
+    from center_embed.export.verify import runtime_parity
+
+    model = OnnxModel(path, "cpu", **kw)
+    reference = OnnxModel(path, "cpu").run_batched(images, 16)
+    return model, runtime_parity(model.run_batched(images, 16), reference, labels,
+                                 model.info.unknown_threshold)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "precision", ["fp32", pytest.param("bf16", marks=needs_bf16)]
+)  # fmt: skip
+def test_openvino_agrees_with_onnxruntime_on_real_images(tiny_onnx, tiny_folder, precision):
+    images, labels = split_images(tiny_folder)
+    model, parity = parity_against_onnxruntime(
+        tiny_onnx, images, labels, runtime="openvino", precision=precision
+    )
+    assert model.runtime["runtime"] == "openvino" and model.runtime["precision"] == precision
+    assert parity["label_agreement"] >= 0.99
+    bound = 1e-4 if precision == "fp32" else 0.05  # RUNTIME_TOLERANCES["distances"]
+    assert parity["distances"] <= bound
+    assert parity["embeddings"] <= (1e-4 if precision == "fp32" else 0.1)
+
+
+def test_openvino_runs_the_int8_file_as_onnxruntime_does(tiny_int8_onnx, tiny_folder):
+    images, labels = split_images(tiny_folder)
+    model, parity = parity_against_onnxruntime(tiny_int8_onnx, images, labels, runtime="openvino")
+    assert model.runtime["precision"] == "int8"
+    assert parity["label_agreement"] >= 0.99
+    assert parity["distances"] <= 0.05
+
+
+@needs_bf16
+def test_bf16_distances_are_exact_fp32_of_its_embeddings(tiny_onnx):
+    """The distance tail runs in fp32, so /v1/distances on bf16 embeddings gives the same."""
+    from center_embed.contract import read_centers, squared_distances
+
+    model = OnnxModel(tiny_onnx, "cpu", runtime="openvino", precision="bf16")
+    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    out = model.run(images)
+    expected = squared_distances(out["embeddings"], read_centers(tiny_onnx))
+    np.testing.assert_allclose(out["distances"], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out["labels"], expected.argmin(1))
+    assert out["labels"].dtype == np.int64
+
+
+def test_openvino_from_several_threads_and_empty_batches(tiny_onnx):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = OnnxModel(tiny_onnx, "cpu", 1, runtime="openvino", precision="fp32", streams=2)
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 5, 9, 3)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(model.run, batches * 3))
+    reference = OnnxModel(tiny_onnx, "cpu")
+    for batch, out in zip(batches * 3, outs, strict=True):
+        np.testing.assert_allclose(out["distances"], reference.run(batch)["distances"], rtol=1e-4)
+    empty = model.run(batches[0][:0])
+    assert {k: v.shape for k, v in empty.items()} == {
+        "embeddings": (0, model.info.embedding_dim), "distances": (0, model.info.num_classes),
+        "labels": (0,), "min_distances": (0,),
+    }  # fmt: skip
+
+
+def test_openvino_says_a_non_model_file_is_unreadable(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07 this is not a protobuf model" * 10)
+    with pytest.raises(UserError, match="not a readable ONNX model|no center_embed metadata"):
+        OnnxModel(bad, runtime="openvino", precision="fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CENTER_EMBED_CIFAR_MODEL") or not CIFAR.is_dir(),
+    reason="needs CENTER_EMBED_CIFAR_MODEL (a CIFAR-10 model) and ../shared/data/cifar10",
+)
+@pytest.mark.parametrize(
+    ("runtime", "precision"),
+    [("openvino", "fp32"), pytest.param("openvino", "bf16", marks=needs_bf16)],
+)
+def test_cifar10_parity_holds_with_the_threshold(runtime, precision):
+    from center_embed.export.verify import split_accuracy
+
+    result = split_accuracy(os.environ["CENTER_EMBED_CIFAR_MODEL"], str(CIFAR), "test",
+                            runtime=runtime, precision=precision)  # fmt: skip
+    parity = result["parity"]
+    assert parity["label_agreement"] >= 0.99
+    assert parity["distances"] <= 0.05
+    assert parity["unknown_agreement"] >= 0.99
+    assert abs(result["nearest_center_accuracy"] - parity["reference_accuracy"]) <= 0.005
+
+
+# --------------------------------------------------------------------------- service, CLI
+
+
+def test_service_serves_through_openvino_and_says_so(tiny_onnx, tiny_folder):
+    from fastapi.testclient import TestClient
+
+    from center_embed.service.app import create_app
+    from center_embed.service.settings import Settings
+
+    settings = Settings(model=tiny_onnx, runtime="auto", precision="fp32")
+    path = tiny_folder / "test" / "green" / "0001.png"
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the warm-up runs after startup
+        assert client.get("/readyz").status_code == 200
+        runtime = client.get("/v1/model").json()["runtime"]
+        answer = client.post("/v1/classify", files={"files": path.read_bytes()}).json()
+    assert runtime["runtime"] == "openvino" and runtime["precision"] == "fp32"
+    assert "auto" in runtime["reason"] and runtime["provider"] == "CPU"
+    reference = OnnxModel(tiny_onnx)
+    expected = reference.run(reference.decode(path.read_bytes())[None])
+    assert answer["results"][0]["label"] == int(expected["labels"][0])
+    assert answer["results"][0]["min_distance"] == pytest.approx(
+        float(expected["min_distances"][0]), rel=1e-4
+    )
+
+
+def test_score_and_verify_cli_with_openvino(tiny_onnx, tiny_folder, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from center_embed.cli import main
+
+    out = tmp_path / "s.parquet"
+    args = ["score", str(tiny_onnx), str(tiny_folder / "test"), "--out", str(out)]
+    assert main([*args, "--runtime", "openvino", "--precision", "fp32", "--no-progress"]) == 0
+    assert main([*args[:4], str(tmp_path / "r.parquet"), "--no-progress"]) == 0
+    ours, reference = pq.read_table(out), pq.read_table(tmp_path / "r.parquet")
+    assert ours.column("label").to_pylist() == reference.column("label").to_pylist()
+    assert ours.schema.metadata == reference.schema.metadata  # which model scored what
+
+    capsys.readouterr()
+    verify = ["verify", str(tiny_onnx), "--data", str(tiny_folder), "--runtime", "openvino"]
+    status = main([*verify, "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert "label agreement        1.0000" in printed
+    assert "on openvino fp32" in printed
+    assert status == 0
+
+
+def test_bench_prints_every_runtime_and_precision(tiny_onnx, capsys):
+    from center_embed.cli import main
+
+    assert main(["bench", str(tiny_onnx), "--batch-sizes", "1,4", "--seconds", "0.05"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:3]) for line in lines[1:-1]}
+    expected = {("onnxruntime", "fp32"), ("openvino", "fp32")}
+    expected |= {("openvino", "bf16")} if cpu_bf16_flags() else set()
+    assert rows == {(rt, p, b) for rt, p in expected for b in ("1", "4")}
+    assert all(float(line.split()[3]) > 0 for line in lines[1:-1])
+    assert lines[-1].startswith("fastest at batch 4: --runtime ")
+
+
+def test_inspect_says_what_auto_would_pick(tiny_onnx, capsys):
+    from center_embed.cli import main
+
+    assert main(["inspect", str(tiny_onnx)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "runtime auto" in x]
+    expected = "openvino bf16" if cpu_bf16_flags() else "openvino fp32"
+    assert len(line) == 1 and expected in line[0]
