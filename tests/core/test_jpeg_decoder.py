@@ -124,3 +124,19 @@ def test_fast_decoding_releases_the_gil():
     timer.start()
     alone = count()
     assert busy > 0.3 * alone
+
+
+def test_a_jpeg_with_exif_orientation_is_turned_as_pillows_path_turns_it(monkeypatch):
+    pixels = textured(40, 64, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: the image is viewed rotated by 270°
+    tagged = jpeg(pixels, exif=exif)
+    got = decode_image(tagged, 32)
+    np.testing.assert_array_equal(got, pillow_path(monkeypatch, tagged, 32))
+    unrotated = decode_image(jpeg(pixels), 32)
+    assert np.abs(got.astype(int) - unrotated.astype(int)).mean() > 10  # it did turn
+
+
+def test_the_fast_path_keeps_the_format_allowlist():
+    with pytest.raises(imageio.ImageFormatError, match="JPEG images are not accepted"):
+        decode_image(jpeg(textured(32, 32)), 32, formats=["PNG"])
