@@ -41,7 +41,7 @@ def choose_providers(device: str = "auto") -> list[str]:
         if "CUDAExecutionProvider" not in available:
             raise UserError(
                 "CUDA was asked for but this onnxruntime has no CUDA provider; "
-                "install center-embed[gpu] (onnxruntime-gpu) instead of onnxruntime"
+                "pip install '.[gpu]' (onnxruntime-gpu) instead of onnxruntime"
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":

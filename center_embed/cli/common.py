@@ -39,7 +39,7 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine", choices=ENGINES, default=ENGINES[0],
         help="local: this process (default); ray: Ray Data, on a local Ray or a cluster "
-        "(pip install 'center-embed[ray]')",
+        "(pip install '.[ray]')",
     )  # fmt: skip
 
 
