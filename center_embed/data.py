@@ -70,6 +70,7 @@ def load_dataset(
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"dataset not found: {path}")
+    path = path.resolve()  # the source a run records works from any directory
     kind, source = _detect_format(path)
     key = _cache_key(kind, source, image_size) + ("" if on_bad_image == "skip" else "-strict")
     cache = _cache_root(cache_dir) / key
