@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar10
 RUN ?= runs/cpu
-# The CPU build of torch lies on this project's machines; on others pip fetches 2.13.0.
+# The CPU build of torch lies on this project's machines; on others pip fetches 2.13.0 (CUDA
+# on Linux): pass TORCH="torch --index-url https://download.pytorch.org/whl/cpu" there.
 TORCH ?= torch==2.13.0
 
 .PHONY: setup test lint demo clean
@@ -14,7 +15,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/center-embed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)  # unquoted: TORCH may carry --index-url
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

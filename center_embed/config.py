@@ -27,6 +27,10 @@ class DataConfig:
     cache_dir: str = ""  # empty: $CENTER_EMBED_CACHE or ~/.cache/center-embed
     flip: bool = True
     translate: int = 2  # random crop with reflect padding of this many pixels
+    # An image of an image folder that does not decode: "skip" leaves it out (counted and
+    # listed when training starts), "fail" stops with the list. Skip: one bad file among
+    # thousands should not cost a run, and the scorer and the service skip it too.
+    on_bad_image: str = "skip"
 
 
 @dataclass
@@ -107,6 +111,9 @@ class Config:
             raise UserError("train.epochs and train.batch_size must be positive")
         if self.data.image_size < 8:
             raise UserError("data.image_size must be at least 8")
+        if self.data.on_bad_image not in ("skip", "fail"):
+            choice = self.data.on_bad_image
+            raise UserError(f"data.on_bad_image must be skip or fail, not {choice!r}")
         for name in ("bf16", "channels_last"):
             if getattr(self.train, name) not in ("auto", "on", "off"):
                 raise UserError(f"train.{name} must be auto, on or off")

@@ -17,10 +17,11 @@ import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,24 @@ class Dataset:
     test: Split
     class_names: list[str]
     source: str  # where it was read from, for provenance
+    skipped: list[str] = field(default_factory=list)  # image files that did not decode
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def load_dataset(path: str | Path, image_size: int = 32, cache_dir: str | Path = "") -> Dataset:
-    """Read an image folder or a CIFAR-10 archive, through the cache."""
+def load_dataset(
+    path: str | Path, image_size: int = 32, cache_dir: str | Path = "", on_bad_image: str = "skip"
+) -> Dataset:
+    """Read an image folder or a CIFAR-10 archive, through the cache. An image file that
+    does not decode is left out and listed in `skipped` (`on_bad_image="skip"`), or stops
+    the load with a UserError naming the first few (`"fail"`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"dataset not found: {path}")
+    path = path.resolve()  # the source a run records works from any directory
     kind, source = _detect_format(path)
-    key = _cache_key(kind, source, image_size)
+    key = _cache_key(kind, source, image_size) + ("" if on_bad_image == "skip" else "-strict")
     cache = _cache_root(cache_dir) / key
     if (cache / "meta.json").exists():
         try:
@@ -73,7 +80,7 @@ def load_dataset(path: str | Path, image_size: int = 32, cache_dir: str | Path =
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
     if kind == "folder":
-        dataset = _read_image_folder(source, image_size)
+        dataset = _read_image_folder(source, image_size, on_bad_image)
     else:
         dataset = _read_cifar(source, kind)
         if dataset.train.images.shape[1] != image_size:
@@ -104,7 +111,7 @@ def _detect_format(path: Path) -> tuple[str, Path]:
     )
 
 
-def _read_image_folder(root: Path, image_size: int) -> Dataset:
+def _read_image_folder(root: Path, image_size: int, on_bad_image: str = "skip") -> Dataset:
     train_classes = _class_dirs(root / "train")
     test_classes = _class_dirs(root / "test")
     if train_classes != test_classes:
@@ -114,23 +121,48 @@ def _read_image_folder(root: Path, image_size: int) -> Dataset:
             f"class folders differ between {root / 'train'} and {root / 'test'}: "
             f"only in train {only_train}, only in test {only_test}"
         )
-    extensions = image_extensions()
-    splits = []
+    splits, skipped = [], []
     for split in ("train", "test"):
-        files, labels = [], []
-        for label, name in enumerate(train_classes):
-            folder = root / split / name
-            found = sorted(
-                p
-                for p in folder.iterdir()
-                if p.suffix.lower() in extensions and not p.name.startswith(".")
+        files, labels = _list_images(root / split, train_classes, require_each=split == "train")
+        images, bad = _decode_files(files, image_size)
+        if bad and on_bad_image == "fail":
+            raise UserError(f"{describe_skipped([str(files[i]) for i in bad])}; "
+                            "set data.on_bad_image=skip to leave them out")  # fmt: skip
+        keep = np.setdiff1d(np.arange(len(files)), bad)
+        skipped += [str(files[i]) for i in bad]
+        if not len(keep):
+            raise UserError(f"no readable images under {root / split}")
+        splits.append(Split(images[keep], np.asarray(labels, np.int64)[keep]))
+    return Dataset(splits[0], splits[1], train_classes, str(root), skipped)
+
+
+def _list_images(folder: Path, classes: list[str], require_each: bool) -> tuple[list, list]:
+    """Image files under folder/<class>/ and their labels; with `require_each`, a class
+    folder without images is an error (its center would never be trained)."""
+    extensions = image_extensions()
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            p
+            for p in (folder / name).iterdir()
+            if p.suffix.lower() in extensions and not p.name.startswith(".")
+        )
+        if require_each and not found:
+            raise UserError(
+                f"class folder {folder / name} has no images: add some or remove the folder"
             )
-            files += found
-            labels += [label] * len(found)
-        if not files:
-            raise UserError(f"no images found under {root / split}")
-        splits.append(Split(_decode_files(files, image_size), np.asarray(labels, np.int64)))
-    return Dataset(splits[0], splits[1], train_classes, str(root))
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise UserError(f"no images found under {folder}")
+    return files, labels
+
+
+def describe_skipped(paths: list[str], first: int = 5) -> str:
+    """`3 unreadable images: a.png, b.png, c.png` (the first few of them)."""
+    shown = ", ".join(paths[:first]) + (", ..." if len(paths) > first else "")
+    noun = "image" if len(paths) == 1 else "images"
+    return f"{len(paths)} unreadable {noun}: {shown}"
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -140,20 +172,24 @@ def _class_dirs(folder: Path) -> list[str]:
     return names
 
 
-def _decode_files(files: list[Path], image_size: int) -> np.ndarray:
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
+def _decode_files(files: list[Path], image_size: int) -> tuple[np.ndarray, list[int]]:
+    """The decoded images, and the indices of the files that did not decode (left zero)."""
+    images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
+    bad: list[int] = []
 
     def work(i: int) -> None:
         try:
             images[i] = decode_image(files[i], image_size)
-        except ImageDecodeError as e:
-            raise UserError(f"unreadable image {files[i]}: {e}") from None
+        except (ImageDecodeError, OSError, ValueError, EOFError, struct.error):
+            # OSError: unreadable, or Pillow's "cannot identify"; struct.error: what Pillow
+            # raises for some empty or truncated headers read from a path
+            bad.append(i)  # list.append is atomic under the GIL
 
     # Pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for _ in pool.map(work, range(len(files)), chunksize=256):
             pass
-    return images
+    return images, sorted(bad)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -271,7 +307,11 @@ def _write_cache(cache: Path, dataset: Dataset) -> None:
                 split = getattr(dataset, split_name)
                 np.save(tmp / f"{split_name}_images.npy", split.images)
                 np.save(tmp / f"{split_name}_labels.npy", split.labels)
-            meta = {"class_names": dataset.class_names, "version": CACHE_VERSION}
+            meta = {
+                "class_names": dataset.class_names,
+                "version": CACHE_VERSION,
+                "skipped": dataset.skipped,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta))
     except OSError:
         # Either the location is read-only, which only costs the next start its decode
@@ -291,7 +331,9 @@ def _read_cache(cache: Path, source: str) -> Dataset:
             np.load(cache / f"{name}_labels.npy"),
         )
 
-    return Dataset(split("train"), split("test"), meta["class_names"], source)
+    return Dataset(
+        split("train"), split("test"), meta["class_names"], source, meta.get("skipped", [])
+    )
 
 
 # --------------------------------------------------------------------------- selecting
@@ -316,7 +358,9 @@ def select_classes(dataset: Dataset, classes: list[str]) -> Dataset:
         keep = np.flatnonzero(old_to_new[split.labels] >= 0)
         return Split(split.images[keep], old_to_new[split.labels[keep]])
 
-    return Dataset(pick(dataset.train), pick(dataset.test), list(classes), dataset.source)
+    return Dataset(
+        pick(dataset.train), pick(dataset.test), list(classes), dataset.source, dataset.skipped
+    )
 
 
 def load_for_classes(

@@ -36,7 +36,7 @@ from center_embed.contract import (
     read_metadata_props,
     run_batched,
 )
-from center_embed.errors import UserError
+from center_embed.errors import UserError, install_hint
 from center_embed.imageio import decode_image
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -119,7 +119,7 @@ def choose_runtime(
         why = f"{runtime} asked for"
         if runtime not in installed:
             extra = EXTRA_FOR_RUNTIME[runtime]
-            raise UserError(f"{runtime} is not installed; pip install 'center-embed[{extra}]'")
+            raise UserError(f"{runtime} is not installed; {install_hint(extra)}")
         if runtime == "openvino" and wants_cuda:
             raise UserError("OpenVINO runs on the CPU here; CUDA needs --runtime onnxruntime")
     bf16_flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
@@ -129,10 +129,10 @@ def choose_runtime(
 
 def _auto_runtime(installed: list[str], wants_cuda: bool) -> tuple[str, str]:
     if not installed:
-        raise UserError("no ONNX runtime is installed; pip install 'center-embed[cpu]'")
+        raise UserError(f"no ONNX runtime is installed; {install_hint('cpu')}")
     if wants_cuda:
         if "onnxruntime" not in installed:
-            raise UserError("CUDA needs onnxruntime-gpu; pip install 'center-embed[gpu]'")
+            raise UserError(f"CUDA needs onnxruntime-gpu; {install_hint('gpu')}")
         return "onnxruntime", "auto: CUDA asked for, onnxruntime"
     if "openvino" in installed:
         return "openvino", "auto: OpenVINO is installed (the fastest measured on x86 CPUs)"
@@ -194,7 +194,7 @@ def choose_providers(device: str = "auto") -> list[str]:
         if "CUDAExecutionProvider" not in available:
             raise UserError(
                 "CUDA was asked for but this onnxruntime has no CUDA provider; "
-                "install center-embed[gpu] (onnxruntime-gpu) instead of onnxruntime"
+                "pip install '.[gpu]' (onnxruntime-gpu) instead of onnxruntime"
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":

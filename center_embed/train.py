@@ -29,6 +29,7 @@ from center_embed.config import Config
 from center_embed.data import (
     Split,
     channel_stats,
+    describe_skipped,
     load_dataset,
     select_classes,
     split_validation,
@@ -219,7 +220,7 @@ def setup(
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     bf16 = use_bf16(cfg.train.bf16, device)
-    data = _load_data(cfg, device, ctx)
+    data = _load_data(cfg, device, ctx, log)
     model, criterion = _build_model(cfg, data, device)
     optimizer = make_optimizer(model, criterion, cfg)
     total_steps = math.ceil(cfg.train.epochs * len(data.loader))
@@ -254,11 +255,21 @@ def _config_to_run(
     return cfg, resumed
 
 
-def _load_data(cfg: Config, device: torch.device, ctx: distributed.Context) -> TrainingData:
+def _load_data(
+    cfg: Config, device: torch.device, ctx: distributed.Context, log: Callable[[str], None]
+) -> TrainingData:
     """Decoded once (cached), held on the device as uint8; validation stays on the host."""
-    dataset = select_classes(
-        load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.cache_dir), cfg.data.classes
+    loaded = load_dataset(
+        cfg.data.path, cfg.data.image_size, cfg.data.cache_dir, cfg.data.on_bad_image
     )
+    if loaded.skipped:
+        log(f"skipped {describe_skipped(loaded.skipped)} (data.on_bad_image=fail stops instead)")
+    dataset = select_classes(loaded, cfg.data.classes)
+    if len(dataset.class_names) < 2:
+        raise UserError(
+            f"{cfg.data.path} has {len(dataset.class_names)} class ({dataset.class_names}); "
+            "center loss learns to tell classes apart and needs at least 2"
+        )
     train_split, val_split = split_validation(dataset.train, cfg.data.val_size, cfg.data.seed)
     mean, std = channel_stats(train_split.images)
     size = cfg.data.image_size

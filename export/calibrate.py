@@ -43,8 +43,10 @@ def load_run_dataset(ckpt: Checkpoint, data: str | None = None) -> Dataset:
     candidates = [data] if data else [cfg.path, ckpt.data_source]
     path = next((p for p in candidates if p and Path(p).expanduser().exists()), None)
     if path is None:
-        tried = ", ".join(str(p) for p in candidates if p)
-        raise UserError(f"the run's dataset is not found (tried {tried}); pass its location")
+        tried = ", ".join(dict.fromkeys(str(p) for p in candidates if p))  # each path once
+        raise UserError(
+            f"the run's dataset is not found (tried {tried}); pass its location with --data"
+        )
     return load_for_classes(path, ckpt.class_names, cfg.image_size, cfg.cache_dir)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -76,6 +77,20 @@ def uvicorn_options(settings: Settings, http: str | type | None = None) -> dict:
     }
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A UserError when `host:port` cannot be bound (taken, or not an address here), found
+    by binding it once as uvicorn will (SO_REUSEADDR), instead of failing after start-up."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}; pick another --port") from None
+
+
 def run_server(
     model: str | Path,
     *,
@@ -87,6 +102,7 @@ def run_server(
     """Serve `model` until SIGTERM or Ctrl-C; in-flight requests finish first."""
     model = Path(model)
     settings = check_and_load_settings(model, workers)
+    check_port_free(host, port)  # before the banner: a taken port is one error line
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="center-embed-metrics-")

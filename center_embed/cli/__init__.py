@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from center_embed import __version__
-from center_embed.errors import UserError
+from center_embed.errors import UserError, install_hint
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,20 @@ COMMANDS: dict[str, Command] = {
 EXTRA_FOR_PACKAGE = {
     "torch": "train",
     "onnx": "train",
+    "onnxscript": "train",
     "onnxruntime": "cpu",
     "openvino": "openvino",
     "fastapi": "serve",
     "uvicorn": "serve",
     "pydantic": "serve",
     "pydantic_settings": "serve",
+    "prometheus_client": "serve",
+    "multipart": "serve",
+    "httpx": "serve",
     "pyarrow": "score",
     "matplotlib": "score",
     "ray": "ray",
+    "tritonclient": "triton",
 }
 
 
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in EXTRA_FOR_PACKAGE:
             raise
         extra = EXTRA_FOR_PACKAGE[name]
-        message = f"{name} is not installed; pip install 'center-embed[{extra}]'"
+        message = f"{name} is not installed; {install_hint(extra)}"
         print(f"error: {message}", file=sys.stderr)
         return 1
 

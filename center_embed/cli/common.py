@@ -7,6 +7,9 @@ thing, and defaults to the same value, in `eval`, `score` and `report` alike.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from center_embed.errors import UserError
 
 DEFAULT_DEVICE = "auto"
 DEFAULT_THREADS = 0  # onnxruntime's own choice; `score` turns it into 1 per batch
@@ -39,7 +42,7 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine", choices=ENGINES, default=ENGINES[0],
         help="local: this process (default); ray: Ray Data, on a local Ray or a cluster "
-        "(pip install 'center-embed[ray]')",
+        "(pip install '.[ray]')",
     )  # fmt: skip
 
 
@@ -96,3 +99,21 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt checkpoint written by `center-embed train`")
+
+
+# One overwrite rule for every writer: an output that exists is an error unless --overwrite
+# (what `score` always did); a silent overwrite of a verified model or a report loses work.
+
+
+def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    """`--overwrite`: replace an existing output instead of refusing."""
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the output if it exists (without it, an existing output is an error)",
+    )  # fmt: skip
+
+
+def refuse_existing(path: str | Path | None, overwrite: bool) -> None:
+    """A UserError when `path` exists and `overwrite` was not given."""
+    if path is not None and Path(path).exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +16,11 @@ from center_embed.cli.common import (
     add_checkpoint_argument,
     add_data_argument,
     add_model_argument,
+    add_overwrite_argument,
     add_runtime_arguments,
     add_split_argument,
     add_threads_argument,
+    refuse_existing,
 )
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write_text
@@ -53,11 +56,16 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "and DIR/center_embed/1/model.onnx",
     )  # fmt: skip
     add_triton_options(p)
+    add_overwrite_argument(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from center_embed.export.onnx_export import export_checkpoint
 
+    if not Path(args.out).is_dir():  # a folder gets export's own message
+        refuse_existing(args.out, args.overwrite)
+    if args.triton_repo:
+        refuse_existing(_triton_model_folder(args.triton_repo), args.overwrite)
     path = export_checkpoint(
         args.checkpoint,
         args.out,
@@ -70,8 +78,8 @@ def run_export(args: argparse.Namespace) -> int:
         log=print,
     )
     info = _open_model(path).info
-    size = path.stat().st_size / 1e6
-    print(f"wrote {path} ({info.precision}, {size:.1f} MB, {info.num_classes} classes, "
+    print(f"wrote {path} ({info.precision}, {format_size(path.stat().st_size)}, "
+          f"{plural(info.num_classes, 'class')}, "
           f"unknown threshold {format_optional_number(info.unknown_threshold)})")  # fmt: skip
     if args.triton_repo:
         _write_triton(path, args.triton_repo, args)
@@ -105,12 +113,21 @@ def add_triton_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the model repository to write")
     add_triton_options(p)
+    add_overwrite_argument(p)
 
 
 def run_triton(args: argparse.Namespace) -> int:
+    refuse_existing(_triton_model_folder(args.out), args.overwrite)
     _open_model(args.model)  # a center-embed model, readable, before anything is written
     _write_triton(Path(args.model), args.out, args)
     return 0
+
+
+def _triton_model_folder(repository: str) -> Path:
+    """The folder of ours in a Triton repository (other models there are left alone)."""
+    from center_embed.contract import PROTOCOL_MODEL_NAME
+
+    return Path(repository) / PROTOCOL_MODEL_NAME
 
 
 def _write_triton(model: Path, repository: str, args: argparse.Namespace) -> None:
@@ -147,14 +164,17 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     add_runtime_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    add_overwrite_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from center_embed.export.verify import compare_with_checkpoint, split_accuracy
 
+    refuse_existing(args.json, args.overwrite)
     result: dict[str, Any] = split_accuracy(
         args.model, args.data, args.split, args.threads,
-        runtime=args.runtime, precision=args.precision,
+        runtime=args.runtime, precision=args.precision, progress=not args.no_progress,
     )  # fmt: skip
     runtime = result["runtime"]
     print(f"{result['split']} split of {result['data']} ({result['images']} images), "
@@ -166,6 +186,7 @@ def run_verify(args: argparse.Namespace) -> int:
     print(f"  images/s                 {result['images_per_second']:.0f}")
     status = 0 if "parity" not in result else print_parity(result["parity"])
     if args.checkpoint:
+        print(f"evaluating {args.checkpoint} with torch to compare ...", file=sys.stderr)
         result.update(compare_with_checkpoint(result, args.checkpoint, args.data))
         tolerance = args.tolerance
         if tolerance is None:
@@ -228,19 +249,22 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
     training = meta.get("training", {})
     calibration = meta.get("unknown_threshold_calibration", {})
     lines = [
-        f"{model.path}",
+        f"{model.path}  ({format_size(Path(model.path).stat().st_size)})",
         f"  format          {meta.get('format_version')}  precision {info.precision}  "
         f"center-embed {meta.get('package_version')}",
         f"  input           images uint8 [N, {h}, {w}, 3] RGB, {meta.get('resize', '')}",
         f"  normalisation   mean {info.mean}  std {info.std} (of pixels/255)",
         f"  outputs         embeddings [N, {info.embedding_dim}], distances [N, "
         f"{info.num_classes}] ({info.distance}), labels [N], min_distances [N]",
-        f"  classes ({info.num_classes})    {', '.join(info.class_names[:20])}"
+        f"  {plural(info.num_classes, 'class'):<16}{', '.join(info.class_names[:20])}"
         + (" ..." if info.num_classes > 20 else ""),
         f"  unknown above   {format_optional_number(info.unknown_threshold)} "
         f"(q={calibration.get('quantile')} of {calibration.get('correct')} correct "
         f"{calibration.get('split')} images)",
     ]
+    loss = meta.get("precision_loss")
+    if isinstance(loss, dict) and "accuracy_drop_points" in loss:
+        lines.append(f"  {info.precision} vs fp32    {loss.get('summary')}")
     if info.class_thresholds:
         per_class = ", ".join(f"{k} {v:.3g}" for k, v in list(info.class_thresholds.items())[:10])
         lines.append(f"  per class       {per_class}")
@@ -284,6 +308,21 @@ def _open_model(path: str | Path) -> OnnxModel:
     if not Path(path).is_file():
         raise UserError(f"model not found: {path}")
     return OnnxModel(path, device="cpu")
+
+
+def format_size(n_bytes: int) -> str:
+    """A file size a person reads: 812 B, 45.3 kB, 1.2 MB, 2.0 GB (powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 class`, `3 classes`, `1 image`, `2 images`."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{n} {noun}s"
 
 
 def format_optional_number(value: float | None) -> str:

@@ -14,6 +14,7 @@ from center_embed.cli.common import (
     add_data_argument,
     add_device_argument,
     add_model_argument,
+    add_overwrite_argument,
     add_split_argument,
     add_threads_argument,
 )
@@ -34,6 +35,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_device_argument(p)
     add_threads_argument(p)
+    add_overwrite_argument(p)
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -49,6 +51,7 @@ def run_report(args: argparse.Namespace) -> int:
         max_points=args.max_points,
         device=args.device,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     m = report["onnx"]
     print(

@@ -20,7 +20,7 @@ from center_embed.cli.common import (
     add_runtime_arguments,
     add_threads_argument,
 )
-from center_embed.errors import UserError
+from center_embed.errors import UserError, install_hint
 
 if TYPE_CHECKING:
     from center_embed.score.local import ScoreSummary
@@ -136,7 +136,7 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
     try:
         import ray  # noqa: F401  (the optional extra; main() names it when missing)
     except ModuleNotFoundError as e:
-        raise UserError("--engine ray needs Ray; pip install 'center-embed[ray]'") from e
+        raise UserError(f"--engine ray needs Ray; {install_hint('ray')}") from e
     summary = score_on_ray(
         args.model,
         args.input,

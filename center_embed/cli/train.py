@@ -10,7 +10,13 @@ import argparse
 import os
 from pathlib import Path
 
-from center_embed.cli.common import add_checkpoint_argument, add_data_argument, add_device_argument
+from center_embed.cli.common import (
+    add_checkpoint_argument,
+    add_data_argument,
+    add_device_argument,
+    add_overwrite_argument,
+    refuse_existing,
+)
 from center_embed.errors import UserError
 
 # --------------------------------------------------------------------------- train
@@ -97,14 +103,20 @@ def _evaluate_and_record(checkpoint: Path, train_result: dict) -> None:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p)
     add_data_argument(p, default="the run's, as the checkpoint records it")
-    p.add_argument("--out", help="JSON file to write (default: eval.json beside the checkpoint)")
+    p.add_argument(
+        "--out",
+        help="JSON file to write (default: the run's eval.json beside the checkpoint, which "
+        "is the run's own record and always refreshed)",
+    )
     add_device_argument(p)
     p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation level")
+    add_overwrite_argument(p)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from center_embed.evaluate import evaluate_checkpoint, format_table, write_json
 
+    refuse_existing(args.out, args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.tta)
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval.json"

@@ -23,6 +23,7 @@ torch-based center_embed.metrics (the `train` extra); plots need matplotlib.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from center_embed.contract import read_centers
 from center_embed.errors import UserError
-from center_embed.fileio import atomic_write_text, sha256_file
+from center_embed.fileio import atomic_path, atomic_write_text, sha256_file
 
 PLOTS = {
     "embedding_2d": "embedding_2d.png",
@@ -164,51 +165,76 @@ def build_report(
     device: str = "auto",
     threads: int = 0,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write metrics.json, index.html and the PNGs under `out`; return the metrics."""
+    """Write metrics.json, index.html and the PNGs under `out` (only once all succeeded: a
+    failure leaves no folder; an existing one needs `overwrite`); return the metrics."""
     from center_embed.report import plots
     from center_embed.report.html import render_html
     from center_embed.runtime import OnnxModel, describe
 
+    out = Path(out)
+    _check_report_folder(out, overwrite)
+    if split not in ("train", "test"):
+        raise UserError(f"--split must be train or test, not {split!r}")
     model = OnnxModel(model_path, device, threads)
     info, meta = model.info, describe(model.info)
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
-    data = data or training.get("data_source")
-    if not data:
-        raise UserError("the model does not record its dataset; pass --data")
-    if split not in ("train", "test"):
-        raise UserError(f"--split must be train or test, not {split!r}")
+    data = _dataset(data, training)
     evaluation, records = read_run(run) if run else (None, [])
     images, labels, source = load_split(str(data), info.class_names, info.input_size[0], split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
     outputs = model.run_batched(images, batch_size)
     centers = read_centers(model_path)
     unknown = model.unknown(outputs["min_distances"])
     onnx_metrics = embedding_metrics(outputs, labels, centers, info.class_names, unknown)
     confusion = confusion_matrix(labels, outputs["labels"], info.num_classes)
 
-    written = _plot_all(
-        plots, out, outputs, labels, centers, confusion, info, meta, records, max_points, seed
-    )
-    report = {
-        "model": model_facts(model, str(model_path), meta),
-        "data": {"path": str(data), "source": source, "split": split, "images": len(labels)},
-        "onnx": {
-            "source": f"computed here from the ONNX model's outputs on the {split} split of "
-            f"{data} ({len(labels)} images)",
-            **onnx_metrics,
-            "confusion_matrix": confusion.tolist(),
-        },
-        "softmax": softmax_figures(evaluation, training),
-        "run": str(run) if run else None,
-        "epochs_in_run": len(records),
-        "plots": written,
-    }
-    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "index.html", render_html(report, out))
+    with atomic_path(out, directory=True) as folder:
+        written = _plot_all(
+            plots, folder, outputs, labels, centers, confusion, info, meta, records, max_points,
+            seed,
+        )  # fmt: skip
+        report = {
+            "model": model_facts(model, str(model_path), meta),
+            "data": {"path": str(data), "source": source, "split": split, "images": len(labels)},
+            "onnx": {
+                "source": f"computed here from the ONNX model's outputs on the {split} split of "
+                f"{data} ({len(labels)} images)",
+                **onnx_metrics,
+                "confusion_matrix": confusion.tolist(),
+            },
+            "softmax": softmax_figures(evaluation, training),
+            "run": str(run) if run else None,
+            "epochs_in_run": len(records),
+            "plots": written,
+        }
+        atomic_write_text(folder / "metrics.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(folder / "index.html", render_html(report, folder))
+        if out.exists():  # --overwrite of a report folder (checked before anything ran)
+            shutil.rmtree(out)
     return report
+
+
+def _dataset(data: str | None, training: dict[str, Any]) -> str:
+    """--data, else the dataset the model's metadata records."""
+    data = data or training.get("data_source")
+    if not data:
+        raise UserError("the model does not record its dataset; pass --data")
+    return data
+
+
+REPORT_FILES = ("metrics.json", "index.html")
+
+
+def _check_report_folder(out: Path, overwrite: bool) -> None:
+    """An existing `out` is refused, and with `overwrite` replaced only if it is a report."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not (out.is_dir() and all((out / name).is_file() for name in REPORT_FILES)):
+        raise UserError(f"{out} is not a report folder (no metrics.json, index.html); "
+                        "--overwrite replaces only a report")  # fmt: skip
 
 
 def model_facts(model, path: str, meta: dict[str, Any]) -> dict[str, Any]:

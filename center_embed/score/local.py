@@ -95,6 +95,8 @@ def score(
     if h != w:
         raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
     out = Path(out)
+    if not resume and source.count() == 0:
+        raise UserError(_nothing_to_score(source))
     writer = _open_writer(model, source, out, fmt, row_group_size, resume, overwrite)
     done = writer.progress.rows
     summary = ScoreSummary(out, done, writer.progress.failed, 0, 0, 0.0, resumed_from=done)
@@ -113,11 +115,23 @@ def score(
             bar.set_postfix_str(f"failed={summary.failed}", refresh=False)
             bar.update(len(batch))
         writer.finish()
+    except Exception:
+        writer.discard_if_empty()  # nothing to resume: leave no .partial behind
+        raise
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start
         summary.skipped = source.skipped
     return summary
+
+
+def _nothing_to_score(source) -> str:
+    """The error for an input without a single image (never an empty "successful" file)."""
+    where = source.describe().get("path", "the input")
+    hint = ""
+    if getattr(source, "all_files", True) is False:
+        hint = " (files are chosen by image extension; --all-files tries every file)"
+    return f"no images found in {where}{hint}"
 
 
 def _open_writer(model, source, out: Path, fmt: str, row_group_size: int, resume: bool,
@@ -210,7 +224,10 @@ def _decode(model, batch: list) -> tuple[list, np.ndarray, list[str | None]]:
         try:
             if item.pixels is None:
                 with open(item.path, "rb", buffering=0) as f:  # cheaper than Path.read_bytes
-                    images[k] = model.decode(f.read())
+                    data = f.read()
+                if not data:
+                    raise ImageDecodeError("empty file (0 bytes)")
+                images[k] = model.decode(data)
             elif item.pixels.shape == (size, size, 3):
                 images[k] = item.pixels
             else:  # a dataset stored at another size than the model's input

@@ -234,6 +234,11 @@ class PartWriter:
         self.progress.rows += len(table)
         self.buffer, self.buffered = [], 0
 
+    def discard_if_empty(self) -> None:
+        """Remove the .partial folder of a failed run that wrote no part (nothing to resume)."""
+        if not self.progress.parts:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
     def finish(self) -> Path:
         """Merge the parts into `out` (written beside it, then renamed); drop the parts."""
         if self.complete:

@@ -89,7 +89,7 @@ class FolderSource(Source):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 yield from self._walk(entry.path, f"{prefix}{entry.name}/")
-            elif entry.is_file():
+            elif _is_file_or_unreadable(entry):  # unreadable: a failed row saying why
                 extension = os.path.splitext(entry.name)[1].lower()
                 wanted = self.all_files or extension in self.extensions
                 yield (prefix + entry.name, entry.path) if wanted else None
@@ -108,6 +108,15 @@ class FolderSource(Source):
     @property
     def skipped(self) -> int:
         return self._skipped
+
+
+def _is_file_or_unreadable(entry: os.DirEntry) -> bool:
+    """A file, or a link that cannot be followed (a loop: ELOOP): the latter is listed so
+    that scoring reports it as a failed row instead of aborting the whole run."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return entry.is_symlink()
 
 
 class ListSource(Source):

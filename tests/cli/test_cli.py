@@ -73,7 +73,7 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
     monkeypatch.setattr(adapter, "run_inspect", run_inspect)
     assert main(["inspect", "model.onnx"]) == 1
     assert capsys.readouterr().err == (
-        "error: onnxruntime is not installed; pip install 'center-embed[cpu]'\n"
+        "error: onnxruntime is not installed; pip install '.[cpu]' (in the center-embed clone)\n"
     )
 
 

@@ -74,7 +74,7 @@ def test_auto_falls_back_by_what_is_installed_and_supported():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"runtime": "openvino", "installed": ["onnxruntime"]}, "pip install 'center-embed"),
+        ({"runtime": "openvino", "installed": ["onnxruntime"]}, "pip install '.[openvino]'"),
         ({"runtime": "onnxruntime", "precision": "bf16"}, "bf16 needs --runtime openvino"),
         ({"runtime": "openvino", "precision": "bf16", "bf16_flags": []}, "neither AVX512-BF16"),
         ({"precision": "bf16", "file_precision": "int8"}, "bf16 runs an fp32 file"),

@@ -373,3 +373,21 @@ def test_inspect_and_verify_need_no_torch(tiny_onnx):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_inspect_shows_the_int8_accuracy_drop_and_counts_in_words(int8_model, capsys):
+    assert main(["inspect", str(int8_model)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 vs fp32" in printed and "drop " in printed and " points" in printed
+    assert "3 classes" in printed and " kB)" in printed
+
+
+def test_sizes_and_plurals_read_as_words():
+    from center_embed.cli.export import format_size, plural
+
+    assert [format_size(n) for n in (812, 45_300, 1_200_000)] == ["812 B", "45.3 kB", "1.2 MB"]
+    assert [plural(1, "class"), plural(3, "class"), plural(2, "image")] == [
+        "1 class",
+        "3 classes",
+        "2 images",
+    ]

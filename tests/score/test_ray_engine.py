@@ -177,7 +177,7 @@ def test_ray_flags_refused_with_npy_and_a_missing_ray_names_the_extra(
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ")
-    assert "pip install 'center-embed[ray]'" in err
+    assert "pip install '.[ray]'" in err
 
 
 def test_package_imports_without_ray():
