@@ -478,15 +478,11 @@ def score_on_ray(
     """
     import ray
 
-    from center_embed.runtime import OnnxModel
     from center_embed.score.local import ScoreSummary
 
     if batch_size < 1 or rows_per_block < 1 or actors < 0 or threads < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --actors >= 0")
-    driver_model = OnnxModel(model, "cpu", 1)  # metadata and sha only; actors run their own
-    size = driver_model.info.input_size[0]
-    if driver_model.info.input_size != (size, size):
-        raise UserError(f"{model}: only square inputs are supported")
+    driver_model, size = _open_driver_model(model)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     device = _resolve_device(device)
@@ -515,6 +511,18 @@ def score_on_ray(
     summary.seconds = time.perf_counter() - start
     _finish(out, total, summary)
     return summary
+
+
+def _open_driver_model(model: str | Path):
+    """The model as the driver needs it (metadata and digest; actors open their own), and
+    its square input size."""
+    from center_embed.runtime import OnnxModel
+
+    driver_model = OnnxModel(model, "cpu", 1)
+    size = driver_model.info.input_size[0]
+    if driver_model.info.input_size != (size, size):
+        raise UserError(f"{model}: only square inputs are supported")
+    return driver_model, size
 
 
 def _resolve_device(device: str) -> str:
