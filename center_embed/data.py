@@ -1,7 +1,9 @@
 """Datasets: read once, cache as uint8 arrays, split. numpy only (no torch).
 
 Two on-disk formats are read:
-  * an image-folder tree: `train/<class>/*` and `test/<class>/*`, any format Pillow reads;
+  * an image-folder tree: `train/<class>/*` and `test/<class>/*`, any format Pillow reads
+    (`test/` is optional: without it the test split is empty, and the tools that measure
+    on it say so through `require_test_split`);
   * the canonical CIFAR-10 python archive: `cifar-10-python.tar.gz` or its extracted
     `cifar-10-batches-py/` folder (or a folder holding either).
 
@@ -103,17 +105,18 @@ def _detect_format(path: Path) -> tuple[str, Path]:
         return "batches", path / CIFAR_FOLDER
     if (path / CIFAR_ARCHIVE).is_file():
         return "archive", path / CIFAR_ARCHIVE
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir():
         return "folder", path
     raise UserError(
-        f"{path} is neither an image folder (train/<class>/*, test/<class>/*) "
+        f"{path} is neither an image folder (train/<class>/*, optionally test/<class>/*) "
         f"nor a CIFAR-10 archive ({CIFAR_ARCHIVE} or {CIFAR_FOLDER}/)"
     )
 
 
 def _read_image_folder(root: Path, image_size: int, on_bad_image: str = "skip") -> Dataset:
     train_classes = _class_dirs(root / "train")
-    test_classes = _class_dirs(root / "test")
+    has_test = (root / "test").is_dir()
+    test_classes = _class_dirs(root / "test") if has_test else train_classes
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
@@ -122,7 +125,7 @@ def _read_image_folder(root: Path, image_size: int, on_bad_image: str = "skip") 
             f"only in train {only_train}, only in test {only_test}"
         )
     splits, skipped = [], []
-    for split in ("train", "test"):
+    for split in ("train", "test") if has_test else ("train",):
         files, labels = _list_images(root / split, train_classes, require_each=split == "train")
         images, bad = _decode_files(files, image_size)
         if bad and on_bad_image == "fail":
@@ -133,7 +136,23 @@ def _read_image_folder(root: Path, image_size: int, on_bad_image: str = "skip") 
         if not len(keep):
             raise UserError(f"no readable images under {root / split}")
         splits.append(Split(images[keep], np.asarray(labels, np.int64)[keep]))
+    if not has_test:  # no test/ folder: an empty test split (no test evaluation)
+        splits.append(_empty_split(image_size))
     return Dataset(splits[0], splits[1], train_classes, str(root), skipped)
+
+
+def _empty_split(image_size: int) -> Split:
+    return Split(np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64))
+
+
+def require_test_split(dataset: Dataset, needed_for: str) -> Split:
+    """The dataset's test split, or a UserError saying `needed_for` needs one."""
+    if not len(dataset.test):
+        raise UserError(
+            f"{dataset.source} has no test split (no test/<class>/ folders); {needed_for} "
+            "needs one: add test/<class>/ images or pass a dataset that has them with --data"
+        )
+    return dataset.test
 
 
 def _list_images(folder: Path, classes: list[str], require_each: bool) -> tuple[list, list]:
@@ -284,6 +303,8 @@ def _fingerprint(kind: str, source: Path) -> list:
     if kind == "folder":
         parts = []
         for split in ("train", "test"):
+            if not (source / split).is_dir():  # test/ is optional; adding it changes the key
+                continue
             for d in sorted((source / split).iterdir()):
                 if d.is_dir():
                     st = d.stat()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from center_embed.checkpoint import build_model, load_checkpoint
-from center_embed.data import load_for_classes
+from center_embed.data import load_for_classes, require_test_split
 from center_embed.fileio import atomic_write_text
 from center_embed.inference import resolve_device, split_metrics, use_bf16
 from center_embed.metrics import retrieval_metrics
@@ -34,6 +34,7 @@ def evaluate_checkpoint(
     dataset = load_for_classes(
         data or cfg.data.path, ckpt["class_names"], cfg.data.image_size, cfg.data.cache_dir
     )
+    require_test_split(dataset, "eval")
     use16 = use_bf16(bf16, dev)
     plain, e = split_metrics(model, criterion.centers, dataset.test, ckpt["preprocess"], dev, use16)
     plain.update(retrieval_metrics(e, torch.as_tensor(dataset.test.labels)))

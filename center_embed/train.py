@@ -264,6 +264,8 @@ def _load_data(
     )
     if loaded.skipped:
         log(f"skipped {describe_skipped(loaded.skipped)} (data.on_bad_image=fail stops instead)")
+    if not len(loaded.test):
+        log(f"no test split in {loaded.source} (no test/ folder): no test evaluation")
     dataset = select_classes(loaded, cfg.data.classes)
     if len(dataset.class_names) < 2:
         raise UserError(

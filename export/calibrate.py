@@ -3,8 +3,9 @@
 The unknown threshold is a quantile: the min distance below which a share `quantile` of
 the correctly classified held-out images fall. It is taken on the held-out validation
 split the checkpoint's own run set aside (rebuilt from the config it stores), so it is
-never tuned on the test split, unless that run held nothing out (val_size 0): then the
-test split is used and the calibration metadata says so.
+never tuned on the test split (the test split is only measured). A run that held nothing
+out (val_size 0) cannot be calibrated from its own data: export refuses, naming the two
+ways out (retrain with data.val_size=N, or --calibration-data with a separate dataset).
 
 Imports numpy and center_embed's torch-free data readers only.
 """
@@ -17,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from center_embed.data import Dataset, Split, load_for_classes, split_validation
+from center_embed.data import (
+    Dataset,
+    Split,
+    load_for_classes,
+    require_test_split,
+    split_validation,
+)
 from center_embed.errors import UserError
 
 if TYPE_CHECKING:  # only the type: loading a checkpoint is torch's business, not ours
@@ -53,22 +60,27 @@ def load_run_dataset(ckpt: Checkpoint, data: str | None = None) -> Dataset:
 def calibration_set(
     ckpt: Checkpoint, data: str | None = None, calibration_data: str | None = None
 ) -> CalibrationSet:
-    """The run's validation split (or the test split if it held none out), or the test
-    split of `calibration_data` when given; plus the run's training images."""
+    """The run's validation split, or the test split of `calibration_data` when given;
+    plus the run's training images. A run without a validation split is refused: its
+    threshold would otherwise be tuned on the test split, which is only measured."""
     cfg = ckpt.config.data
     dataset = load_run_dataset(ckpt, data)
     train, val = split_validation(dataset.train, cfg.val_size, cfg.seed)
     if calibration_data:
         other = load_for_classes(calibration_data, ckpt.class_names, cfg.image_size, cfg.cache_dir)
-        held_out, where = other.test, {"split": "test", "source": other.source}
+        held_out = require_test_split(other, "--calibration-data")
+        where = {"split": "test", "source": other.source}
     elif len(val):
         held_out = val
         where = {"split": "validation", "source": dataset.source}
         where |= {"val_size": cfg.val_size, "seed": cfg.seed}
     else:
-        held_out = dataset.test
-        where = {"split": "test", "source": dataset.source}
-        where["note"] = "the run held out no validation images (val_size 0)"
+        raise UserError(
+            "the run held out no validation images (data.val_size=0), and the unknown "
+            "threshold is never calibrated on the test split: retrain with "
+            "--set data.val_size=N (e.g. a tenth of the training images), or pass "
+            "--calibration-data DIR (a separate dataset whose test split calibrates it)"
+        )
     return CalibrationSet(held_out, train, where)
 
 

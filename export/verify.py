@@ -138,6 +138,8 @@ def split_accuracy(
         raise UserError(f"{model_path}: only square inputs are supported")
     dataset = load_for_classes(source, info.class_names, info.input_size[0])
     images = getattr(dataset, split)
+    if not len(images):
+        raise UserError(f"the {split} split of {dataset.source} has no images; verify needs one")
     truth = np.asarray(images.labels)
     run = _with_progress(model.run, len(truth), progress)
     started = time.perf_counter()

@@ -7,16 +7,18 @@
         results = client.classify(["cat.jpg"], top_k=3)        # [Classification]
         results = client.distances(vectors)                    # same, no images
 
-Images may be paths, bytes (an encoded file), PIL images or uint8 numpy arrays, (H, W, 3),
-(H, W) or a batch (N, H, W, 3). Files and bytes are sent as they are; pixels are sent
-as PNG (lossless). A server error is raised as a `ServiceError` subclass (one per HTTP
+Images may be paths, bytes (an encoded file), PIL images or numpy arrays (see
+`Client` for the rules on arrays and image modes). Files and bytes are sent as they are;
+pixels are sent as PNG (lossless). A server error names an image by the name the caller
+gave: its path as given, or `image[i]` (its place in the call) for in-memory inputs.
+A server error is raised as a `ServiceError` subclass (one per HTTP
 status) carrying the server's code (an `ErrorCode`, service/error_codes.py) and message.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,28 @@ ImageLike = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray
 
 
 class Client:
+    """A client of one center-embed service (a pooled HTTP connection; close it, or use
+    it as a context manager).
+
+        with Client("http://127.0.0.1:8000", api_key="...") as client:
+            vectors = client.embed(["cat.jpg", pil_image, pixels])   # float32 (3, D)
+            best = client.classify("cat.jpg", top_k=3)[0]
+            print(best.class_name, best.min_distance, best.unknown)
+
+    Images: a path (str or Path) or bytes are sent as the file they are. A PIL image in a
+    mode PNG holds (1, L, LA, P, RGB, RGBA, I;16) is sent as a PNG of that mode, read by
+    the service like a file (alpha dropped); other modes (CMYK, YCbCr, LAB, HSV, I, F) are
+    converted to RGB by Pillow first. A numpy array is one image, HWC: (H, W), (H, W, 1),
+    (H, W, 3) RGB or (H, W, 4) RGBA (alpha dropped by the service, as for an RGBA file);
+    (N, H, W, C) is a batch. Channels-first (3, H, W) is refused, not guessed: pass
+    `array.transpose(1, 2, 0)`. Values: integers in [0, 255]; floats whose values all lie
+    in [0, 1] are scaled by 255, floats in [0, 255] are rounded as they are, anything else
+    (negative, over 255, NaN) is refused with a ValueError naming the image.
+
+    A server error is raised as a ServiceError subclass (BadRequest for a bad image, ...)
+    whose message names the image as the caller gave it: the path, or `image[i]`.
+    """
+
     def __init__(
         self, url: str, api_key: str | None = None, timeout: float = 60.0, **httpx_options: Any
     ) -> None:
@@ -224,41 +248,68 @@ class Client:
 
 
 def _files(images: ImageLike | Sequence[ImageLike]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    parts = []
-    for i, (name, data, media) in enumerate(_encode_all(images)):
-        parts.append(("files", (name or f"image{i}.png", data, media)))
-    return parts
+    return [("files", part) for part in _encode_all(images)]
 
 
-def _encode_all(images: Any) -> Iterable[tuple[str | None, bytes, str]]:
-    if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch (N, H, W, 3)
-        yield from (_encode(image) for image in images)
+def _encode_all(images: Any) -> list[tuple[str, bytes, str]]:
+    """(name, bytes, media type) of each image; the name is the path as given, or
+    `image[i]` (the image's place in the call) for in-memory inputs."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch (N, H, W, C)
+        items = list(images)
     elif isinstance(images, str | Path | bytes | bytearray | np.ndarray) or _is_pil(images):
-        yield _encode(images)
+        items = [images]
     else:
-        yield from (_encode(image) for image in images)
+        items = list(images)
+    return [_encode(image, f"image[{i}]") for i, image in enumerate(items)]
 
 
 def _is_pil(value: Any) -> bool:
     return type(value).__module__.startswith("PIL.")
 
 
-def _encode(image: Any) -> tuple[str | None, bytes, str]:
-    """(file name, bytes, media type) for one image."""
+# Modes a PNG holds and the service reads as it reads such a file; others become RGB.
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def _encode(image: Any, name: str) -> tuple[str, bytes, str]:
+    """(file name, bytes, media type) for one image; `name` for in-memory inputs."""
     if isinstance(image, str | Path):
-        path = Path(image)
-        return path.name, path.read_bytes(), "application/octet-stream"
+        return str(image), Path(image).read_bytes(), "application/octet-stream"
     if isinstance(image, bytes | bytearray):
-        return None, bytes(image), "application/octet-stream"
+        return name, bytes(image), "application/octet-stream"
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise TypeError(f"arrays must be uint8 (H, W, 3) or (H, W), got {image.dtype} "
-                            f"{image.shape}")  # fmt: skip
-        image = Image.fromarray(image)
+        image = Image.fromarray(_pixels(image, name))
     if not isinstance(image, Image.Image):
-        raise TypeError(f"not an image: {type(image).__name__}")
+        raise TypeError(f"{name}: not an image: {type(image).__name__}")
+    if image.mode not in PNG_MODES:  # CMYK, YCbCr, ...: PNG cannot hold them
+        image = image.convert("RGB")
     buffer = io.BytesIO()
     image.save(buffer, "PNG", compress_level=1)
-    return None, buffer.getvalue(), "image/png"
+    return name, buffer.getvalue(), "image/png"
+
+
+def _pixels(array: np.ndarray, name: str) -> np.ndarray:
+    """A uint8 HWC (or HW) array from an array of the shapes and values `Client` accepts."""
+    shape = tuple(array.shape)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        raise ValueError(f"{name}: arrays are HWC (H, W, 3); {shape} looks channels-first: "
+                         "pass array.transpose(1, 2, 0)")  # fmt: skip
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"{name}: arrays are (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                         f"got {shape}")  # fmt: skip
+    if array.dtype.kind not in "uif":
+        raise ValueError(f"{name}: arrays hold integers or floats, got {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint8:
+        return array
+    values = array.astype(np.float64)
+    low, high = float(values.min(initial=0)), float(values.max(initial=0))  # NaN propagates
+    if not (np.isfinite(values).all() and low >= 0 and high <= 255):
+        raise ValueError(f"{name}: pixel values must lie in [0, 255] (or floats in [0, 1]), "
+                         f"got {array.dtype} values from {low} to {high}")  # fmt: skip
+    if array.dtype.kind == "f" and high <= 1.0:
+        values = values * 255.0  # floats in [0, 1]: the usual float image convention
+    return np.rint(values).astype(np.uint8)

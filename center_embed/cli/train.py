@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from center_embed.cli.common import (
     add_checkpoint_argument,
@@ -18,6 +19,9 @@ from center_embed.cli.common import (
     refuse_existing,
 )
 from center_embed.errors import UserError
+
+if TYPE_CHECKING:  # the type only: the config module loads when a command runs
+    from center_embed.config import Config
 
 # --------------------------------------------------------------------------- train
 
@@ -64,9 +68,16 @@ def run_train(args: argparse.Namespace) -> int:
     if not is_reporter:
         return 0
     print(f"saved {out / 'best.pt'} and {out / 'last.pt'}")
-    if not args.no_eval:
+    if not args.no_eval and _has_test_split(cfg):  # train said so in one line otherwise
         _evaluate_and_record(out / "best.pt", result)
     return 0
+
+
+def _has_test_split(cfg: Config) -> bool:
+    from center_embed.data import load_dataset
+
+    data = cfg.data
+    return len(load_dataset(data.path, data.image_size, data.cache_dir, data.on_bad_image).test) > 0
 
 
 def _config_overrides(args: argparse.Namespace) -> list[str]:

@@ -3,12 +3,13 @@
 One row per image (DESIGN.md, "Scoring output"):
 
     id            string   relative path, list line as written, or <split>/<index>
-    path          string   the file read (null for images taken from a dataset archive)
+    path          string   the file read, absolute (null for images from a dataset archive)
     label         int32    nearest center                      null where the image failed
     class_name    string   that center's class                 null where the image failed
     min_distance  float32  squared distance to it              null where the image failed
     unknown       bool     min_distance > the model's unknown threshold
-    distances     fixed_size_list<float32>[C]  squared distance to every center
+    distances     fixed_size_list<float32>[C]  squared distance to every center, in the
+                  model's class order (the `class_names` list in the file's metadata)
     embedding     fixed_size_list<float32>[D]
     true_class    string   ground truth, where the input knows it (dataset archives)
     error         string   why the image could not be scored; null for scored rows

@@ -65,7 +65,7 @@ class FolderSource(Source):
     kind = "folder"
 
     def __init__(self, root: Path, all_files: bool = False) -> None:
-        self.root = root
+        self.root = root.absolute()  # the `path` column is absolute (links kept as named)
         self.all_files = all_files
         self.extensions = image_extensions()
         self._skipped = 0
@@ -153,7 +153,7 @@ class ListSource(Source):
         return sum(1 for _ in self._lines())
 
     def items(self) -> Iterator[Item]:
-        base = self.path.parent
+        base = self.path.absolute().parent  # the `path` column is absolute
         for line in self._lines():
             path = Path(line).expanduser()
             yield Item(id=line, path=str(path if path.is_absolute() else base / path))

@@ -191,12 +191,18 @@ def test_threshold_matches_its_definition(tiny_checkpoint, tiny_onnx):
     np.testing.assert_array_equal(model.unknown(md), md > model.info.unknown_threshold)
 
 
-def test_quantile_and_test_split_fallback(tiny_checkpoint, tmp_path):
-    """val_size 0: the test split calibrates, and the metadata says so."""
+def test_quantile_and_no_silent_test_split_fallback(tiny_checkpoint, tiny_folder, tmp_path):
+    """val_size 0: export refuses to calibrate on the run's test split (it is only
+    measured) and names the ways out; --calibration-data's test split then calibrates."""
     ckpt = load_checkpoint(tiny_checkpoint)
     ckpt["config"]["data"]["val_size"] = 0
     save_checkpoint(tmp_path / "noval.pt", ckpt)
-    path = export_checkpoint(tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5)
+    with pytest.raises(UserError, match=r"data\.val_size=0.*--set data\.val_size=N.*--calibration"):
+        export_checkpoint(tmp_path / "noval.pt", tmp_path / "refused.onnx")
+    assert not (tmp_path / "refused.onnx").exists()
+    path = export_checkpoint(
+        tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5, calibration_data=str(tiny_folder)
+    )
     model = OnnxModel(path, device="cpu")
     calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
     assert calibration["split"] == "test" and calibration["quantile"] == 0.5

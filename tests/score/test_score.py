@@ -332,3 +332,18 @@ def test_scoring_never_imports_torch(tiny_onnx, messy_folder, tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.stdout.strip().splitlines()[-1] == "0 False", result.stderr
+
+
+def test_path_column_is_absolute_for_relative_inputs(tiny_onnx, tiny_folder, tmp_path, monkeypatch):
+    """Issue 15 item 10: `path` does not depend on the directory score was started from."""
+    shutil.copytree(tiny_folder / "test" / "blue", tmp_path / "in" / "blue")
+    (tmp_path / "paths.txt").write_text("in/blue/0001.png\n")
+    monkeypatch.chdir(tmp_path)
+    score(tiny_onnx, Path("in"), Path("folder.parquet"), progress=False)
+    rows = read(tmp_path / "folder.parquet").to_pylist()
+    assert rows[0]["id"] == "blue/0000.png"  # ids stay relative to the input
+    assert rows[0]["path"] == str(tmp_path / "in" / "blue" / "0000.png")
+    score(tiny_onnx, Path("paths.txt"), Path("list.parquet"), progress=False)
+    (row,) = read(tmp_path / "list.parquet").to_pylist()
+    assert row["id"] == "in/blue/0001.png"
+    assert row["path"] == str(tmp_path / "in" / "blue" / "0001.png")
