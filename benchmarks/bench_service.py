@@ -260,9 +260,14 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, da
     return status
 
 
-async def load(port: int, bodies: list[bytes], clients: int, seconds: float, pid: int) -> dict:
+async def load(
+    port: int, bodies: list[bytes], clients: int, seconds: float, pid: int | None = None
+) -> dict:
+    """`clients` keep-alive connections sending `bodies` in turn for `seconds`: the status of
+    every answer, each request's latency (ms) and, given the server's `pid`, its memory."""
     statuses: Counter[int] = Counter()
-    rss: list[float] = [rss_mb(pid)]
+    latencies: list[float] = []
+    rss: list[float] = [] if pid is None else [rss_mb(pid)]
     started = time.perf_counter()
     stop = started + seconds
 
@@ -271,21 +276,25 @@ async def load(port: int, bodies: list[bytes], clients: int, seconds: float, pid
         i = k
         try:
             while time.perf_counter() < stop:
+                t = time.perf_counter()
                 statuses[await request(reader, writer, bodies[i % len(bodies)])] += 1
+                latencies.append((time.perf_counter() - t) * 1000)
                 i += clients
         finally:
             writer.close()
 
     async def sample_memory() -> None:
-        while time.perf_counter() < stop:
+        while pid is not None and time.perf_counter() < stop:
             await asyncio.sleep(0.5)
             rss.append(rss_mb(pid))
 
     everyone = asyncio.gather(sample_memory(), *(client(k) for k in range(clients)))
     await asyncio.wait_for(everyone, seconds + 60)
     elapsed = time.perf_counter() - started
-    rss.append(rss_mb(pid))
-    return {"ok": statuses[200], "statuses": statuses, "seconds": elapsed, "rss_mb": rss}
+    if pid is not None:
+        rss.append(rss_mb(pid))
+    return {"ok": statuses[200], "statuses": statuses, "latencies": latencies,
+            "seconds": elapsed, "rss_mb": rss}  # fmt: skip
 
 
 async def sequential(port: int, bodies: list[bytes], n: int) -> list[float]:

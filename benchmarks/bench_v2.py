@@ -30,7 +30,7 @@ import time
 from collections import Counter
 
 import numpy as np
-from bench_service import free_port, load_files, multipart, request, wait_ready
+from bench_service import free_port, load, load_files, multipart, wait_ready
 
 from center_embed.contract import PROTOCOL_MODEL_NAME
 from center_embed.runtime import OnnxModel
@@ -163,29 +163,6 @@ def in_process(onnx, batches: list[np.ndarray], seconds: float) -> tuple[float, 
         times.append((time.perf_counter() - t) * 1000)
         n += 1
     return n * len(batches[0]) / (time.perf_counter() - started), times
-
-
-async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    statuses: Counter[int] = Counter()
-    latencies: list[float] = []
-    started = time.perf_counter()
-    stop = started + seconds
-
-    async def client(k: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        i = k
-        try:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                statuses[await request(reader, writer, bodies[i % len(bodies)])] += 1
-                latencies.append((time.perf_counter() - t) * 1000)
-                i += clients
-        finally:
-            writer.close()
-
-    await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(clients))), seconds + 60)
-    return {"ok": statuses[200], "statuses": statuses, "latencies": latencies,
-            "seconds": time.perf_counter() - started}  # fmt: skip
 
 
 def report(results: dict[int, dict[str, dict]]) -> None:
