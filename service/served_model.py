@@ -73,9 +73,6 @@ class ServedModel:
         """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""
         return self.model.run(images)
 
-    def decode(self, data: bytes, max_pixels: int | None) -> np.ndarray:
-        return self.model.decode(data, max_pixels)
-
     def unknown(self, min_distances: np.ndarray) -> np.ndarray:
         return self.model.unknown(min_distances)
 
