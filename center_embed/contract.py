@@ -90,6 +90,24 @@ class ModelInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def label_thresholds(self) -> np.ndarray | None:
+        """(C,) float32: the unknown threshold of each label, its class's own where the
+        model has one and the global one otherwise; None when the model has no threshold."""
+        if self.unknown_threshold is None:
+            return None
+        per_class = self.class_thresholds or {}
+        values = [per_class.get(name, self.unknown_threshold) for name in self.class_names]
+        return np.asarray(values, dtype=np.float32)
+
+    def unknown(self, min_distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """True where an image's min distance exceeds the threshold of its nearest class
+        (per-class thresholds: each class is calibrated to flag the same share of its own
+        held-out images); all False when the model has no threshold."""
+        thresholds = self.label_thresholds()
+        if thresholds is None:
+            return np.zeros(len(min_distances), dtype=bool)
+        return np.asarray(min_distances) > thresholds[np.asarray(labels, dtype=np.int64)]
+
 
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
     """{key: value} -> {center_embed.key: text}, non-strings as JSON; unknown keys refused."""

@@ -337,11 +337,9 @@ class OnnxModel:
             raise UserError(f"{self.path}: only square inputs are supported, got {h}x{w}")
         return decode_image(data, h, max_pixels)
 
-    def unknown(self, min_distances: np.ndarray) -> np.ndarray:
-        """True where the min distance exceeds the model's global unknown threshold."""
-        if self.info.unknown_threshold is None:
-            return np.zeros(len(min_distances), dtype=bool)
-        return min_distances > self.info.unknown_threshold
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """True where an image's min distance exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
 
 
 def _file_precision(path: Path) -> str:

@@ -157,7 +157,7 @@ def split_accuracy(
         "images_per_second": len(truth) / max(seconds, 1e-9),
     }
     if info.unknown_threshold is not None:
-        result["unknown_rate"] = float(model.unknown(out["min_distances"]).mean())
+        result["unknown_rate"] = float(model.unknown(out).mean())
     if (model.choice.runtime, model.choice.precision) != ("onnxruntime", info.precision):
         reference = OnnxModel(model_path, "cpu", threads).run_batched(images.images, batch_size)
         result["parity"] = runtime_parity(out, reference, truth, info.unknown_threshold)

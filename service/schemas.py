@@ -55,7 +55,9 @@ class Classification(BaseModel):
     label: int = Field(description="index of the nearest center")
     class_name: str = Field(description="class name of the nearest center")
     min_distance: float = Field(description="squared Euclidean distance to the nearest center")
-    unknown: bool = Field(description="min_distance above the model's unknown threshold")
+    unknown: bool = Field(
+        description="min_distance above the unknown threshold of its nearest class"
+    )
     distances: dict[str, float] = Field(
         description="squared distance to each center by class name, nearest first "
         "(the top_k nearest when top_k is given)"

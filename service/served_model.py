@@ -73,8 +73,9 @@ class ServedModel:
         """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""
         return self.model.run(images)
 
-    def unknown(self, min_distances: np.ndarray) -> np.ndarray:
-        return self.model.unknown(min_distances)
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """True where an image's min distance exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
 
     def distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,), as the graph."""

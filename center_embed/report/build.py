@@ -185,7 +185,7 @@ def build_report(
     images, labels, source = load_split(str(data), info.class_names, info.input_size[0], split)
     outputs = model.run_batched(images, batch_size)
     centers = read_centers(model_path)
-    unknown = model.unknown(outputs["min_distances"])
+    unknown = model.unknown(outputs)
     onnx_metrics = embedding_metrics(outputs, labels, centers, info.class_names, unknown)
     confusion = confusion_matrix(labels, outputs["labels"], info.num_classes)
 

@@ -254,7 +254,7 @@ def _score_batch(model, schema, batch: list, images: np.ndarray, errors: list[st
         true_classes=[item.true_class for item in batch],
         errors=errors,
         outputs=outputs,
-        unknown=model.unknown(outputs["min_distances"]),
+        unknown=model.unknown(outputs),
         class_names=model.info.class_names,
     )
 

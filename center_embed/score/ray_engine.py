@@ -331,7 +331,7 @@ class ScoreBatches:
             else [None] * len(paths),
             errors=errors,
             outputs=outputs,
-            unknown=self.model.unknown(outputs["min_distances"]),
+            unknown=self.model.unknown(outputs),
             class_names=self.model.info.class_names,
         )
         if "index" in names:  # read_block's input row numbers, for write_parts to name files

@@ -193,7 +193,7 @@ async def classify(
     result = await pipeline.run(request)
     out = result.outputs
     results = classifications(model, out, top_k, out["embeddings"] if return_embeddings else None)
-    metrics.observe_distances(out["min_distances"], model.unknown(out["min_distances"]))  # drift
+    metrics.observe_distances(out["min_distances"], model.unknown(out))  # drift
     return JSONResponse(
         {"results": results, "model": model.summary()}, headers=timing_headers(result)
     )
@@ -244,7 +244,7 @@ def classifications(
     d = out["distances"]  # (N, C)
     k = d.shape[1] if top_k is None else min(top_k, d.shape[1])
     nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
-    unknown = model.unknown(out["min_distances"])
+    unknown = model.unknown(out)
     rows = d.tolist()
     results = []
     for i, (label, min_distance) in enumerate(

@@ -224,7 +224,7 @@ async def infer(
         raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     metrics.queue_time.observe(result.queue_s)
     out = result.outputs
-    metrics.observe_distances(out["min_distances"], model.unknown(out["min_distances"]))  # drift
+    metrics.observe_distances(out["min_distances"], model.unknown(out))  # drift
     content, headers = encode_response(
         PROTOCOL_MODEL_NAME, served_version(model), parsed.id, out, parsed.outputs
     )

@@ -6,6 +6,7 @@ code's own `embed_images` (fp32), distances by brute force over (e − c)².
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -188,7 +189,11 @@ def test_threshold_matches_its_definition(tiny_checkpoint, tiny_onnx):
     calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
     assert calibration["split"] == "validation" and calibration["images"] == len(val) == 48
     assert calibration["correct"] == int(correct.sum()) and calibration["quantile"] == 0.95
-    np.testing.assert_array_equal(model.unknown(md), md > model.info.unknown_threshold)
+    # The flag uses the threshold of the image's nearest class, not the global one.
+    per_label = np.array([model.info.class_thresholds[n] for n in model.info.class_names])
+    np.testing.assert_array_equal(model.unknown(out), md > per_label[out["labels"]])
+    no_threshold = dataclasses.replace(model.info, unknown_threshold=None)
+    assert not no_threshold.unknown(md, out["labels"]).any()
 
 
 def test_quantile_and_no_silent_test_split_fallback(tiny_checkpoint, tiny_folder, tmp_path):
