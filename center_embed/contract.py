@@ -32,7 +32,14 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")
 CENTERS_INITIALIZER = "centers"
 METADATA_PREFIX = "center_embed."
-DISTANCE = "squared_euclidean"
+DISTANCE = "squared_euclidean"  # what `distances` holds in files that do not say
+
+# Every kind of `distances` a model may declare in its `distance` metadata, and what it is.
+# A reader computes distances to centers only through `distances` and a class's center
+# only through `class_center` below, so a new kind is added here and nowhere else.
+DISTANCE_KINDS = {
+    "squared_euclidean": "‖e − c‖² between the embedding and each center",
+}
 
 # The Open Inference Protocol (KServe / Triton "v2") and a Triton model repository name the
 # model and its tensors' element types; the service's /v2 routes and export's Triton writer
@@ -146,7 +153,7 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
             input_size=tuple(json.loads(ours["input_size"])),  # type: ignore[arg-type]
             mean=[float(v) for v in json.loads(ours["mean"])],
             std=[float(v) for v in json.loads(ours["std"])],
-            distance=ours.get("distance", DISTANCE),
+            distance=_distance_kind(ours.get("distance", DISTANCE), source),
             precision=ours.get("precision", "fp32"),
             unknown_threshold=float(threshold) if threshold not in (None, "") else None,
             class_thresholds=json.loads(per_class) if per_class else None,
@@ -156,7 +163,40 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
         raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
 
 
+def _distance_kind(kind: str, source: str) -> str:
+    if kind not in DISTANCE_KINDS:
+        raise UserError(
+            f"{source} declares distance {kind!r}, which this center-embed does not know "
+            f"({', '.join(DISTANCE_KINDS)}): it was exported by a newer version"
+        )
+    return kind
+
+
 # --------------------------------------------------------------------------- outputs
+
+
+def distances(
+    embeddings: np.ndarray,
+    centers: np.ndarray,
+    kind: str = DISTANCE,
+    center_norms: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, D), (C, D) -> (N, C) float32 distances of the model's `kind`, as its graph
+    computes them. `center_norms` (C,) = ‖c‖² may be passed precomputed."""
+    if kind == "squared_euclidean":
+        return squared_distances(embeddings, centers, center_norms)
+    raise ValueError(f"unknown distance kind {kind!r}")
+
+
+def class_center(embeddings: np.ndarray, kind: str = DISTANCE) -> np.ndarray:
+    """(n, D) embeddings of one class's images -> its center (D,) float32 in the space the
+    distance `kind` measures: for squared Euclidean, the mean (the point that minimises the
+    summed distance to them, and what training's running-average rule converges to)."""
+    if embeddings.ndim != 2 or not len(embeddings):
+        raise ValueError(f"need (n >= 1, D) embeddings, got shape {embeddings.shape}")
+    if kind == "squared_euclidean":
+        return embeddings.astype(np.float64).mean(0).astype(np.float32)
+    raise ValueError(f"unknown distance kind {kind!r}")
 
 
 def squared_distances(

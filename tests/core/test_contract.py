@@ -1,0 +1,66 @@
+"""The contract's distance kinds: every reader computes distances and class centers here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from center_embed import contract
+from center_embed.errors import UserError
+
+
+def _props(**overrides) -> dict[str, str]:
+    values = {
+        "format_version": str(contract.MODEL_FORMAT_VERSION),
+        "class_names": ["a", "b"],
+        "embedding_dim": 4,
+        "input_size": [8, 8],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "unknown_threshold": "2.0",
+        "class_thresholds": {"a": 1.0},
+    }
+    return contract.encode_metadata(values | overrides)
+
+
+@pytest.mark.parametrize("kind", sorted(contract.DISTANCE_KINDS))
+def test_distances_match_a_brute_force_loop(kind):
+    rng = np.random.default_rng(0)
+    e, c = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+    got = contract.distances(e, c, kind)
+    expected = np.array([[_brute(kind, x, y) for y in c] for x in e])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The center of a class minimises its images' summed distance in that space.
+    center = contract.class_center(e, kind)
+    best = contract.distances(e, center[None], kind).sum()
+    for nudge in rng.normal(scale=0.05, size=(20, 5)).astype(np.float32):
+        assert contract.distances(e, (center + nudge)[None], kind).sum() >= best - 1e-4
+
+
+def _brute(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    if kind == "squared_euclidean":
+        return float(((x.astype(np.float64) - y) ** 2).sum())
+    raise AssertionError(f"no brute-force definition for {kind}")
+
+
+def test_unknown_kinds_and_empty_classes_are_refused():
+    with pytest.raises(UserError, match="does not know"):
+        contract.parse_metadata(_props(distance="hyperbolic"), "m.onnx")
+    assert contract.parse_metadata(_props()).distance == contract.DISTANCE  # files without it
+    with pytest.raises(ValueError, match="unknown distance kind"):
+        contract.distances(np.zeros((1, 2)), np.zeros((1, 2)), "hyperbolic")
+    with pytest.raises(ValueError, match="n >= 1"):
+        contract.class_center(np.zeros((0, 4), np.float32))
+
+
+def test_unknown_uses_the_nearest_classes_threshold():
+    info = contract.parse_metadata(_props())
+    # class a has its own threshold 1.0; b falls back to the global 2.0
+    np.testing.assert_array_equal(info.label_thresholds(), [1.0, 2.0])
+    flags = info.unknown(np.array([1.5, 1.5, 2.5, 0.5]), np.array([0, 1, 1, 0]))
+    np.testing.assert_array_equal(flags, [True, False, True, False])
+    none = contract.parse_metadata(_props(unknown_threshold="", class_thresholds={}))
+    assert none.label_thresholds() is None and not none.unknown(np.ones(2), np.zeros(2)).any()
+    assert json.loads(_props()["center_embed.class_thresholds"]) == {"a": 1.0}
