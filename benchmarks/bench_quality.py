@@ -1,0 +1,359 @@
+"""The quality of the served distances, measured from the ONNX model as users get it.
+
+    python benchmarks/bench_quality.py --work runs/quality --seeds 3 --splits 3
+
+For each seed it trains the `cpu` preset on all ten CIFAR-10 classes, and for each 6/4 split
+the same preset on six classes (the other four are the unknowns); it exports each run
+(`center-embed export`, fp32) and runs everything below through onnxruntime:
+
+- test accuracy: nearest-center through the ONNX model, and the run's own eval.json
+  (torch: nearest-center and softmax, plain and with TTA);
+- retrieval: precision@1 and MAP@R of the test embeddings, ranked by the model's distance;
+- far-OOD: AUROC and FPR95 of the served `min_distances`, test images against each set of
+  center_embed.quality.far_ood_sets, and the share of each set the `unknown` flag catches;
+- open-set: AUROC and FPR95 of the served score, the six known classes' test images
+  against the four unknown classes' (mean ± std over the splits);
+- calibration of the `unknown` flag: the share of correctly classified test images it
+  flags (expected 1 − quantile), globally and per class, and the share of all test images;
+- `--candidates`: the same detection figures for other scores computed from the same model
+  (the ablation table in the README), the classifier-head ones needing the checkpoint.
+
+Runs already in --work (eval.json, model.onnx) are reused, so a table can be rebuilt, or
+extended with more seeds, without retraining. Training overrides go through --set.
+Prints one table and writes every figure, the command and the commit, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from center_embed import quality  # noqa: E402
+from center_embed.contract import distances, read_centers  # noqa: E402
+from center_embed.data import load_dataset, select_classes, split_validation  # noqa: E402
+from center_embed.runtime import OnnxModel  # noqa: E402
+
+CLI = [sys.executable, "-m", "center_embed.cli"]
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(args.data)
+    runs = [(f"{args.tag}-all-s{seed}", [], seed) for seed in range(args.seeds)]
+    runs += [(f"{args.tag}-split{k}-s0", known_classes(dataset.class_names, k), 0)
+             for k in range(args.splits)]  # fmt: skip
+    results = {"closed": [], "open": []}
+    for name, classes, seed in runs:
+        model_path = prepare(work / name, args, classes, seed)
+        started = time.perf_counter()
+        if classes:
+            result = open_set(model_path, dataset, classes, args)
+            results["open"].append(result)
+        else:
+            result = closed_set(model_path, dataset, args)
+            results["closed"].append(result)
+        result["run"] = name
+        print(f"{name}: measured in {time.perf_counter() - started:.0f} s", flush=True)
+    summary = summarise(results)
+    print(format_table(summary))
+    report = {
+        "command": " ".join(sys.argv),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "summary": summary,
+        "runs": results,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"wrote {args.out}")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
+    p.add_argument("--work", default="runs/quality", help="where the runs are kept")
+    p.add_argument("--tag", default="base", help="run name prefix (an ablation's name)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--splits", type=int, default=3)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--export-arg", action="append", default=[], help="passed to export")
+    p.add_argument("--ood-images", type=int, default=1000, help="images per far-OOD set")
+    p.add_argument("--candidates", action="store_true", help="also score other scores")
+    p.add_argument("--out", default="quality.json")
+    return p.parse_args()
+
+
+def known_classes(class_names: list[str], split: int) -> list[str]:
+    """Split k: four classes drawn by default_rng(k) are unknown, the other six known."""
+    unknown = set(np.random.default_rng(split).choice(len(class_names), 4, replace=False))
+    return [c for i, c in enumerate(class_names) if i not in unknown]
+
+
+def prepare(run: Path, args, classes: list[str], seed: int) -> Path:
+    """Train (unless the run finished before) and export (unless exported); the model path."""
+    if not (run / "eval.json").exists():
+        command = [*CLI, "train", "--preset", args.preset, "--data", args.data, "--out", str(run)]
+        command += ["--set", f"train.seed={seed}", "--set", "train.progress=false"]
+        command += [a for s in args.set for a in ("--set", s)]
+        if classes:
+            command += ["--classes", ",".join(classes)]
+        if (run / "last.pt").exists():
+            command += ["--resume", str(run)]
+        run_command(command)
+    model = run / "model.onnx"
+    if not model.exists():
+        run_command([*CLI, "export", str(run / "best.pt"), "--out", str(model), *args.export_arg])
+    return model
+
+
+def run_command(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def closed_set(model_path: Path, dataset, args) -> dict:
+    """All ten classes known: accuracy, retrieval, far-OOD detection, calibration."""
+    model = OnnxModel(model_path, device="cpu")
+    info = model.info
+    test = select_classes(dataset, info.class_names).test
+    out = model.run_batched(test.images)
+    correct = out["labels"] == test.labels
+    served = model.unknown(out)
+    result = {
+        "nearest_center_accuracy_onnx": float(correct.mean()),
+        "torch_eval": torch_eval(model_path.parent),
+        **quality.retrieval_metrics(out["embeddings"], test.labels, info.distance),
+        "calibration": quality.flagged_shares(served, test.labels, correct, info.class_names),
+        "quantile": calibration_quantile(info),
+        "far_ood": {},
+        "shifted": {},
+    }
+    groups = {
+        "far_ood": quality.far_ood_sets(test.images, args.ood_images),
+        "shifted": quality.shifted_sets(test.images, args.ood_images),
+    }
+    scorers = candidate_scorers(model_path, dataset, info) if args.candidates else {}
+    known_scores = {name: score(out) for name, score in scorers.items()}
+    for group, sets in groups.items():
+        for set_name, images in sets.items():
+            other = model.run_batched(images)
+            entry = detection(out["min_distances"], other["min_distances"])
+            entry["flagged"] = float(model.unknown(other).mean())
+            entry["candidates"] = {
+                name: detection(known_scores[name], score(other)) for name, score in scorers.items()
+            }
+            result[group][set_name] = entry
+    return result
+
+
+def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
+    """Six classes known, four unknown: known vs unknown test images by the served score."""
+    model = OnnxModel(model_path, device="cpu")
+    known_index = [dataset.class_names.index(c) for c in classes]
+    is_known = np.isin(dataset.test.labels, known_index)
+    out = model.run_batched(dataset.test.images)
+    known_out = {k: v[is_known] for k, v in out.items()}
+    unknown_out = {k: v[~is_known] for k, v in out.items()}
+    result = {
+        "known": classes,
+        "unknown": [c for c in dataset.class_names if c not in classes],
+        **detection(known_out["min_distances"], unknown_out["min_distances"]),
+        "flagged_unknown_classes": float(model.unknown(unknown_out).mean()),
+        "flagged_known_classes": float(model.unknown(known_out).mean()),
+    }
+    if args.candidates:
+        scorers = candidate_scorers(model_path, dataset, model.info)
+        result["candidates"] = {
+            name: detection(score(known_out), score(unknown_out)) for name, score in scorers.items()
+        }
+    return result
+
+
+def detection(known: np.ndarray, unknown: np.ndarray) -> dict[str, float]:
+    return {
+        "auroc": quality.auroc(known, unknown),
+        "fpr95": quality.fpr_at_tpr(known, unknown),
+    }
+
+
+def torch_eval(run: Path) -> dict:
+    """The run's own test evaluation (torch, bf16): softmax and TTA figures."""
+    path = run / "eval.json"
+    if not path.exists():
+        return {}
+    e = json.loads(path.read_text())
+    tta = e.get("tta") or {}
+    return {
+        "nearest_center_accuracy": e.get("nearest_center_accuracy"),
+        "softmax_accuracy": e.get("softmax_accuracy"),
+        "nearest_center_accuracy_tta": tta.get("nearest_center_accuracy"),
+        "softmax_accuracy_tta": tta.get("softmax_accuracy"),
+    }
+
+
+def calibration_quantile(info) -> float | None:
+    facts = json.loads(info.metadata.get("center_embed.unknown_threshold_calibration", "{}"))
+    return facts.get("quantile")
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def candidate_scorers(model_path: Path, dataset, info) -> dict:
+    """score name -> function(outputs) -> (N,) score, higher = more likely unknown.
+
+    The classifier-head scores need the run's checkpoint (the ONNX file has no head);
+    "re-estimated" centers are the class means of the run's own training embeddings.
+    """
+    centers = read_centers(model_path)
+    weights, scale = classifier_head(model_path.parent / "best.pt")
+    means = training_means(model_path, dataset, info)
+    unit_centers = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+
+    def logits(out):
+        return out["embeddings"] @ weights.T * scale
+
+    def logsumexp(x):
+        m = x.max(1, keepdims=True)
+        return (m + np.log(np.exp(x - m).sum(1, keepdims=True)))[:, 0]
+
+    def unit(e):
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    return {
+        "min_distance (served)": lambda out: out["min_distances"],
+        "min_distance, re-estimated centers": lambda out: distances(out["embeddings"], means).min(
+            1
+        ),
+        "cosine to centers": lambda out: 1 - (unit(out["embeddings"]) @ unit_centers.T).max(1),
+        "projection on centers": lambda out: -(out["embeddings"] @ unit_centers.T).max(1),
+        "linear (‖c‖² − 2e·c)": lambda out: (
+            (centers**2).sum(1)[None] - 2 * out["embeddings"] @ centers.T
+        ).min(1),
+        "max logit": lambda out: -logits(out).max(1),
+        "energy": lambda out: -logsumexp(logits(out)),
+        "max softmax": lambda out: -np.exp(logits(out) - logsumexp(logits(out))[:, None]).max(1),
+        "embedding norm": lambda out: -np.linalg.norm(out["embeddings"], axis=1),
+    }
+
+
+def classifier_head(checkpoint: Path) -> tuple[np.ndarray, float]:
+    from center_embed.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(checkpoint)
+    weights = ckpt.model_state["classifier.weight"].float().numpy()
+    return weights, float(ckpt.config.model.logit_scale)
+
+
+def training_means(model_path: Path, dataset, info, per_class: int = 1000) -> np.ndarray:
+    """Class means of the embeddings of up to `per_class` training images per class (the
+    run's validation images excluded, as its config holds them out)."""
+    from center_embed.checkpoint import Checkpoint
+
+    cfg = Checkpoint.load(model_path.parent / "best.pt").config.data
+    train, _ = split_validation(select_classes(dataset, info.class_names).train, cfg.val_size,
+                                cfg.seed)  # fmt: skip
+    rng = np.random.default_rng(0)
+    picks = np.concatenate([
+        rng.permutation(np.flatnonzero(train.labels == j))[:per_class]
+        for j in range(info.num_classes)
+    ])  # fmt: skip
+    model = OnnxModel(model_path, device="cpu")
+    e = model.run_batched(train.images[np.sort(picks)])["embeddings"]
+    labels = train.labels[np.sort(picks)]
+    return np.stack([e[labels == j].mean(0) for j in range(info.num_classes)]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "n": int(len(v))}  # fmt: skip
+
+
+def summarise(results: dict) -> dict:
+    closed, open_ = results["closed"], results["open"]
+    s: dict = {}
+    if closed:
+        s["nearest_center_accuracy_onnx"] = mean_std(
+            [r["nearest_center_accuracy_onnx"] for r in closed]
+        )
+        for key in ("softmax_accuracy", "nearest_center_accuracy_tta", "softmax_accuracy_tta"):
+            s[key] = mean_std([r["torch_eval"].get(key) for r in closed])
+        for key in ("precision_at_1", "map_at_r"):
+            s[key] = mean_std([r[key] for r in closed])
+        s["flagged_correct_test"] = mean_std([r["calibration"]["correct_images"] for r in closed])
+        s["flagged_all_test"] = mean_std([r["calibration"]["all_images"] for r in closed])
+        s["worst_class_flagged_correct"] = mean_std([
+            max(abs(v - (1 - r["quantile"])) for v in r["calibration"]["per_class_correct"].values()
+                if v is not None)
+            for r in closed
+        ])  # fmt: skip
+        for group in ("far_ood", "shifted"):
+            for name in closed[0][group]:
+                for key in ("auroc", "fpr95", "flagged"):
+                    s[f"{group}.{name}.{key}"] = mean_std([r[group][name][key] for r in closed])
+        s["candidates_far_ood"] = summarise_candidates(
+            [e["candidates"] for r in closed for e in r["far_ood"].values()]
+        )
+    if open_:
+        s["open_set_auroc"] = mean_std([r["auroc"] for r in open_])
+        s["open_set_fpr95"] = mean_std([r["fpr95"] for r in open_])
+        s["open_set_flagged_unknown_classes"] = mean_std(
+            [r["flagged_unknown_classes"] for r in open_]
+        )
+        s["candidates_open_set"] = summarise_candidates([r.get("candidates", {}) for r in open_])
+    return s
+
+
+def summarise_candidates(entries: list[dict]) -> dict:
+    """candidate -> mean AUROC and the worst (lowest) AUROC over the entries given."""
+    names = entries[0].keys() if entries else []
+    return {
+        name: {
+            "mean_auroc": float(np.mean([e[name]["auroc"] for e in entries])),
+            "worst_auroc": float(np.min([e[name]["auroc"] for e in entries])),
+        }
+        for name in names
+    }
+
+
+def format_table(s: dict) -> str:
+    lines = ["measure | mean ± std (n)", "---|---"]
+    for key, value in s.items():
+        if isinstance(value, dict) and "mean" in value:
+            lines.append(f"{key} | {value['mean']:.4f} ± {value['std']:.4f} ({value['n']})")
+    for group in ("candidates_far_ood", "candidates_open_set"):
+        if s.get(group):
+            lines += ["", f"{group}: score | mean AUROC | worst AUROC", "---|---|---"]
+            for name, v in s[group].items():
+                lines.append(f"{name} | {v['mean_auroc']:.4f} | {v['worst_auroc']:.4f}")
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
