@@ -3,7 +3,8 @@
 One row per image (DESIGN.md, "Scoring output"):
 
     id            string   relative path, list line as written, or <split>/<index>
-    path          string   the file read, absolute (null for images from a dataset archive)
+    path          string   the file read, absolute (sources.absolute_path; null for images
+                           from a dataset archive)
     label         int32    nearest center                      null where the image failed
     class_name    string   that center's class                 null where the image failed
     min_distance  float32  squared distance to it              null where the image failed
@@ -11,7 +12,9 @@ One row per image (DESIGN.md, "Scoring output"):
     distances     fixed_size_list<float32>[C]  squared distance to every center, in the
                   model's class order (the `class_names` list in the file's metadata)
     embedding     fixed_size_list<float32>[D]
-    true_class    string   ground truth, where the input knows it (dataset archives)
+    true_class    string   ground truth: the input's (a dataset archive's label, a Parquet
+                           input's column), else the image's folder name where that is one
+                           of the model's classes (sources.folder_class), else null
     error         string   why the image could not be scored; null for scored rows
 
 Crash safety: rows go into numbered part files in `<out>.partial/`, each written under a
@@ -20,6 +23,10 @@ written. `finish` merges the parts, one row group each, into a temporary file th
 renamed to `out`: the output appears under its final name only when complete. Resuming
 counts the rows in the parts and skips that many inputs, after checking that the last id
 written is the one the input gives at that position.
+
+Metadata: strings under `center_embed.<key>` (scores_metadata), some of them JSON; npy's
+model.json holds the same as plain JSON (read_scores_metadata). The README's scoring table
+documents every column and key.
 """
 
 from __future__ import annotations
@@ -35,9 +42,18 @@ import numpy as np
 from center_embed.contract import METADATA_PREFIX, ModelInfo
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_path, atomic_write_text
+from center_embed.score.sources import folder_class
 
 SCORES_FORMAT_VERSION = 1  # the Parquet file and the .partial manifest
 FORMATS = ("parquet", "npy")
+# How `true_class` is filled, recorded in the .partial manifest: parts written before the
+# folder rule (true_class left null for folders) must not be resumed into a file whose
+# later rows have it.
+TRUE_CLASS_RULE = "the input's, else the image's folder when a model class"
+# Metadata values stored as JSON text (the rest are plain strings); read_scores_metadata
+# decodes them, so npy's model.json and Python readers get lists, dicts and numbers.
+JSON_METADATA_KEYS = ("scores_version", "class_names", "embedding_dim", "unknown_threshold",
+                      "source")  # fmt: skip
 
 
 def scores_metadata(
@@ -55,6 +71,25 @@ def scores_metadata(
         "source": json.dumps(source),
     }
     return {METADATA_PREFIX + key: value for key, value in values.items()}
+
+
+def read_scores_metadata(metadata: dict) -> dict[str, Any]:
+    """A scores file's metadata as plain values, keys without the `center_embed.` prefix:
+    `class_names` a list (the class order of `distances`), `source` a dict, numbers as
+    numbers. Takes `pq.read_schema(path).metadata` (bytes) or a dict of strings.
+
+        meta = read_scores_metadata(pq.read_schema("scores.parquet").metadata)
+        meta["class_names"][k]  # the class of distances[k]
+    """
+    values: dict[str, Any] = {}
+    for key, value in (metadata or {}).items():
+        key = key.decode() if isinstance(key, bytes) else key
+        value = value.decode() if isinstance(value, bytes) else value
+        if not key.startswith(METADATA_PREFIX):
+            continue  # pyarrow's own (ARROW:schema), not ours
+        key = key[len(METADATA_PREFIX) :]
+        values[key] = json.loads(value) if key in JSON_METADATA_KEYS else value
+    return values
 
 
 def make_schema(num_classes: int, embedding_dim: int, metadata: dict[str, str]):
@@ -92,6 +127,7 @@ def rows_table(
     import pyarrow as pa
 
     n = len(ids)
+    true_classes = with_folder_classes(true_classes, paths, class_names)
     failed = np.array([e is not None for e in errors], dtype=bool)
     ok = ~failed
 
@@ -118,6 +154,22 @@ def rows_table(
         columns.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask))
     columns += [pa.array(true_classes, pa.string()), pa.array(errors, pa.string())]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def with_folder_classes(
+    true_classes: list[str | None], paths: list[str | None], class_names: list[str]
+) -> list[str | None]:
+    """Each row's ground truth: the input's own where it gives one, else its folder's name
+    when that is one of `class_names` (sources.folder_class), else None. Here, where rows
+    are built, so both engines and every kind of input follow the one rule."""
+    pairs = zip(true_classes, paths, strict=True)
+    if all(given is not None or path is None for given, path in pairs):
+        return true_classes  # nothing to fill (an archive): skip the set of C names
+    known = frozenset(class_names)
+    return [
+        given if given is not None else folder_class(path, known)
+        for given, path in zip(true_classes, paths, strict=True)
+    ]
 
 
 @dataclass
@@ -148,7 +200,8 @@ class PartWriter:
         self.out, self.fmt, self.schema = out, fmt, schema
         self.rows_per_part = max(1, rows_per_part)
         self.partial = out.with_name(out.name + ".partial")
-        self.manifest = {"format_version": SCORES_FORMAT_VERSION, **manifest, "format": fmt}
+        self.manifest = {"format_version": SCORES_FORMAT_VERSION, **manifest, "format": fmt,
+                         "true_class": TRUE_CLASS_RULE}  # fmt: skip
         self.buffer: list = []
         self.buffered = 0
         self.complete = False
@@ -190,14 +243,18 @@ class PartWriter:
             before = json.loads((self.partial / "manifest.json").read_text())
         except (OSError, ValueError):
             raise UserError(f"{self.partial} has no readable manifest.json; delete it") from None
+        rule_before = before.pop("true_class", None)  # compared last, with its own message
         changed = sorted(
-            k for k in {*before, *self.manifest} if before.get(k) != self.manifest.get(k)
+            k
+            for k in {*before, *self.manifest} - {"true_class"}
+            if before.get(k) != self.manifest.get(k)
         )
         if changed:
             detail = "; ".join(
                 f"{k}: was {before.get(k)!r}, now {self.manifest.get(k)!r}" for k in changed
             )
             raise UserError(f"cannot resume {self.partial}, the run differs: {detail}")
+        _check_true_class_rule(rule_before, before, self.partial)
         for stale in self.partial.glob("*.tmp"):  # what was being written when killed
             if stale.is_dir():
                 shutil.rmtree(stale)
@@ -306,8 +363,28 @@ class PartWriter:
                 start = stop
         for values in arrays.values():
             values.flush()
-        meta = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
+        meta = read_scores_metadata(self.schema.metadata)  # plain JSON, no JSON in strings
         (tmp / "model.json").write_text(_json_text(meta))  # in the folder renamed whole
+
+
+def _check_true_class_rule(rule: str | None, before: dict[str, Any], partial: Path) -> None:
+    """Refuse to resume parts whose `true_class` followed another rule (`rule`: None for runs
+    from before folder names filled it), as their rows would disagree with the rest; a
+    dataset archive's rows never depended on it, so its resume goes on."""
+    if rule == TRUE_CLASS_RULE:
+        return
+    if rule is not None:
+        raise UserError(
+            f"cannot resume {partial}, the run differs: true_class: was {rule!r}, now "
+            f"{TRUE_CLASS_RULE!r}; pass --overwrite to score the input again"
+        )
+    source = before.get("source")
+    if isinstance(source, dict) and source.get("kind") == "dataset":
+        return
+    raise UserError(
+        f"cannot resume {partial}: an earlier version of center-embed started it and left "
+        f"`true_class` empty for image folders; pass --overwrite to score the input again"
+    )
 
 
 def is_npy_output(folder: Path) -> bool:

@@ -5,6 +5,11 @@ run can skip exactly the rows an interrupted one wrote, and memory stays flat ho
 images there are. An item is named by a stable `id`: the path relative to the folder, the
 line as written in the list, or `<split>/<index>` in a dataset.
 
+What an input says about each image's class (the `true_class` column): a dataset archive
+and a Parquet list's `true_class` column give it; otherwise `folder_class` takes the name of
+the folder holding the image file when that names one of the model's classes, so that
+`<class>/<image>` and `train|test/<class>/<image>` trees score with their ground truth.
+
 Imports numpy, Pillow and center_embed's torch-free readers only.
 """
 
@@ -65,7 +70,7 @@ class FolderSource(Source):
     kind = "folder"
 
     def __init__(self, root: Path, all_files: bool = False) -> None:
-        self.root = root.absolute()  # the `path` column is absolute (links kept as named)
+        self.root = Path(absolute_path(root))  # the `path` column (links kept as named)
         self.all_files = all_files
         self.extensions = image_extensions()
         self._skipped = 0
@@ -153,10 +158,9 @@ class ListSource(Source):
         return sum(1 for _ in self._lines())
 
     def items(self) -> Iterator[Item]:
-        base = self.path.absolute().parent  # the `path` column is absolute
+        base = Path(absolute_path(self.path)).parent  # the `path` column is absolute
         for line in self._lines():
-            path = Path(line).expanduser()
-            yield Item(id=line, path=str(path if path.is_absolute() else base / path))
+            yield Item(id=line, path=absolute_path(base / Path(line).expanduser()))
 
 
 class DatasetSource(Source):
@@ -190,6 +194,34 @@ class DatasetSource(Source):
                     pixels=split.images[i],
                     true_class=names[int(split.labels[i])],
                 )
+
+
+def absolute_path(path: str | Path) -> str:
+    """`path` made absolute, for the `path` column: what a user can open from anywhere.
+
+    `..` is folded away (`/data/run/../images/a.png` -> `/data/images/a.png`) only where
+    that names the same file, which it does unless a symbolic link precedes the `..`; links
+    themselves are kept as named, not resolved, so the column shows the path the user gave.
+    """
+    joined = os.path.join(os.getcwd(), path)  # an absolute `path` replaces the cwd
+    folded = os.path.normpath(joined)
+    if ".." in joined.split(os.sep) and os.path.realpath(joined) != os.path.realpath(folded):
+        return joined  # the file the kernel opens; folding would name another one
+    return folded
+
+
+def folder_class(path: str | None, class_names: frozenset[str] | set[str]) -> str | None:
+    """The ground truth a folder tree gives an image: the name of the folder that holds the
+    file when it is one of the model's classes (`.../cat/0001.png` -> `cat`), else None.
+
+    Only the one folder directly above the file counts (the scored folder itself included:
+    scoring `test/cat/` gives its images `cat`), so a `train/` or `2024/` folder above it
+    never becomes a class by accident. Local paths and URIs alike (both use `/`).
+    """
+    if path is None:
+        return None
+    parts = path.rsplit("/", 2)
+    return parts[-2] if len(parts) >= 2 and parts[-2] in class_names else None
 
 
 def is_cifar(path: Path) -> bool:
