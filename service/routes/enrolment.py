@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from center_embed.enrolment import CenterSet, EnrolmentError, check_class_name
 from center_embed.errors import UserError
@@ -39,8 +40,22 @@ from center_embed.service.served_model import ServedCenters, ServedModel
 
 router = APIRouter(prefix="/v1", tags=["enrolment"], dependencies=ADMIN_GUARDS)
 
-# `:path` so that an empty name (/v1/centers/) or one holding '/' reaches the name check
-# and gets its 422, instead of a bare 404/405 from the router.
+
+class AnyText(Convertor):
+    """Any path text, newlines and '/' included (`:path` stops at a newline), so that every
+    name, an empty one too (/v1/centers/), reaches the name check and gets its 422 instead
+    of a bare 404 from the router."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("class_name", AnyText())
 ClassName = Annotated[str, Path(description="the class's name: 1-128 characters, no controls")]
 Mode = Query("replace", description="replace: the class from these images alone; add: "
              "these images added to an enrolled class's")  # fmt: skip
@@ -56,7 +71,7 @@ REFUSALS = {
 
 
 @router.put(
-    "/centers/{name:path}",
+    "/centers/{name:class_name}",
     response_model=EnrolmentResponse,
     responses={
         **ok(EnrolmentResponse),
@@ -86,7 +101,7 @@ async def enrol(
 
 
 @router.delete(
-    "/centers/{name:path}",
+    "/centers/{name:class_name}",
     response_model=EnrolmentResponse,
     responses={**ok(EnrolmentResponse), **errors(401, 403, 404, 409, 422, 503)},
 )
