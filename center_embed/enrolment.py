@@ -42,9 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from center_embed.contract import ModelInfo, class_center, distances, nearest_centers
+from center_embed.contract import (
+    ModelInfo,
+    class_center,
+    distances,
+    nearest_centers,
+    run_batched,
+)
 from center_embed.errors import UserError
-from center_embed.fileio import atomic_write
+from center_embed.fileio import atomic_write, sha256_file
 
 MAX_CLASS_NAME = 128  # characters
 MIN_THRESHOLD_IMAGES = 5  # below it an enrolled class takes the model's global threshold
@@ -395,3 +401,41 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- scoring with it
+
+
+class ModelWithCenters:
+    """An opened model (runtime.OnnxModel) that answers against `centers` instead of its
+    file's own: the graph gives the embeddings, and distances, labels and min distances
+    are recomputed from them (`CenterSet.scores`); `info` lists these classes and
+    thresholds. Everything else (decode, provider, path) is the model's."""
+
+    def __init__(self, model: Any, centers: CenterSet) -> None:
+        self._model = model
+        self.centers = centers
+        self.info = centers.model_info(model.info)
+        self.path = model.path
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._model.run(images)
+        return {**out, **self.centers.scores(out["embeddings"])}
+
+    def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        return run_batched(self.run, images, batch_size)
+
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def apply_centers_file(model: Any, path: str | Path) -> ModelWithCenters:
+    """`model` answering with the centers a service persisted at `path` (UserError when the
+    file is missing or belongs to another model)."""
+    stored = CentersFile(path, sha256_file(model.path), model.info).read()
+    if stored is None:
+        raise UserError(f"centers file not found: {path}")
+    return ModelWithCenters(model, stored)
