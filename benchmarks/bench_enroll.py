@@ -105,7 +105,7 @@ def as_onnx(path: str, work: Path, data: str) -> Path:
 def measure_base(base: str, work: Path, args, dataset, reference: np.ndarray) -> dict:
     path = as_onnx(base, work, args.data)
     model = OnnxModel(path, device="cpu")
-    names10 = load_names(dataset)
+    names10 = list(dataset.class_names)
     known = model.info.class_names
     unseen = [c for c in names10 if c not in known]
     truth = dataset.test.labels
@@ -120,7 +120,8 @@ def measure_base(base: str, work: Path, args, dataset, reference: np.ndarray) ->
     }
     print(f"\n{base}: known {', '.join(known)}; enrolled {', '.join(unseen)}")
     print(f"  base model on its 6 classes' test images: {before:.4f}; all-10 model: new 4 "
-          f"{all10['new4']:.4f}, old 6 {all10['old6']:.4f}, all 10 {all10['all10']:.4f}")  # fmt: skip
+          f"{all10['new4']:.4f}, old 6 {all10['old6']:.4f}, "
+          f"all 10 {all10['all10']:.4f}")  # fmt: skip
     draws = drawn_indices(dataset.train.labels, [names10.index(c) for c in unseen], args.seed)
     needed = np.unique(np.concatenate([i for d in draws.values() for i in d]))
     train = dict(zip(needed.tolist(), model.run_batched(dataset.train.images[needed])
@@ -143,10 +144,6 @@ def measure_base(base: str, work: Path, args, dataset, reference: np.ndarray) ->
         print(f"  k={k:3d} ({len(scores):2d} draws): new 4 {fmt(rows[k]['new4'])}  old 6 "
               f"{fmt(rows[k]['old6'])}  all 10 {fmt(rows[k]['all10'])}")  # fmt: skip
     return {"model": base, "unseen": unseen, "base_old6": before, "all10": all10, "k": rows}
-
-
-def load_names(dataset) -> list[str]:
-    return list(dataset.class_names)
 
 
 def drawn_indices(labels: np.ndarray, classes: list[int], seed: int) -> dict[int, list]:
