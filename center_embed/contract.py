@@ -75,6 +75,7 @@ METADATA_KEYS = {
     "class_thresholds": "the same per class",
     "unknown_threshold_calibration": "how the threshold was computed, on which images",
     "precision_loss": "accuracy of a reduced-precision model against fp32",
+    "enrolment": "classes enrolled or removed since training: action, class, images, time, source",
 }
 
 

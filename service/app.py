@@ -23,12 +23,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from center_embed import __version__
+from center_embed.enrolment import centers_file_for
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
 from center_embed.service.errors import install_handlers
 from center_embed.service.middleware import ObservabilityMiddleware
 from center_embed.service.prometheus import Metrics
-from center_embed.service.routes import health, inference, model_info, v2
+from center_embed.service.routes import enrolment, health, inference, model_info, v2
 from center_embed.service.security import KeyChecker
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -57,8 +58,9 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
         raise UserError("no model to serve: set CENTER_EMBED_MODEL or give a model path")
     metrics = Metrics()
     keys = KeyChecker(settings.keys())  # a bad key file fails here, before anything serves
+    admin_keys = KeyChecker([k.get_secret_value().encode() for k in settings.admin_keys])
     lifespan = functools.partial(
-        _lifespan, settings=settings, metrics=metrics, keys=keys, given_model=model
+        _lifespan, settings=settings, metrics=metrics, keys=(keys, admin_keys), given_model=model
     )
     app = FastAPI(
         title="center-embed",
@@ -71,6 +73,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.include_router(health.router)
     app.include_router(model_info.router)
     app.include_router(inference.router)
+    app.include_router(enrolment.router)
     app.include_router(v2.router)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     if settings.cors_origins:
@@ -95,7 +98,7 @@ async def _lifespan(
     *,
     settings: Settings,
     metrics: Metrics,
-    keys: KeyChecker,
+    keys: tuple[KeyChecker, KeyChecker],  # (query keys, admin keys)
     given_model: ServedModel | None,
 ) -> AsyncIterator[None]:
     """Open the model, start the decode pool and the batcher, and keep them on app.state
@@ -111,6 +114,9 @@ async def _lifespan(
             precision=settings.precision,
         )
         log.info("model opened", extra={"fields": {"runtime": model.runtime}})
+    centers_file = settings.centers_file or centers_file_for(model.model.path)
+    await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
+    metrics.centers_version.set(model.current_centers().version)
     metrics.set_model(model.info.unknown_threshold)
     decoder = ThreadPoolExecutor(
         settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="center-embed-decode"
@@ -123,7 +129,7 @@ async def _lifespan(
         metrics=metrics,
     )
     state = app.state
-    state.settings, state.metrics, state.keys = settings, metrics, keys
+    state.settings, state.metrics, (state.keys, state.admin_keys) = settings, metrics, keys
     state.model, state.decoder, state.batcher = model, decoder, batcher
     state.ready, state.warmup_error = False, None  # until _warm_up has passed
     batcher.start()

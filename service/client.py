@@ -7,6 +7,10 @@
         results = client.classify(["cat.jpg"], top_k=3)        # [Classification]
         results = client.distances(vectors)                    # same, no images
 
+    with Client("http://127.0.0.1:8000", api_key=ADMIN_KEY) as admin:
+        admin.enroll("zebra", ["z1.jpg", "z2.jpg"])            # a new class, no retraining
+        admin.remove("zebra")
+
 Images may be paths, bytes (an encoded file), PIL images or numpy arrays (see
 `Client` for the rules on arrays and image modes). Files and bytes are sent as they are;
 pixels are sent as PNG (lossless). A server error names an image by the name the caller
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -56,6 +61,14 @@ class Unauthorized(ServiceError):
     """401."""
 
 
+class Forbidden(ServiceError):
+    """403: the enrolment routes are off (the service has no admin keys)."""
+
+
+class Conflict(ServiceError):
+    """409: the change would remove the last class, or add images to a trained class."""
+
+
 class PayloadTooLarge(ServiceError):
     """413."""
 
@@ -85,7 +98,9 @@ class Timeout(ServiceError):
 EXCEPTION_BY_STATUS: dict[int, type[ServiceError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Forbidden,
     408: Timeout,
+    409: Conflict,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: ValidationFailed,
@@ -209,6 +224,35 @@ class Client:
         names = [c["class_name"] for c in body["centers"]]
         return names, np.asarray([c["center"] for c in body["centers"]], np.float32)
 
+    def enroll(
+        self,
+        name: str,
+        images: ImageLike | Sequence[ImageLike],
+        mode: str = "replace",
+        admin_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Enrol the class `name` from `images` (as `classify` takes them), without retraining:
+        its center and unknown threshold are computed from their embeddings by the service.
+
+        mode "replace" (default): a new class, or an existing one (trained or enrolled)
+        recomputed from these images alone; "add": these images added to an enrolled class's
+        (its center from all of them). Needs an admin key: `admin_key`, else the client's.
+        Returns the service's answer: class_name, action, images, label, unknown_threshold,
+        num_classes and the centers' new `version`. Requests that start after it returns
+        are answered with the new class, by every worker of the service."""
+        path = f"/v1/centers/{quote(name, safe='')}"
+        params = {"mode": mode} if mode != "replace" else {}
+        response = self._send(
+            "PUT", path, files=_files(images), params=params, headers=_auth(admin_key)
+        )
+        return self._answer(response)
+
+    def remove(self, name: str, admin_key: str | None = None) -> dict[str, Any]:
+        """Remove the class `name` (trained or enrolled; never the last one). Needs an admin
+        key: `admin_key`, else the client's. Returns the answer, with the new `version`."""
+        path = f"/v1/centers/{quote(name, safe='')}"
+        return self._answer(self._send("DELETE", path, headers=_auth(admin_key)))
+
     def ready(self) -> bool:
         try:
             return self._http.get("/readyz").status_code == 200
@@ -242,6 +286,10 @@ class Client:
             code, message = "http_error", response.text[:500] or response.reason_phrase
         cls = EXCEPTION_BY_STATUS.get(response.status_code, ServiceError)
         raise cls(response.status_code, error_code(code), message)
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # --------------------------------------------------------------------------- images

@@ -20,12 +20,13 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
 
+from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.prometheus import Metrics
 from center_embed.service.security import CHALLENGE, KeyChecker, bearer
-from center_embed.service.served_model import ServedModel
+from center_embed.service.served_model import ServedCenters, ServedModel
 from center_embed.service.settings import Settings
 
 # --------------------------------------------------------------------------- what the app holds
@@ -56,12 +57,27 @@ async def get_key_checker(request: Request) -> KeyChecker:
     return request.app.state.keys
 
 
+async def get_admin_key_checker(request: Request) -> KeyChecker:
+    return request.app.state.admin_keys
+
+
+async def get_centers(model: Annotated[ServedModel, Depends(get_model)]) -> ServedCenters:
+    """The centers snapshot of a request, taken once when it starts: it answers from these
+    to the end, whatever enrolment happens meanwhile (service/served_model.py)."""
+    try:
+        return model.current_centers()
+    except UserError as e:  # the centers file was replaced by something unreadable
+        raise ApiError(ErrorCode.CENTERS_UNAVAILABLE, str(e)) from None
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 DecoderDep = Annotated[Executor, Depends(get_decoder)]
 KeyCheckerDep = Annotated[KeyChecker, Depends(get_key_checker)]
+AdminKeyCheckerDep = Annotated[KeyChecker, Depends(get_admin_key_checker)]
+CentersDep = Annotated[ServedCenters, Depends(get_centers)]
 
 
 # --------------------------------------------------------------------------- guards
@@ -80,6 +96,25 @@ async def require_key(
         )
     if not checker.accepts(credentials.credentials):
         raise ApiError(ErrorCode.UNAUTHORIZED, "invalid API key", CHALLENGE)
+
+
+async def require_admin_key(
+    checker: AdminKeyCheckerDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> None:
+    """403 when the service has no admin keys (enrolment is off), 401 unless the request
+    carries one of them (query keys do not open these routes)."""
+    if not checker.enabled:
+        raise ApiError(
+            ErrorCode.ENROLMENT_DISABLED,
+            "enrolment is off: set CENTER_EMBED_ADMIN_KEYS to open PUT/DELETE /v1/centers/{name}",
+        )
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(
+            ErrorCode.UNAUTHORIZED, "missing admin key: send Authorization: Bearer <key>", CHALLENGE
+        )
+    if not checker.accepts(credentials.credentials):
+        raise ApiError(ErrorCode.UNAUTHORIZED, "invalid admin key", CHALLENGE)
 
 
 async def require_ready(request: Request) -> None:
@@ -107,3 +142,5 @@ async def no_unknown_query(request: Request) -> None:
 
 # The guards of every /v1 route, checked in this order: key, readiness, query.
 V1_GUARDS = [Depends(require_key), Depends(require_ready), Depends(no_unknown_query)]
+# The enrolment routes': an admin key instead of a query key.
+ADMIN_GUARDS = [Depends(require_admin_key), Depends(require_ready), Depends(no_unknown_query)]

@@ -72,6 +72,14 @@ class Metrics:
         self.unknown = Counter(
             "center_embed_unknown", "images beyond the unknown threshold", registry=r
         )
+        self.enrolments = Counter(
+            "center_embed_enrolments", "changes to the classes: enrol, add (images), remove",
+            ["action"], registry=r,
+        )  # fmt: skip
+        self.centers_version = Gauge(
+            "center_embed_centers_version", "version of the centers served (0: the model's own)",
+            multiprocess_mode="livemax", registry=r,
+        )  # fmt: skip
         self.min_distance: Histogram | None = None
 
     def _histogram(

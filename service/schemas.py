@@ -47,6 +47,9 @@ class ModelSummary(BaseModel):
     precision: str
     embedding_dim: int
     num_classes: int
+    centers_version: int = Field(
+        description="version of the centers answered with (0: the model file's own classes)"
+    )
     unknown_threshold: float | None = Field(description="min distance beyond which unknown")
     provider: str = Field(description="onnxruntime execution provider in use")
 
@@ -81,11 +84,29 @@ class Center(BaseModel):
     label: int
     class_name: str
     center: list[float]
+    unknown_threshold: float | None = Field(
+        description="the class's own unknown threshold (null: the model's global one, if any)"
+    )
+    images: int | None = Field(
+        description="images an enrolled class was computed from (null: a trained class)"
+    )
 
 
 class CentersResponse(BaseModel):
     centers: list[Center]
     dim: int
+    distance: str = Field(description="the distance kind of the model's score space")
+    version: int = Field(description="grows by one with each enrolment or removal")
+
+
+class EnrolmentResponse(BaseModel):
+    class_name: str
+    action: str = Field(description="enrol (a new or replaced class), add (images) or remove")
+    images: int = Field(description="images the class's center is computed from (0: removed)")
+    label: int | None = Field(description="the class's label now (null once removed)")
+    unknown_threshold: float | None = Field(description="the class's own threshold, if any")
+    num_classes: int
+    version: int = Field(description="the centers' version after this change")
 
 
 class RuntimeInfo(BaseModel):

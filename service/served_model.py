@@ -1,24 +1,70 @@
 """The served model: a `center_embed.runtime.OnnxModel` plus its centers as numpy.
 
-Images go through the runtime chosen (onnxruntime or OpenVINO: the graph computes
-embeddings, distances, nearest center and min distance); embedding vectors sent to
-/v1/distances go through `distances` here, the contract's same formula in numpy, which
-the warm-up checks against the graph's own outputs.
+Images go through the runtime chosen (onnxruntime or OpenVINO) for their embeddings; the
+distances, nearest center, min distance and unknown flag of every answer are computed in
+numpy from those embeddings against a `ServedCenters` snapshot (the contract's formula for
+the model's distance kind, which the warm-up checks against the graph's own outputs).
+
+The snapshot is the model file's classes plus what was enrolled (center_embed/enrolment.py,
+persisted in the centers file beside the model). It is immutable and replaced by one
+attribute assignment: a request takes it once, when it starts (`current_centers`), and
+answers from it to the end, so an enrolment never tears a request's answer. Each
+`current_centers` costs one os.stat of the centers file and reloads it when another worker
+(--workers N) changed it; `change_centers` holds the file's lock around read-modify-write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from center_embed.contract import nearest_centers, read_centers, squared_distances
+from center_embed.contract import ModelInfo, distances, nearest_centers, read_centers
+from center_embed.enrolment import CenterSet, CentersFile
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
 from center_embed.runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, OnnxModel, describe
 
 WARMUP_SEED = 0
+
+
+@dataclass(frozen=True)
+class ServedCenters:
+    """One immutable snapshot of the classes the service answers with."""
+
+    centers: CenterSet
+    info: ModelInfo  # the model's metadata with these classes and thresholds
+    max_embedding_norm: float  # the largest /v1/distances vector norm accepted
+
+    @classmethod
+    def of(cls, centers: CenterSet, base: ModelInfo) -> ServedCenters:
+        return cls(centers, centers.model_info(base), max_embedding_norm(centers.centers))
+
+    @property
+    def names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def version(self) -> int:
+        return self.centers.version
+
+    def scores(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,)."""
+        return self.centers.scores(embeddings)
+
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """True where an image's min distance exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+
+
+def max_embedding_norm(centers: np.ndarray) -> float:
+    """‖e‖² − 2·e·c + ‖c‖² stays below float32's max/4 when ‖e‖ + ‖c‖ is below half its
+    square root: the embedding norm /v1/distances accepts."""
+    largest = float(np.sqrt((centers.astype(np.float64) ** 2).sum(1).max(initial=0.0)))
+    return 0.5 * float(np.sqrt(np.finfo(np.float32).max)) - largest
 
 
 class ServedModel:
@@ -27,12 +73,7 @@ class ServedModel:
     def __init__(self, model: OnnxModel, centers: np.ndarray, sha256: str) -> None:
         self.model = model
         self.info = model.info
-        self.centers = centers  # (C, D) float32
-        self.center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)  # (C,)
-        # ‖e‖² − 2·e·c + ‖c‖² stays below float32's max/4 when ‖e‖ + ‖c‖ is below half its
-        # square root: the embedding norm /v1/distances accepts.
-        largest_center = float(np.sqrt(self.center_norms.max(initial=0.0)))
-        self.max_embedding_norm = 0.5 * float(np.sqrt(np.finfo(np.float32).max)) - largest_center
+        self.centers = centers  # (C, D) float32: the file's own, which the graph uses
         self.sha256 = sha256
         h, w = self.info.input_size
         if h != w:
@@ -42,6 +83,13 @@ class ServedModel:
                 f"centers have shape {centers.shape}; metadata says "
                 f"({self.info.num_classes}, {self.info.embedding_dim})"
             )
+        self.base_centers = CenterSet.from_model(self.info, centers, sha256)
+        self.store: CentersFile | None = None
+        # (snapshot, the centers file's signature it was read at): replaced as one value
+        self._state: tuple[ServedCenters, Any] = (
+            ServedCenters.of(self.base_centers, self.info),
+            None,
+        )
 
     @classmethod
     def open(
@@ -73,13 +121,57 @@ class ServedModel:
         """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""
         return self.model.run(images)
 
-    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """True where an image's min distance exceeds its nearest class's threshold."""
-        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+    # ------------------------------------------------------------------ the centers
 
-    def distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,), as the graph."""
-        d = squared_distances(embeddings, self.centers, self.center_norms)
+    def use_centers_file(self, path: str | Path) -> None:
+        """Serve the centers persisted at `path` (when it exists; UserError when it belongs
+        to another model), and persist enrolments there."""
+        self.store = CentersFile(path, self.sha256, self.info)
+        self._state = (self._state[0], object())  # unlike any signature: read at first use
+        self.current_centers()
+
+    def current_centers(self) -> ServedCenters:
+        """The snapshot a request starting now answers with (reloaded when the file changed)."""
+        snapshot, seen = self._state
+        if self.store is None:
+            return snapshot
+        signature = self.store.signature()
+        if signature != seen:
+            stored = self.store.read() or self.base_centers  # no file: the model's own
+            snapshot = ServedCenters.of(stored, self.info)
+            self._state = (snapshot, signature)
+        return snapshot
+
+    def change_centers(self, change: Callable[[CenterSet], CenterSet]) -> ServedCenters:
+        """Apply `change` to the latest centers under the file's lock, persist, and swap the
+        snapshot in; returns it. A refused change (EnrolmentError) changes nothing. Blocking
+        (a file lock and an fsync): run it in a thread."""
+        if self.store is None:
+            raise UserError("no centers file: enrolment needs one beside the model")
+        with self.store.locked():
+            current = self.store.read() or self.base_centers
+            changed = change(current)
+            self.store.write(changed)
+            snapshot = ServedCenters.of(changed, self.info)
+            self._state = (snapshot, self.store.signature())
+        return snapshot
+
+    def distances(
+        self, embeddings: np.ndarray, centers: ServedCenters | None = None
+    ) -> dict[str, np.ndarray]:
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,) against
+        `centers` (default: the current snapshot)."""
+        return (centers or self.current_centers()).scores(embeddings)
+
+    def unknown(
+        self, outputs: dict[str, np.ndarray], centers: ServedCenters | None = None
+    ) -> np.ndarray:
+        """True where an image's min distance exceeds its nearest class's threshold."""
+        return (centers or self.current_centers()).unknown(outputs)
+
+    def file_distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """The same against the model file's own centers: what the graph computes."""
+        d = distances(embeddings, self.centers, self.info.distance)
         return {"distances": d, **nearest_centers(d)}
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
@@ -92,7 +184,7 @@ class ServedModel:
             out = self.run(images)
             if not all(np.isfinite(v).all() for v in out.values()):
                 raise RuntimeError("the model gave non-finite outputs at warm-up")
-        ours = self.distances(out["embeddings"])["distances"]
+        ours = self.file_distances(out["embeddings"])["distances"]
         scale = max(1.0, float(np.abs(out["distances"]).max()))
         error = float(np.abs(ours - out["distances"]).max()) / scale
         if error > 1e-3:
@@ -101,13 +193,15 @@ class ServedModel:
                 "(relative): the centers initializer is not what the graph uses"
             )
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, centers: ServedCenters | None = None) -> dict[str, Any]:
         """The short description every classify / distances answer carries."""
+        centers = centers or self.current_centers()
         return {
             "sha256": self.sha256,
             "precision": self.info.precision,
             "embedding_dim": self.info.embedding_dim,
-            "num_classes": self.info.num_classes,
+            "num_classes": len(centers.names),
+            "centers_version": centers.version,
             "unknown_threshold": self.info.unknown_threshold,
             "provider": self.provider,
         }

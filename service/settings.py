@@ -91,11 +91,19 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated keys; any one opens /v1 (none: open)"
     )
     api_keys_file: Path | None = Field(None, description="a file of keys, one per line")
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys that open the enrolment routes PUT/DELETE "
+        "/v1/centers/{name} (none: those routes are off)",
+    )
+    centers_file: Path | None = Field(
+        None, description="where enrolled centers persist (default: <model>.centers.npz beside it)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS (none: off)"
     )
 
-    @field_validator("api_keys", "cors_origins", "image_formats", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "image_formats", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_commas(value)

@@ -42,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("accuracy of an ONNX model on a dataset, through onnxruntime", "export"),
     "inspect": Command("print an ONNX model's classes, dims, threshold, provenance", "export"),
     "triton": Command("write an ONNX model as a Triton model repository", "export"),
+    "enroll": Command("add or remove classes of an ONNX model without retraining", "enroll"),
     "serve": Command("serve an ONNX model over HTTP", "serve"),
     "score": Command("score a folder or list of images into Parquet", "score"),
     "report": Command("an evaluation report (HTML, JSON, plots) of a model", "report"),

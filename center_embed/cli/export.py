@@ -184,6 +184,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if "unknown_rate" in result:
         print(f"  flagged unknown          {result['unknown_rate']:.4f}")
     print(f"  images/s                 {result['images_per_second']:.0f}")
+    for line in format_enrolment(describe_file(args.model).get("enrolment")):
+        print(line)
     status = 0 if "parity" not in result else print_parity(result["parity"])
     if args.checkpoint:
         print(f"evaluating {args.checkpoint} with torch to compare ...", file=sys.stderr)
@@ -276,6 +278,7 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
             f", α {training.get('alpha')}, {training.get('epochs')} epochs; nearest-center "
             f"accuracy val {format_optional_number(val)}, test {format_optional_number(test)}"
         )
+    lines += format_enrolment(meta.get("enrolment"))
     exporter = meta.get("exporter")
     if exporter:
         lines.append(
@@ -284,6 +287,19 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
         )
     lines.append(format_runtime_choice(info.precision))
     return "\n".join(lines)
+
+
+def format_enrolment(log: Any, last: int = 10) -> list[str]:
+    """The enrolment log (`center-embed enroll`, PUT/DELETE /v1/centers): its last entries."""
+    if not isinstance(log, list) or not log:
+        return []
+    lines = [f"  enrolment       {plural(len(log), 'change')} since training"
+             + (f" (the last {last})" if len(log) > last else "")]  # fmt: skip
+    for entry in log[-last:]:
+        images = f", {plural(entry.get('images', 0), 'image')}" if entry.get("images") else ""
+        lines.append(f"    {entry.get('time', '')}  {entry.get('action', '')} "
+                     f"{entry.get('class', '')}{images}  ({entry.get('source', '')})")  # fmt: skip
+    return lines
 
 
 def format_runtime_choice(file_precision: str) -> str:
@@ -300,6 +316,19 @@ def format_runtime_choice(file_precision: str) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def describe_file(path: str | Path) -> dict[str, Any]:
+    """A model file's metadata as plain values, read without opening a runtime."""
+    from center_embed.contract import our_metadata, read_metadata_props
+
+    out: dict[str, Any] = {}
+    for key, value in our_metadata(read_metadata_props(path)).items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _open_model(path: str | Path) -> OnnxModel:

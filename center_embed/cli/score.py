@@ -68,6 +68,11 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         help="in a folder, try every file instead of only image extensions",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--centers", metavar="FILE",
+        help="score against a service's centers file (<model>.centers.npz: the classes "
+        "enrolled over HTTP) instead of the model's own classes (--engine local)",
+    )  # fmt: skip
     add_engine_argument(p)
     ray = p.add_argument_group("--engine ray (--out is then a folder: a Parquet dataset)")
     ray.add_argument(
@@ -112,6 +117,7 @@ def run_score(args: argparse.Namespace) -> int:
             threads=args.threads,
             runtime=args.runtime,
             precision=args.precision,
+            centers=args.centers,
         )
     except KeyboardInterrupt:
         partial = Path(args.out).with_name(Path(args.out).name + ".partial")
@@ -131,6 +137,11 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
     """--engine ray: the same rows, as a Parquet dataset folder (score/ray_engine.py)."""
     if args.fmt != "parquet" or args.split:
         raise UserError("--engine ray writes Parquet from image files: no --format npy, --split")
+    if args.centers:
+        raise UserError(
+            "--centers works with --engine local; or bake the file into a model with "
+            "`center-embed enroll MODEL --centers FILE --out NEW.onnx`"
+        )
     from center_embed.score.ray_engine import score_on_ray
 
     try:

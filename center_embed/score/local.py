@@ -79,16 +79,20 @@ def score(
     threads: int = 0,
     runtime: str = "onnxruntime",
     precision: str = "auto",
+    centers: str | Path | None = None,
 ) -> ScoreSummary:
-    """Score every image of `source` into `out`; see the module docstring."""
-    from center_embed.runtime import OnnxModel
+    """Score every image of `source` into `out`; see the module docstring. `centers`: a
+    service's centers file (enrolled classes) to score against instead of the model's own."""
+    from center_embed.enrolment import apply_centers_file
     from center_embed.score.output import count_rows
     from center_embed.score.sources import Source, open_source
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
-    if not isinstance(model, OnnxModel):
+    if isinstance(model, str | Path):  # else an OnnxModel, or one with enrolled centers
         model = open_scoring_model(model, device, threads, runtime, precision)
+    if centers is not None:
+        model = apply_centers_file(model, centers)
     if not isinstance(source, Source):
         source = open_source(source)
     h, w = model.info.input_size

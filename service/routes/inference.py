@@ -1,6 +1,10 @@
 """/v1/embed and /v1/classify (images through the micro-batcher and onnxruntime), and
 /v1/distances (embedding vectors, numpy in the decode pool, no queue).
 
+Distances, labels and unknown flags come from the request's centers snapshot (CentersDep,
+taken when the request starts), computed in numpy from the graph's embeddings, so enrolled
+classes are answered like trained ones and an enrolment never tears an answer.
+
 An image request's `timeout_s` starts once its body is in and covers decoding, the queue
 and inference (504 past it); every output is checked finite before it is serialised (a
 non-finite value is a 422 naming the input, never a 500 from the JSON encoder).
@@ -21,6 +25,7 @@ from fastapi.responses import JSONResponse
 from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, MicroBatcher, QueueFull
 from center_embed.service.deps import (
     BatcherDep,
+    CentersDep,
     DecoderDep,
     MetricsDep,
     ModelDep,
@@ -48,7 +53,7 @@ from center_embed.service.schemas import (
     images_body,
     vectors_body,
 )
-from center_embed.service.served_model import ServedModel
+from center_embed.service.served_model import ServedCenters, ServedModel
 from center_embed.service.settings import Settings
 
 # --------------------------------------------------------------------------- images in
@@ -184,19 +189,28 @@ async def classify(
     request: Request,
     pipeline: ImagePipelineDep,
     model: ModelDep,
+    centers: CentersDep,
     metrics: MetricsDep,
     top_k: int | None = TOP_K,
     return_embeddings: bool = WITH_EMBEDDINGS,
 ) -> JSONResponse:
     """Per image: nearest center (label, class name), min distance, unknown flag and the
-    distances to every center by class name."""
+    distances to every center by class name (enrolled classes included)."""
     result = await pipeline.run(request)
-    out = result.outputs
-    results = classifications(model, out, top_k, out["embeddings"] if return_embeddings else None)
-    metrics.observe_distances(out["min_distances"], model.unknown(out))  # drift
+    out = scored(result.outputs, centers)
+    embeddings = out["embeddings"] if return_embeddings else None
+    results = classifications(centers, out, top_k, embeddings)
+    metrics.observe_distances(out["min_distances"], centers.unknown(out))  # drift
     return JSONResponse(
-        {"results": results, "model": model.summary()}, headers=timing_headers(result)
+        {"results": results, "model": model.summary(centers)}, headers=timing_headers(result)
     )
+
+
+def scored(outputs: dict[str, np.ndarray], centers: ServedCenters) -> dict[str, np.ndarray]:
+    """The graph's outputs with distances, labels and min distances against `centers`."""
+    out = {**outputs, **centers.scores(outputs["embeddings"])}
+    require_finite(out, [f"images[{i}]" for i in range(len(outputs["embeddings"]))])
+    return out
 
 
 @router.post(
@@ -209,6 +223,7 @@ async def classify(
 async def distances(
     request: Request,
     model: ModelDep,
+    centers: CentersDep,
     settings: SettingsDep,
     decoder: DecoderDep,
     top_k: int | None = TOP_K,
@@ -220,14 +235,14 @@ async def distances(
     body = await read_body(request, limit, settings.body_timeout_s)
     loop = asyncio.get_running_loop()  # parsing a few MB of JSON is not for the event loop
     vectors = await loop.run_in_executor(
-        decoder, vectors_from_json, body, dim, settings.max_vectors, model.max_embedding_norm
+        decoder, vectors_from_json, body, dim, settings.max_vectors, centers.max_embedding_norm
     )
     started = time.perf_counter()
-    out = await loop.run_in_executor(decoder, model.distances, vectors)
+    out = await loop.run_in_executor(decoder, centers.scores, vectors)
     require_finite(out, [f"embeddings[{i}]" for i in range(len(vectors))])
     timing = BatchResult(out, 0.0, time.perf_counter() - started, len(vectors))  # no queue
-    results = classifications(model, out, top_k, None)
-    body = {"results": results, "model": model.summary()}
+    results = classifications(centers, out, top_k, None)
+    body = {"results": results, "model": model.summary(centers)}
     return JSONResponse(body, headers=timing_headers(timing))
 
 
@@ -235,16 +250,16 @@ async def distances(
 
 
 def classifications(
-    model: ServedModel,
+    centers: ServedCenters,
     out: dict[str, np.ndarray],
     top_k: int | None,
     embeddings: np.ndarray | None,
 ) -> list[dict[str, Any]]:
-    names = model.info.class_names
+    names = centers.names
     d = out["distances"]  # (N, C)
     k = d.shape[1] if top_k is None else min(top_k, d.shape[1])
     nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
-    unknown = model.unknown(out)
+    unknown = centers.unknown(out)
     rows = d.tolist()
     results = []
     for i, (label, min_distance) in enumerate(

@@ -42,6 +42,7 @@ from center_embed.contract import (
 from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, QueueFull
 from center_embed.service.deps import (
     BatcherDep,
+    CentersDep,
     DecoderDep,
     MetricsDep,
     ModelDep,
@@ -62,7 +63,7 @@ from center_embed.service.inference_protocol import (
     images_array,
     parse_request,
 )
-from center_embed.service.routes.inference import timing_headers
+from center_embed.service.routes.inference import scored, timing_headers
 from center_embed.service.served_model import ServedModel
 
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for an ONNX model
@@ -165,10 +166,11 @@ add_model_route("/ready", ["GET"], [Depends(known_model)])(readiness)
 
 
 @add_model_route("", ["GET"], [Depends(known_model)])
-async def model_metadata(model: ModelDep) -> dict[str, Any]:
-    """Names, datatypes and shapes (-1: any batch size) from the model's contract."""
+async def model_metadata(model: ModelDep, centers: CentersDep) -> dict[str, Any]:
+    """Names, datatypes and shapes (-1: any batch size) from the model's contract; the
+    distances' width is the number of classes served now (enrolled ones included)."""
     h, w = model.info.input_size
-    outputs = empty_outputs(model.info.num_classes, model.info.embedding_dim)
+    outputs = empty_outputs(len(centers.names), model.info.embedding_dim)
     return {
         "name": PROTOCOL_MODEL_NAME,
         "versions": [served_version(model)],
@@ -191,12 +193,14 @@ INFER_GUARDS = [Depends(require_key), Depends(known_model), Depends(require_read
 async def infer(
     request: Request,
     model: ModelDep,
+    centers: CentersDep,
     settings: SettingsDep,
     batcher: BatcherDep,
     decoder: DecoderDep,
     metrics: MetricsDep,
 ) -> Response:
-    """Run the request's images through the micro-batcher; answer the outputs it asks for."""
+    """Run the request's images through the micro-batcher; answer the outputs it asks for
+    (distances, labels and min distances against the request's centers snapshot, as /v1)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise ApiError(
@@ -223,8 +227,8 @@ async def infer(
     except Closed as e:
         raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     metrics.queue_time.observe(result.queue_s)
-    out = result.outputs
-    metrics.observe_distances(out["min_distances"], model.unknown(out))  # drift
+    out = scored(result.outputs, centers)
+    metrics.observe_distances(out["min_distances"], centers.unknown(out))  # drift
     content, headers = encode_response(
         PROTOCOL_MODEL_NAME, served_version(model), parsed.id, out, parsed.outputs
     )

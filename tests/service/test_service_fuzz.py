@@ -34,7 +34,7 @@ CHECKS = [
     response_headers_conformance,
     negative_data_rejection,
 ]
-EXAMPLES = {"POST": 110, "GET": 15}  # per operation and generation mode
+EXAMPLES = {"POST": 110, "GET": 15, "PUT": 15, "DELETE": 15}  # per operation and generation mode
 TIME_BUDGET_S = 60
 MIN_REQUESTS = 500
 

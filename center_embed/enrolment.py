@@ -1,0 +1,441 @@
+"""Enrolment: new classes from a few images' embeddings, without retraining.
+
+Center loss makes a class a point in embedding space, so a new class is its images'
+center, computed in the model's own score space (`contract.class_center` for the model's
+`distance` kind), and an image is scored against it with `contract.distances` like any
+trained class. This module is the one place that changes a model's set of classes:
+
+    CenterSet         an immutable snapshot: class names, centers (C, D), per-class unknown
+                      thresholds, a version that grows with each change, the enrolment log
+    with_class        enrol (or replace, or add images to) one class -> a new CenterSet
+    without_class     remove one class -> a new CenterSet
+    CentersFile       the snapshot persisted beside the model (`<model>.centers.npz`):
+                      atomic write + fsync, an exclusive lock around read-modify-write, and
+                      a cheap check (os.stat) that tells a reader when to reload
+
+The unknown threshold of an enrolled class (`enrolment_threshold`): each enrolment image's
+distance to the center of the *other* images (held-out folds: leave-one-out up to
+HELD_OUT_FOLDS images, that many folds beyond), and the model's calibration quantile of
+those distances; with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold.
+Held-out distances, as export calibrates on held-out images: an image's distance to a
+center it helped compute would understate what unseen images of the class give.
+
+Imports numpy and the contract only (no torch, no onnx): the service, the scorer and the
+CLI all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
+import os
+import time
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from center_embed.contract import (
+    ModelInfo,
+    class_center,
+    distances,
+    nearest_centers,
+    run_batched,
+)
+from center_embed.errors import UserError
+from center_embed.fileio import atomic_write, sha256_file
+
+MAX_CLASS_NAME = 128  # characters
+MIN_THRESHOLD_IMAGES = 5  # below it an enrolled class takes the model's global threshold
+HELD_OUT_FOLDS = 20  # leave-one-out up to 20 images; 20 folds (20 center computations) beyond
+DEFAULT_QUANTILE = 0.95  # when the model does not say how its threshold was calibrated
+CENTERS_FILE_SUFFIX = ".centers.npz"
+CENTERS_FILE_FORMAT = 1
+MODES = ("replace", "add")
+
+
+class EnrolmentError(UserError):
+    """A refused change, with what kind of refusal it is (the service maps it to a status)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # bad_name | unknown_class | last_class | cannot_add | no_images
+
+
+def check_class_name(name: str) -> str:
+    """`name` when it may name a class: 1 to 128 characters, not only spaces, no control
+    characters (nor other invisible format characters), no '/' (a folder separator)."""
+    if not name or not name.strip():
+        raise EnrolmentError("bad_name", "the class name is empty")
+    if len(name) > MAX_CLASS_NAME:
+        raise EnrolmentError(
+            "bad_name", f"the class name has {len(name)} characters; at most {MAX_CLASS_NAME}"
+        )
+    bad = next((c for c in name if unicodedata.category(c).startswith("C") or c == "/"), None)
+    if bad is not None:
+        raise EnrolmentError(
+            "bad_name", f"the class name holds the character {bad!r}: control characters and "
+            "'/' are not allowed",
+        )  # fmt: skip
+    return name
+
+
+def calibration_quantile(info: ModelInfo) -> float:
+    """The quantile the model's own unknown threshold was calibrated at (export's --quantile)."""
+    raw = info.metadata.get("center_embed.unknown_threshold_calibration", "")
+    try:
+        quantile = float(json.loads(raw)["quantile"])
+    except (ValueError, KeyError, TypeError):
+        return DEFAULT_QUANTILE
+    return quantile if 0 < quantile <= 1 else DEFAULT_QUANTILE
+
+
+def enrolment_threshold(
+    embeddings: np.ndarray, kind: str, quantile: float, fallback: float | None
+) -> tuple[float | None, str]:
+    """(threshold, how it was chosen) for a class enrolled from `embeddings` (n, D).
+
+    The `quantile` of each image's distance to the center of the images outside its fold
+    (module docstring); `fallback` (the model's global threshold) below
+    MIN_THRESHOLD_IMAGES images or when the model has no threshold at all."""
+    n = len(embeddings)
+    if fallback is None:
+        return None, "none: the model has no unknown threshold"
+    if n < MIN_THRESHOLD_IMAGES:
+        return fallback, f"global threshold (fewer than {MIN_THRESHOLD_IMAGES} images)"
+    folds = np.arange(n) % min(n, HELD_OUT_FOLDS)
+    held_out = np.empty(n, np.float32)
+    for fold in np.unique(folds):
+        inside = folds == fold
+        center = class_center(embeddings[~inside], kind)
+        held_out[inside] = distances(embeddings[inside], center[None], kind)[:, 0]
+    threshold = float(np.quantile(held_out, quantile, method="inverted_cdf"))
+    rule = f"q={quantile:g} of {n} held-out distances ({min(n, HELD_OUT_FOLDS)} folds)"
+    return threshold, rule
+
+
+# --------------------------------------------------------------------------- the snapshot
+
+
+@dataclass(frozen=True)
+class CenterSet:
+    """The classes a model scores against, frozen: a change makes a new CenterSet.
+
+    names (C,), centers float32 (C, D) (read-only), thresholds by class name (absent: the
+    model's global one), version (0: the model file's own classes), log (one entry per
+    change: action, class, images, time, source), embeddings of enrolled classes (kept so
+    that images can be added later: the new center is computed from all of them, in the
+    model's space, as training's running mean does)."""
+
+    names: tuple[str, ...]
+    centers: np.ndarray
+    thresholds: dict[str, float]
+    version: int
+    distance: str
+    model_sha256: str
+    log: tuple[dict[str, Any], ...] = ()
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.centers.setflags(write=False)
+        if self.centers.shape[0] != len(self.names) or len(set(self.names)) != len(self.names):
+            raise ValueError(f"{len(self.names)} names for centers {self.centers.shape}")
+
+    @classmethod
+    def from_model(cls, info: ModelInfo, centers: np.ndarray, sha256: str) -> CenterSet:
+        """A model file's own classes (version 0), with the log its metadata carries."""
+        raw = info.metadata.get("center_embed.enrolment", "")
+        log = tuple(json.loads(raw)) if raw else ()
+        return cls(
+            names=tuple(info.class_names),
+            centers=np.array(centers, np.float32),
+            thresholds=dict(info.class_thresholds or {}),
+            version=0,
+            distance=info.distance,
+            model_sha256=sha256,
+            log=log,
+        )
+
+    def model_info(self, base: ModelInfo) -> ModelInfo:
+        """`base` (the model's metadata) with these classes and thresholds: its `unknown`
+        and `label_thresholds` then answer for this set."""
+        thresholds = {n: self.thresholds[n] for n in self.names if n in self.thresholds}
+        return dataclasses.replace(
+            base, class_names=list(self.names), class_thresholds=thresholds or None
+        )
+
+    def scores(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, D) -> distances (N, C), labels (N,), min_distances (N,) against this set."""
+        d = distances(embeddings, self.centers, self.distance)
+        return {"distances": d, **nearest_centers(d)}
+
+    def image_counts(self) -> dict[str, int]:
+        """Images each enrolled class was computed from (trained classes are absent)."""
+        return {name: len(e) for name, e in self.embeddings.items()}
+
+    # ------------------------------------------------------------------ changes
+
+    def with_class(
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        *,
+        info: ModelInfo,
+        mode: str = "replace",
+        source: str = "",
+    ) -> CenterSet:
+        """This set with `name` enrolled from `embeddings` (n, D): a new class, or an existing
+        one replaced (mode "replace"), or an enrolled one given more images (mode "add": its
+        center from all its images so far)."""
+        check_class_name(name)
+        if mode not in MODES:
+            raise EnrolmentError("bad_mode", f"mode must be one of {', '.join(MODES)}")
+        if not len(embeddings):
+            raise EnrolmentError("no_images", f"no images to enrol {name!r} from")
+        if mode == "add" and name in self.names and name not in self.embeddings:
+            raise EnrolmentError(
+                "cannot_add", f"{name!r} is a trained class: its training images are not "
+                "here to add to; replace it instead (mode=replace)",
+            )  # fmt: skip
+        if mode == "add" and name in self.embeddings:
+            embeddings = np.concatenate([self.embeddings[name], embeddings])
+        embeddings = np.asarray(embeddings, np.float32)
+        center = class_center(embeddings, self.distance)
+        threshold, rule = enrolment_threshold(
+            embeddings, self.distance, calibration_quantile(info), info.unknown_threshold
+        )
+        names, centers = list(self.names), self.centers.copy()
+        if name in names:
+            centers[names.index(name)] = center
+        else:
+            names.append(name)
+            centers = np.concatenate([centers, center[None]])
+        thresholds = {k: v for k, v in self.thresholds.items() if k != name}
+        if threshold is not None:
+            thresholds[name] = threshold
+        action = "add" if mode == "add" and name in self.names else "enrol"
+        entry = log_entry(action, name, len(embeddings), source, threshold, rule)
+        return dataclasses.replace(
+            self, names=tuple(names), centers=centers, thresholds=thresholds,
+            version=self.version + 1, log=(*self.log, entry),
+            embeddings={**self.embeddings, name: embeddings},
+        )  # fmt: skip
+
+    def without_class(self, name: str, source: str = "") -> CenterSet:
+        """This set without the class `name` (trained or enrolled); never the last one."""
+        if name not in self.names:
+            raise EnrolmentError("unknown_class", f"no class {name!r} to remove")
+        if len(self.names) == 1:
+            raise EnrolmentError("last_class", f"{name!r} is the last class; a model needs one")
+        keep = [i for i, n in enumerate(self.names) if n != name]
+        return dataclasses.replace(
+            self,
+            names=tuple(self.names[i] for i in keep),
+            centers=self.centers[keep],
+            thresholds={k: v for k, v in self.thresholds.items() if k != name},
+            version=self.version + 1,
+            log=(*self.log, log_entry("remove", name, 0, source)),
+            embeddings={k: v for k, v in self.embeddings.items() if k != name},
+        )
+
+
+def log_entry(
+    action: str,
+    name: str,
+    images: int,
+    source: str,
+    threshold: float | None = None,
+    rule: str | None = None,
+) -> dict[str, Any]:
+    """One line of the enrolment log (the ONNX `enrolment` metadata and the centers file)."""
+    entry: dict[str, Any] = {
+        "action": action,
+        "class": name,
+        "images": images,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+    }
+    if rule is not None:
+        entry |= {"threshold": threshold, "threshold_rule": rule}
+    return entry
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def centers_file_for(model: str | Path) -> Path:
+    """Where a model's enrolled centers live: beside it, `<model>.centers.npz`."""
+    model = Path(model)
+    return model.with_name(model.name + CENTERS_FILE_SUFFIX)
+
+
+def encode_center_set(centers: CenterSet) -> bytes:
+    """The .npz bytes of a CenterSet: arrays `centers` and `embeddings_<i>`, and `meta`
+    (JSON: format, model sha256, distance, names, thresholds, version, log)."""
+    enrolled = list(centers.embeddings)
+    meta = {
+        "format": CENTERS_FILE_FORMAT,
+        "model_sha256": centers.model_sha256,
+        "distance": centers.distance,
+        "names": list(centers.names),
+        "thresholds": centers.thresholds,
+        "version": centers.version,
+        "log": list(centers.log),
+        "enrolled": enrolled,
+    }
+    arrays = {f"embeddings_{i}": centers.embeddings[name] for i, name in enumerate(enrolled)}
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps(meta)), centers=centers.centers, **arrays)
+    return buffer.getvalue()
+
+
+def decode_center_set(data: bytes, source: str) -> CenterSet:
+    """A CenterSet from `encode_center_set`'s bytes; UserError naming `source` if unreadable."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            if meta.get("format") != CENTERS_FILE_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, not {CENTERS_FILE_FORMAT}")
+            embeddings = {
+                name: npz[f"embeddings_{i}"].astype(np.float32)
+                for i, name in enumerate(meta["enrolled"])
+            }
+            return CenterSet(
+                names=tuple(meta["names"]),
+                centers=npz["centers"].astype(np.float32),
+                thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+                version=int(meta["version"]),
+                distance=str(meta["distance"]),
+                model_sha256=str(meta["model_sha256"]),
+                log=tuple(meta["log"]),
+                embeddings=embeddings,
+            )
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{source} is not a readable centers file ({e})") from None
+
+
+def check_for_model(centers: CenterSet, sha256: str, info: ModelInfo, source: str) -> CenterSet:
+    """`centers` when they belong to this model (its sha256, distance kind and dim)."""
+    if centers.model_sha256 != sha256:
+        raise UserError(
+            f"{source} holds centers for another model (sha256 {centers.model_sha256[:12]}..., "
+            f"this model is {sha256[:12]}...): enrolled centers only apply to the model they "
+            "were computed with; move the file away or serve its model"
+        )
+    if centers.distance != info.distance or centers.centers.shape[1:] != (info.embedding_dim,):
+        raise UserError(
+            f"{source} holds {centers.distance} centers of shape {centers.centers.shape}; "
+            f"the model has {info.distance} distances and dim {info.embedding_dim}"
+        )
+    return centers
+
+
+class CentersFile:
+    """A model's centers file: read, locked read-modify-write, and change detection.
+
+    Writers (in any process) take an exclusive flock on `<file>.lock` around re-reading the
+    file, changing it and writing it back, so two enrolments never lose one another. The
+    file is replaced by rename (fileio.atomic_write, fsync'd, then the folder fsync'd), so
+    a reader never sees a torn file and needs no lock; `signature` (inode, size, mtime) is
+    one os.stat that tells a reader the file changed."""
+
+    def __init__(self, path: str | Path, sha256: str, info: ModelInfo) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.sha256, self.info = sha256, info
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime_ns) of the file, None when there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def read(self) -> CenterSet | None:
+        """The file's centers (checked against the model), None when there is no file."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise UserError(f"cannot read {self.path}: {e.strerror}") from None
+        return check_for_model(decode_center_set(data, str(self.path)), self.sha256,
+                               self.info, str(self.path))  # fmt: skip
+
+    def write(self, centers: CenterSet) -> None:
+        data = encode_center_set(centers)
+        atomic_write(self.path, lambda tmp: tmp.write_bytes(data))
+        fsync_folder(self.path.parent)  # the rename itself survives a power cut
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive lock held against every other writer, in this process or another."""
+        with open(self.lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def update(self, base: CenterSet, change: Callable[[CenterSet], CenterSet]) -> CenterSet:
+        """Under the lock: the file's centers (or `base` when there is no file yet), changed
+        by `change`, written back; returns what was written. A refused change writes nothing."""
+        with self.locked():
+            current = self.read() or base
+            changed = change(current)
+            self.write(changed)
+            return changed
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- scoring with it
+
+
+class ModelWithCenters:
+    """An opened model (runtime.OnnxModel) that answers against `centers` instead of its
+    file's own: the graph gives the embeddings, and distances, labels and min distances
+    are recomputed from them (`CenterSet.scores`); `info` lists these classes and
+    thresholds. Everything else (decode, provider, path) is the model's."""
+
+    def __init__(self, model: Any, centers: CenterSet) -> None:
+        self._model = model
+        self.centers = centers
+        self.info = centers.model_info(model.info)
+        self.path = model.path
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._model.run(images)
+        return {**out, **self.centers.scores(out["embeddings"])}
+
+    def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        return run_batched(self.run, images, batch_size)
+
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def apply_centers_file(model: Any, path: str | Path) -> ModelWithCenters:
+    """`model` answering with the centers a service persisted at `path` (UserError when the
+    file is missing or belongs to another model)."""
+    stored = CentersFile(path, sha256_file(model.path), model.info).read()
+    if stored is None:
+        raise UserError(f"centers file not found: {path}")
+    return ModelWithCenters(model, stored)
