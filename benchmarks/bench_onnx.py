@@ -69,7 +69,8 @@ def engines(
 ) -> dict[str, Callable]:
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
-    reference = torch_reference(model, criterion.centers, ckpt.preprocess)
+    distance = OnnxModel(fp32, device="cpu").info.distance
+    reference = torch_reference(model, criterion.centers, ckpt.preprocess, distance)
 
     def torch_run(batch: np.ndarray, autocast: bool = False):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):

@@ -4,7 +4,8 @@ An exported model (DESIGN.md, "ONNX model") is one ONNX file with
 
     input   `images`        uint8 (N, H, W, 3) RGB
     outputs `embeddings`    float32 (N, D)
-            `distances`     float32 (N, C)  squared distance to every center
+            `distances`     float32 (N, C)  distance to every center, of the kind that
+                                            the `distance` metadata names (DISTANCE_KINDS)
             `labels`        int64 (N,)      the nearest center
             `min_distances` float32 (N,)    the distance to it
     the float32 initializer `centers` (C, D) that the distance matmul reads
@@ -37,9 +38,18 @@ DISTANCE = "squared_euclidean"  # what `distances` holds in files that do not sa
 # Every kind of `distances` a model may declare in its `distance` metadata, and what it is.
 # A reader computes distances to centers only through `distances` and a class's center
 # only through `class_center` below, so a new kind is added here and nowhere else.
+#
+# squared_euclidean_minus_norm, ‖e − c‖² − ‖e‖² = ‖c‖² − 2·e·c, is the nearest-center rule's
+# own linear decision function: for one image it ranks the centers exactly as the squared
+# distance does (same label, same neighbours), but across images it does not reward a short
+# embedding, which is what an image unlike every class gives. As the unknown score it
+# measured far better than the squared distance (README, "Quality of the distances").
+# It can be negative.
 DISTANCE_KINDS = {
     "squared_euclidean": "‖e − c‖² between the embedding and each center",
+    "squared_euclidean_minus_norm": "‖e − c‖² − ‖e‖² = ‖c‖² − 2·e·c (may be negative)",
 }
+DEFAULT_EXPORT_DISTANCE = "squared_euclidean_minus_norm"  # what export writes unless told
 
 # The Open Inference Protocol (KServe / Triton "v2") and a Triton model repository name the
 # model and its tensors' element types; the service's /v2 routes and export's Triton writer
@@ -60,7 +70,7 @@ METADATA_KEYS = {
     "class_names": "class names, index = label",
     "embedding_dim": "D",
     "num_classes": "C",
-    "distance": "what `distances` holds: squared_euclidean",
+    "distance": "what `distances` holds: a key of DISTANCE_KINDS",
     "input_layout": "the input's layout, e.g. NHWC uint8 RGB",
     "input_size": "[H, W]",
     "resize": "how an image is brought to [H, W]",
@@ -186,16 +196,21 @@ def distances(
     computes them. `center_norms` (C,) = ‖c‖² may be passed precomputed."""
     if kind == "squared_euclidean":
         return squared_distances(embeddings, centers, center_norms)
+    if kind == "squared_euclidean_minus_norm":
+        e = embeddings.astype(np.float32, copy=False)
+        if center_norms is None:
+            center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        return center_norms[None, :] - 2 * e @ centers.T
     raise ValueError(f"unknown distance kind {kind!r}")
 
 
 def class_center(embeddings: np.ndarray, kind: str = DISTANCE) -> np.ndarray:
     """(n, D) embeddings of one class's images -> its center (D,) float32 in the space the
-    distance `kind` measures: for squared Euclidean, the mean (the point that minimises the
-    summed distance to them, and what training's running-average rule converges to)."""
+    distance `kind` measures: for both kinds, the mean (the point that minimises the summed
+    distance to them, and what training's running-average rule converges to)."""
     if embeddings.ndim != 2 or not len(embeddings):
         raise ValueError(f"need (n >= 1, D) embeddings, got shape {embeddings.shape}")
-    if kind == "squared_euclidean":
+    if kind in ("squared_euclidean", "squared_euclidean_minus_norm"):
         return embeddings.astype(np.float64).mean(0).astype(np.float32)
     raise ValueError(f"unknown distance kind {kind!r}")
 

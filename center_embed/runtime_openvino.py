@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.contract import (
+    DISTANCE,
     INPUT_NAME,
     OUTPUT_NAMES,
     nearest_centers,
+    our_metadata,
     read_centers,
     read_metadata_props,
-    squared_distances,
 )
+from center_embed.contract import distances as contract_distances
 from center_embed.errors import UserError
 
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f32"}
@@ -55,10 +57,11 @@ class OpenVinoBackend:
             raise UserError(f"{path} is not a readable ONNX model") from None
         self.compiled = core.compile_model(model, "CPU", config)
         self._local = threading.local()
-        # In bf16 the graph's distance tail (‖e‖² − 2·e·Cᵀ + ‖c‖²) would cancel in bf16 too;
+        # In bf16 the graph's distance tail (e.g. ‖e‖² − 2·e·Cᵀ + ‖c‖²) would cancel in bf16 too;
         # it is recomputed in fp32 from the embeddings, so only the backbone runs in bf16 and
         # /v1/distances on those embeddings gives exactly the same distances.
         self.centers = read_centers(path) if precision == "bf16" else None
+        self.kind = our_metadata(read_metadata_props(path)).get("distance", DISTANCE)
         if self.centers is not None:
             self.center_norms = (self.centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
 
@@ -79,7 +82,9 @@ class OpenVinoBackend:
         result = request.infer({0: images})  # copies the outputs (share_outputs=False)
         values = {name: result[self.compiled.output(name)] for name in OUTPUT_NAMES}
         if self.centers is not None:
-            distances = squared_distances(values["embeddings"], self.centers, self.center_norms)
+            distances = contract_distances(
+                values["embeddings"], self.centers, self.kind, self.center_norms
+            )
             values.update(distances=distances, **nearest_centers(distances))
         return [values[name] for name in OUTPUT_NAMES]
 

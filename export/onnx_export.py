@@ -5,8 +5,13 @@ The graph (DESIGN.md, "ONNX model"):
 
     images uint8 (N, H, W, 3) -> float (N, 3, H, W), (x − 255·mean) / (255·std)
       -> EmbeddingNet.embed                                   = embeddings     (N, D)
-      -> ‖e‖² − 2·e·centersᵀ + ‖c‖², clamped at 0            = distances      (N, C)
+      -> ‖c‖² − 2·e·centersᵀ (+ ‖e‖², clamped at 0)          = distances      (N, C)
       -> argmin / min over the centers                       = labels, min_distances (N,)
+
+`distances` are of the kind `--distance` names (contract.DISTANCE_KINDS; the metadata key
+`distance` says which): by default squared_euclidean_minus_norm, ‖c‖² − 2·e·Cᵀ, the nearest
+center rule's decision function, which keeps every label and ranking of the squared distance
+and makes a far better unknown score; squared_euclidean adds ‖e‖² and clamps at 0.
 
 The exporter is pinned (TorchScript exporter, opset 20) rather than left to the torch
 default, which changes between releases. The centers are passed to the exporter as a
@@ -41,7 +46,8 @@ from center_embed import __version__
 from center_embed.checkpoint import Checkpoint
 from center_embed.contract import (
     CENTERS_INITIALIZER,
-    DISTANCE,
+    DEFAULT_EXPORT_DISTANCE,
+    DISTANCE_KINDS,
     INPUT_NAME,
     MODEL_FORMAT_VERSION,
     OUTPUT_NAMES,
@@ -69,6 +75,7 @@ def export_checkpoint(
     verify: bool = True,
     quantile: float = 0.95,
     data: str | None = None,
+    distance: str = DEFAULT_EXPORT_DISTANCE,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `checkpoint` as one verified ONNX model at `out`; return its path.
@@ -78,18 +85,21 @@ def export_checkpoint(
     calibration_data: a dataset whose test split calibrates the unknown threshold instead of
     the run's validation split. data: where the run's dataset lies now, if it moved.
     verify: onnx.checker and torch/onnxruntime parity on real images (raises on failure).
+    distance: what `distances` holds, a key of contract.DISTANCE_KINDS.
     log: a callable receiving progress lines (default: silent).
     """
     say = log or (lambda _: None)
     if int8 and fp16:
         raise UserError("choose at most one of int8 and fp16")
+    if distance not in DISTANCE_KINDS:
+        raise UserError(f"--distance must be one of {', '.join(DISTANCE_KINDS)}, not {distance!r}")
     out = _check_output(Path(out))
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
     calib = calibration_set(ckpt, data, calibration_data)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     started = time.perf_counter()
-    fp32, proto = build_graphs(ckpt, model, criterion.centers, calib, precision)
+    fp32, proto = build_graphs(ckpt, model, criterion.centers, calib, precision, distance)
     say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
     with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
         save(proto, tmp)
@@ -97,7 +107,7 @@ def export_checkpoint(
         meta: dict[str, Any] = {}
         if verify:
             check_file(tmp)
-            reference = torch_reference(model, criterion.centers, ckpt.preprocess)
+            reference = torch_reference(model, criterion.centers, ckpt.preprocess, distance)
             meta["verification"] = check_parity(shipped, reference, calib.held_out.images)
             say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: "
                 f"{meta['verification']['summary']}")  # fmt: skip
@@ -114,22 +124,22 @@ def export_checkpoint(
     return out
 
 
-def build_graphs(ckpt: Checkpoint, model, centers, calib, precision: str):
+def build_graphs(ckpt: Checkpoint, model, centers, calib, precision: str, distance: str):
     """(the fp32 graph, the graph to ship at `precision`), both with the static metadata.
 
     The fp32 graph is kept beside a reduced-precision one to measure what precision cost.
     """
-    fp32 = to_onnx(model, centers, ckpt.preprocess)
-    set_metadata(fp32, static_metadata(ckpt, "fp32"))
+    fp32 = to_onnx(model, centers, ckpt.preprocess, distance=distance)
+    set_metadata(fp32, static_metadata(ckpt, "fp32", distance))
     if precision == "fp32":
         return fp32, fp32
     if precision == "fp16":
-        proto = to_onnx(model, centers, ckpt.preprocess, fp16=True)
+        proto = to_onnx(model, centers, ckpt.preprocess, fp16=True, distance=distance)
     else:
         from center_embed.export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
 
         proto = quantize_int8(copy.deepcopy(fp32), calib.train, INT8_CALIBRATION_IMAGES)
-    set_metadata(proto, static_metadata(ckpt, precision))
+    set_metadata(proto, static_metadata(ckpt, precision, distance))
     return fp32, proto
 
 
@@ -160,10 +170,16 @@ def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path
 # --------------------------------------------------------------------------- the graph
 
 
-def to_onnx(model, centers, preprocess: dict[str, Any], fp16: bool = False):
+def to_onnx(
+    model,
+    centers,
+    preprocess: dict[str, Any],
+    fp16: bool = False,
+    distance: str = DEFAULT_EXPORT_DISTANCE,
+):
     """The exported graph as an onnx.ModelProto, centers as the initializer `centers`."""
     net = copy.deepcopy(model)  # fp16 converts it in place; the caller keeps an fp32 model
-    wrapper = ExportGraph(net, preprocess["mean"], preprocess["std"], fp16).eval()
+    wrapper = ExportGraph(net, preprocess["mean"], preprocess["std"], fp16, distance).eval()
     h, w = preprocess["input_size"]
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
     centers = centers.detach().float().cpu().contiguous()  # (C, D)
@@ -192,10 +208,18 @@ def to_onnx(model, centers, preprocess: dict[str, Any], fp16: bool = False):
 class ExportGraph(nn.Module):
     """EmbeddingNet.embed with in-graph normalisation and the distances to the centers."""
 
-    def __init__(self, net, mean: list[float], std: list[float], fp16: bool = False) -> None:
+    def __init__(
+        self,
+        net,
+        mean: list[float],
+        std: list[float],
+        fp16: bool = False,
+        distance: str = DEFAULT_EXPORT_DISTANCE,
+    ) -> None:
         super().__init__()
         self.net = net.half() if fp16 else net.float()
         self.fp16 = fp16
+        self.distance = distance
         # Pixels stay in 0..255: scaling mean and std saves a multiply per pixel.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255)
@@ -204,15 +228,18 @@ class ExportGraph(nn.Module):
         x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
         x = (x - self.pixel_mean) / self.pixel_std
         e = self.net.embed(x.half() if self.fp16 else x).float()  # (N, D)
-        # The matmul form: one (N, D) x (D, C) product, never an (N, C, D) difference.
-        d = e.pow(2).sum(1, keepdim=True) - 2 * e @ centers.T + centers.pow(2).sum(1)[None, :]
-        d = d.clamp_min(0)  # (N, C)
+        # The matmul form: one (N, D) x (D, C) product, never an (N, C, D) difference; the
+        # same formulas as contract.distances.
+        d = centers.pow(2).sum(1)[None, :] - 2 * e @ centers.T  # (N, C)
+        if self.distance == "squared_euclidean":
+            d = (d + e.pow(2).sum(1, keepdim=True)).clamp_min(0)
         return e, d, d.argmin(1), d.amin(1)
 
 
-def torch_reference(model, centers, preprocess: dict[str, Any]):
+def torch_reference(model, centers, preprocess: dict[str, Any], distance: str):
     """The same graph run by torch in fp32: uint8 (N, H, W, 3) numpy -> numpy outputs."""
-    graph = ExportGraph(copy.deepcopy(model), preprocess["mean"], preprocess["std"]).eval()
+    mean, std = preprocess["mean"], preprocess["std"]
+    graph = ExportGraph(copy.deepcopy(model), mean, std, distance=distance).eval()
     centers = centers.detach().float().cpu()
 
     @torch.no_grad()
@@ -241,7 +268,7 @@ def _centers_to_initializer(proto, centers: np.ndarray) -> None:
 # --------------------------------------------------------------------------- metadata
 
 
-def static_metadata(ckpt: Checkpoint, precision: str) -> dict[str, Any]:
+def static_metadata(ckpt: Checkpoint, precision: str, distance: str) -> dict[str, Any]:
     """Everything but the threshold: what the model is, its inputs, and where it came from."""
     pre = ckpt.preprocess
     return {
@@ -249,7 +276,7 @@ def static_metadata(ckpt: Checkpoint, precision: str) -> dict[str, Any]:
         "class_names": ckpt.class_names,
         "embedding_dim": ckpt.embedding_dim,
         "num_classes": ckpt.num_classes,
-        "distance": DISTANCE,
+        "distance": distance,
         "input_layout": pre.get("layout", "NHWC uint8 RGB"),
         "input_size": list(pre["input_size"]),
         "resize": pre.get("resize", ""),

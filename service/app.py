@@ -43,7 +43,8 @@ from a center-embed ONNX model.
 Images: multipart `files` parts, or JSON `{"images": ["<base64>", ...]}` (data URIs
 accepted). JPEG, PNG, WebP, GIF, BMP or TIFF by default (CENTER_EMBED_IMAGE_FORMATS; others:
 415); EXIF orientation applied, converted to RGB (deeper pixels scaled), shorter side
-resized to the model's input size (bilinear), centre-cropped. Distances are squared Euclidean.
+resized to the model's input size (bilinear), centre-cropped. Distances are of the kind
+the model's `distance` metadata names.
 
 Errors are JSON `{"error": {"code": ..., "message": ...}}`. Timing headers on image
 routes: `x-queue-time` and `x-inference-time`, in milliseconds.

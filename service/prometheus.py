@@ -91,8 +91,9 @@ class Metrics:
         """The min-distance histogram's buckets follow the model's threshold."""
         if self.min_distance is not None:
             return
-        if unknown_threshold and unknown_threshold > 0:
-            buckets = tuple(unknown_threshold * m for m in THRESHOLD_MULTIPLES)
+        if unknown_threshold:  # around it, either sign (‖e − c‖² − ‖e‖² is often negative)
+            scale = abs(unknown_threshold)
+            buckets = tuple(unknown_threshold + scale * (m - 1) for m in THRESHOLD_MULTIPLES)
             text = f"min distance of each classified image (threshold {unknown_threshold:.4g})"
         else:
             buckets, text = FALLBACK_DISTANCE_BUCKETS, "min distance of each classified image"

@@ -57,12 +57,14 @@ class ModelSummary(BaseModel):
 class Classification(BaseModel):
     label: int = Field(description="index of the nearest center")
     class_name: str = Field(description="class name of the nearest center")
-    min_distance: float = Field(description="squared Euclidean distance to the nearest center")
+    min_distance: float = Field(
+        description="distance to the nearest center, of the model's kind (`distance` in /v1/model)"
+    )
     unknown: bool = Field(
         description="min_distance above the unknown threshold of its nearest class"
     )
     distances: dict[str, float] = Field(
-        description="squared distance to each center by class name, nearest first "
+        description="distance to each center by class name, nearest first "
         "(the top_k nearest when top_k is given)"
     )
     embedding: list[float] | None = Field(

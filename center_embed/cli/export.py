@@ -22,6 +22,7 @@ from center_embed.cli.common import (
     add_threads_argument,
     refuse_existing,
 )
+from center_embed.contract import DEFAULT_EXPORT_DISTANCE, DISTANCE_KINDS
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write_text
 
@@ -47,6 +48,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantile", type=float, default=0.95,
         help="share of correctly classified held-out images under the threshold (default 0.95)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distance", choices=sorted(DISTANCE_KINDS), default=DEFAULT_EXPORT_DISTANCE,
+        help="what `distances` and the unknown score hold (default %(default)s: "
+        "‖e − c‖² − ‖e‖², the same labels and rankings as squared_euclidean, a better "
+        "unknown score; README, 'Quality of the distances')",
     )  # fmt: skip
     add_data_argument(p, default="the run's, as the checkpoint records it; give it if it moved")
     p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
@@ -75,6 +82,7 @@ def run_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         quantile=args.quantile,
         data=args.data,
+        distance=args.distance,
         log=print,
     )
     info = _open_model(path).info

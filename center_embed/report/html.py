@@ -33,7 +33,7 @@ CAPTIONS = {
     "confusion": "Confusion matrix of the nearest-center labels the ONNX model outputs: rows are "
     "the true classes, columns the predicted ones; each cell shows the share of its row "
     "and the count.",
-    "min_distance_hist": "Squared distance to the nearest center, for images the model labels "
+    "min_distance_hist": "Distance to the nearest center, for images the model labels "
     "correctly and wrongly, with the unknown threshold stored in the model: images beyond "
     "it are flagged unknown by the service and the scorer.",
     "training_curves": "The run's metrics.jsonl, one point per epoch: training losses and "
@@ -124,7 +124,7 @@ def _model_facts(report: dict[str, Any]) -> str:
         ("embedding dimension", model["embedding_dim"]),
         ("classes", ", ".join(model["classes"])),
         ("precision / execution provider", f"{model['precision']} / {model['provider']}"),
-        ("unknown threshold (squared distance)", model["unknown_threshold"]),
+        ("unknown threshold (a min distance)", model["unknown_threshold"]),
         ("threshold calibration", json.dumps(calibration) if calibration else "n/a"),
         ("data", f"{data['path']} ({data['split']} split, {data['images']} images)"),
         ("run folder", report["run"] or "none given (no training curves)"),

@@ -146,10 +146,13 @@ def plot_min_distance_histogram(
     """Min distances of correct and wrong nearest-center predictions, with the threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    # Squared distances start at 0; the default kind (‖e − c‖² − ‖e‖²) is often negative.
+    bottom = min(0.0, float(np.quantile(min_distances, 0.005))) if len(min_distances) else 0.0
     top = float(np.quantile(min_distances, 0.995)) if len(min_distances) else 1.0
     if threshold is not None:
-        top = max(top, threshold * 1.1)
-    bins = np.linspace(0, top, 80)
+        top = max(top, threshold + 0.1 * abs(threshold))
+    top = max(top, bottom + 1e-6)
+    bins = np.linspace(bottom, top, 80)
     for mask, name, color in ((correct, "correct", "tab:green"), (~correct, "wrong", "tab:red")):
         values = min_distances[mask]
         if not len(values):
@@ -158,7 +161,7 @@ def plot_min_distance_histogram(
         if threshold is not None:
             label += f", {np.mean(values > threshold):.1%} above the threshold"
         ax.hist(
-            np.clip(values, 0, top),
+            np.clip(values, bottom, top),
             bins=bins,
             density=True,
             histtype="stepfilled",
@@ -176,10 +179,11 @@ def plot_min_distance_histogram(
             linewidth=1.5,
             label=f"unknown threshold {threshold:.3g} ({threshold_note})",
         )
-    ax.set_xlabel("squared distance to the nearest center (values above the last bin drawn in it)")
+    ax.set_xlabel("distance to the nearest center, of the model's kind (values outside the "
+                  "bins drawn in the outermost)")  # fmt: skip
     ax.set_ylabel("density (each histogram has area 1)")
     ax.set_title("Distance to the nearest center: correct versus wrong predictions")
-    ax.set_xlim(0, top)
+    ax.set_xlim(bottom, top)
     ax.legend(loc="upper right", fontsize=9)
     _save(fig, path)
 

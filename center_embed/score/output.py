@@ -7,9 +7,9 @@ One row per image (DESIGN.md, "Scoring output"):
                            from a dataset archive)
     label         int32    nearest center                      null where the image failed
     class_name    string   that center's class                 null where the image failed
-    min_distance  float32  squared distance to it              null where the image failed
-    unknown       bool     min_distance > the model's unknown threshold
-    distances     fixed_size_list<float32>[C]  squared distance to every center, in the
+    min_distance  float32  distance to it (the model's kind)   null where the image failed
+    unknown       bool     min_distance > the unknown threshold of its nearest class
+    distances     fixed_size_list<float32>[C]  distance to every center, in the
                   model's class order (the `class_names` list in the file's metadata)
     embedding     fixed_size_list<float32>[D]
     true_class    string   ground truth: the input's (a dataset archive's label, a Parquet

@@ -40,9 +40,24 @@ def test_distances_match_a_brute_force_loop(kind):
 
 
 def _brute(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    x64 = x.astype(np.float64)
     if kind == "squared_euclidean":
-        return float(((x.astype(np.float64) - y) ** 2).sum())
+        return float(((x64 - y) ** 2).sum())
+    if kind == "squared_euclidean_minus_norm":
+        return float(((x64 - y) ** 2).sum() - (x64**2).sum())
     raise AssertionError(f"no brute-force definition for {kind}")
+
+
+def test_minus_norm_ranks_centers_as_the_squared_distance_does():
+    """Per image the two kinds differ by ‖e‖² only: same nearest center, same order."""
+    rng = np.random.default_rng(3)
+    e, c = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(9, 6)).astype(np.float32)
+    plain = contract.distances(e, c, "squared_euclidean")
+    minus = contract.distances(e, c, "squared_euclidean_minus_norm")
+    np.testing.assert_allclose(plain - minus, np.repeat((e**2).sum(1, keepdims=True), 9, 1),
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    assert (minus < 0).any()  # it is not a distance: it may be negative
+    np.testing.assert_array_equal(np.argsort(plain, 1), np.argsort(minus, 1))
 
 
 def test_unknown_kinds_and_empty_classes_are_refused():

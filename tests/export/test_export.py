@@ -53,8 +53,14 @@ def torch_outputs(checkpoint: Path, images: np.ndarray) -> dict[str, np.ndarray]
     pre = ckpt["preprocess"]
     e = embed_images(model, images, pre["mean"], pre["std"], torch.device("cpu")).double()
     c = criterion.centers.double()
-    d = ((e[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # (N, C), brute force
-    return {"embeddings": e.numpy(), "distances": d.numpy(), "labels": d.argmin(1).numpy()}
+    squared = ((e[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # (N, C), brute force
+    d = squared - (e**2).sum(1, keepdim=True)  # export's default kind: minus ‖e‖²
+    return {
+        "embeddings": e.numpy(),
+        "distances": d.numpy(),
+        "squared": squared.numpy(),
+        "labels": d.argmin(1).numpy(),
+    }
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -94,7 +100,9 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
         # The outputs agree with each other: nearest label and min distance of `distances`.
         np.testing.assert_array_equal(out["labels"], out["distances"].argmin(1))
         np.testing.assert_array_equal(out["min_distances"], out["distances"].min(1))
-        assert (out["distances"] >= 0).all()
+        # The default kind, ‖e − c‖² − ‖e‖², is a squared distance less the image's own ‖e‖².
+        squared = out["distances"] + (out["embeddings"] ** 2).sum(1, keepdims=True)
+        assert squared.min() > -1e-3 * np.abs(squared).max()
     empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
     expected = contract.empty_outputs(3, 16)
@@ -108,7 +116,8 @@ def test_contract_distances_are_the_graphs(tiny_onnx):
     model = OnnxModel(tiny_onnx, device="cpu", threads=1)
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    d = contract.squared_distances(out["embeddings"], contract.read_centers(tiny_onnx))
+    assert model.info.distance == "squared_euclidean_minus_norm"
+    d = contract.distances(out["embeddings"], contract.read_centers(tiny_onnx), model.info.distance)
     np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
     nearest = contract.nearest_centers(out["distances"])
     np.testing.assert_array_equal(nearest["labels"], out["labels"])
@@ -116,6 +125,28 @@ def test_contract_distances_are_the_graphs(tiny_onnx):
     batched = contract.run_batched(model.run, images, batch_size=4)
     for name in contract.OUTPUT_NAMES:
         np.testing.assert_allclose(batched[name], out[name], rtol=1e-5, atol=1e-5)
+
+
+def test_squared_euclidean_export_keeps_the_old_contract(tiny_checkpoint, tiny_onnx, tmp_path):
+    """--distance squared_euclidean: clamped squared distances (what every model exported
+    before the default changed holds), the same labels as the default kind, its own
+    threshold; the service and the contract read either kind from the metadata."""
+    old = export_checkpoint(tiny_checkpoint, tmp_path / "old.onnx", distance="squared_euclidean")
+    model, default = OnnxModel(old, device="cpu"), OnnxModel(tiny_onnx, device="cpu")
+    _, test = splits(tiny_checkpoint)
+    images = np.ascontiguousarray(test.images[:20])
+    got, new = model.run(images), default.run(images)
+    want = torch_outputs(tiny_checkpoint, images)
+    assert model.info.distance == "squared_euclidean"
+    assert relative(got["distances"], want["squared"]) < 1e-4 and (got["distances"] >= 0).all()
+    np.testing.assert_array_equal(got["labels"], new["labels"])
+    centers = contract.read_centers(old)
+    np.testing.assert_allclose(contract.distances(got["embeddings"], centers, "squared_euclidean"),
+                               got["distances"], rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert model.info.unknown_threshold > 0  # calibrated in its own kind
+    assert model.info.unknown_threshold != default.info.unknown_threshold
+    with pytest.raises(UserError, match="--distance must be one of"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "x.onnx", distance="cosine")
 
 
 def test_checkpoint_object_gives_back_the_dict_on_disk(tiny_checkpoint):
@@ -155,7 +186,7 @@ def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
     assert info.class_names == ckpt["class_names"] == ["blue", "green", "red"]
     assert info.embedding_dim == 16 and info.input_size == (32, 32)
     assert info.mean == ckpt["preprocess"]["mean"] and info.std == ckpt["preprocess"]["std"]
-    assert info.distance == "squared_euclidean" and info.precision == "fp32"
+    assert info.distance == "squared_euclidean_minus_norm" and info.precision == "fp32"
     assert props["center_embed.format_version"] == "1"
     assert props["center_embed.input_layout"] == "NHWC uint8 RGB"
     training = json.loads(props["center_embed.training"])
