@@ -234,16 +234,17 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
     def unit(e):
         return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
+    def nearest(kind, to=centers):
+        return lambda out: distances(out["embeddings"], to, kind).min(1)
+
     return {
-        "min_distance (served)": lambda out: out["min_distances"],
-        "min_distance, re-estimated centers": lambda out: distances(out["embeddings"], means).min(
-            1
-        ),
+        "min_distances as served": lambda out: out["min_distances"],
+        "squared distance": nearest("squared_euclidean"),
+        "squared distance, re-estimated centers": nearest("squared_euclidean", means),
+        "‖e − c‖² − ‖e‖²": nearest("squared_euclidean_minus_norm"),
+        "‖e − c‖² − ‖e‖², re-estimated centers": nearest("squared_euclidean_minus_norm", means),
         "cosine to centers": lambda out: 1 - (unit(out["embeddings"]) @ unit_centers.T).max(1),
         "projection on centers": lambda out: -(out["embeddings"] @ unit_centers.T).max(1),
-        "linear (‖c‖² − 2e·c)": lambda out: (
-            (centers**2).sum(1)[None] - 2 * out["embeddings"] @ centers.T
-        ).min(1),
         "max logit": lambda out: -logits(out).max(1),
         "energy": lambda out: -logsumexp(logits(out)),
         "max softmax": lambda out: -np.exp(logits(out) - logsumexp(logits(out))[:, None]).max(1),

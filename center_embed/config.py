@@ -51,6 +51,12 @@ class LossConfig:
     decay: float = 1.0  # memory of the mean rule
     center_lr: float = 0.5  # learning rate of the centers for the sgd rule
     label_smoothing: float = 0.2
+    # Outlier exposure with synthetic outliers (0: off): each step adds outlier_fraction x
+    # batch images that belong to no class, each a jigsaw of one batch image (its 4x4 grid of
+    # patches shuffled: natural colours and textures, no object), and adds outlier_weight x
+    # their cross-entropy to the uniform distribution (Hendrycks et al. 2019) to the loss.
+    outlier_weight: float = 0.0
+    outlier_fraction: float = 0.25
 
 
 @dataclass
@@ -101,6 +107,8 @@ class Config:
             raise UserError(f"loss.alpha must be in (0, 1], not {self.loss.alpha}")
         if not 0 < self.loss.decay <= 1:
             raise UserError(f"loss.decay must be in (0, 1], not {self.loss.decay}")
+        if self.loss.outlier_weight < 0 or not 0 < self.loss.outlier_fraction <= 1:
+            raise UserError("loss.outlier_weight must be >= 0 and loss.outlier_fraction in (0, 1]")
         if self.loss.center_weight < 0:
             raise UserError("loss.center_weight must be >= 0")
         if len(self.model.widths) != 3 or min(self.model.widths) < 1:

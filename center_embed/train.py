@@ -360,11 +360,18 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
     lam = center_weight_at(run.step, run.steps_per_epoch, cfg)
+    b = len(x)
+    outliers = int(cfg.loss.outlier_fraction * b) if cfg.loss.outlier_weight > 0 else 0
+    if outliers:
+        x = torch.cat([x, jigsaw(x[:outliers])])
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
-        e, logits = run.forward(x)  # (b, D), (b, C)
-    ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.loss.label_smoothing)
-    center = criterion(e, y)  # updates paper/mean centers after the loss
+        e, logits = run.forward(x)  # (b + outliers, D), (b + outliers, C)
+    ce = F.cross_entropy(logits[:b].float(), y, label_smoothing=cfg.loss.label_smoothing)
+    center = criterion(e[:b], y)  # updates paper/mean centers after the loss
     loss = ce + lam * center
+    if outliers:  # cross-entropy of the outliers to the uniform distribution over classes
+        out = logits[b:].float()
+        loss = loss + cfg.loss.outlier_weight * (out.logsumexp(1) - out.mean(1)).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if criterion.update == "sgd" and criterion.centers.grad is not None and lam > 0:
@@ -375,6 +382,22 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     if run.lookahead is not None and run.step % run.lookahead.every == 0:
         run.lookahead.update(run.model, run.lookahead.decay(run.step))
     return ce, center, loss
+
+
+def jigsaw(x: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Each image (n, 3, H, W) cut into grid x grid patches and the patches shuffled (one
+    permutation per image): an image with the batch's colours and textures but no object,
+    a synthetic outlier for loss.outlier_weight. H and W are cropped to a multiple of grid."""
+    n, c, h, w = x.shape
+    ph, pw = h // grid, w // grid
+    patches = x[:, :, : ph * grid, : pw * grid].reshape(n, c, grid, ph, grid, pw)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, c, ph, pw)
+    order = torch.rand(n, grid * grid, device=x.device).argsort(1)
+    patches = patches[torch.arange(n, device=x.device)[:, None], order]
+    patches = patches.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    out = x.clone()
+    out[:, :, : ph * grid, : pw * grid] = patches.reshape(n, c, ph * grid, pw * grid)
+    return out
 
 
 # --------------------------------------------------------------------------- one epoch

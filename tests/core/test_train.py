@@ -120,3 +120,35 @@ def test_compiled_training_on_cuda_learns(tiny_folder, tmp_path):
     cfg = tiny_config(tiny_folder, train__device="cuda", train__compile="true", train__epochs="4")
     result = train(cfg, tmp_path, log=lambda _: None)
     assert result["val"]["nearest_center_accuracy"] >= 0.9
+
+
+def test_jigsaw_shuffles_each_images_own_patches():
+    from center_embed.train import jigsaw
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 34, 33)  # not a multiple of the grid: the rest is left as it is
+    y = jigsaw(x, grid=4)
+    assert y.shape == x.shape and torch.equal(y[:, :, 32:], x[:, :, 32:])
+    assert torch.equal(y[..., 32:], x[..., 32:])
+
+    def patches(t):  # (n, 16, 3*8*8)
+        return (
+            t[:, :, :32, :32].reshape(3, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(3, 16, -1)
+        )
+
+    px, py = patches(x), patches(y)
+    for i in range(3):  # every patch of y is a patch of the same image of x, each used once
+        match = (py[i][:, None] == px[i][None]).all(-1)  # (16, 16)
+        assert match.sum(1).eq(1).all() and match.sum(0).eq(1).all()
+    assert not torch.equal(y, x)
+
+
+def test_outlier_exposure_trains(tiny_folder, tmp_path):
+    cfg = tiny_config(tiny_folder, loss__outlier_weight="0.5", train__epochs="3")
+    train(cfg, tmp_path, log=lambda _: None)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_ce"] < history[0]["train_ce"]
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert raw["config"]["loss"]["outlier_weight"] == 0.5
+    with pytest.raises(UserError, match="outlier_fraction"):
+        tiny_config(tiny_folder, loss__outlier_fraction="0").validate()
