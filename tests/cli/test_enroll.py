@@ -58,7 +58,9 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
     dims = next(o for o in proto.graph.output if o.name == "distances").type.tensor_type.shape.dim
     assert dims[1].dim_value == 4
     out_of_graph = model.run(np.stack([model.decode(files[0])]))
-    brute = sum((e[0][j] - brute_center[j]) ** 2 for j in range(len(brute_center)))
+    # The model's kind (export's default): ‖e − c‖² − ‖e‖².
+    assert model.info.distance == "squared_euclidean_minus_norm"
+    brute = sum((e[0][j] - brute_center[j]) ** 2 - e[0][j] ** 2 for j in range(len(brute_center)))
     assert out_of_graph["distances"][0, 3] == pytest.approx(brute, rel=1e-3, abs=1e-3)
     assert "zebra" in model.info.class_thresholds  # 6 images: its own threshold
     log = model.info.metadata["center_embed.enrolment"]

@@ -128,12 +128,13 @@ def test_openvino_runs_the_int8_file_as_onnxruntime_does(tiny_int8_onnx, tiny_fo
 @needs_bf16
 def test_bf16_distances_are_exact_fp32_of_its_embeddings(tiny_onnx):
     """The distance tail runs in fp32, so /v1/distances on bf16 embeddings gives the same."""
-    from center_embed.contract import read_centers, squared_distances
+    from center_embed.contract import distances, read_centers
 
     model = OnnxModel(tiny_onnx, "cpu", runtime="openvino", precision="bf16")
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    expected = squared_distances(out["embeddings"], read_centers(tiny_onnx))
+    assert model.info.distance == "squared_euclidean_minus_norm"
+    expected = distances(out["embeddings"], read_centers(tiny_onnx), model.info.distance)
     np.testing.assert_allclose(out["distances"], expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["labels"], expected.argmin(1))
     assert out["labels"].dtype == np.int64

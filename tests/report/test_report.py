@@ -96,7 +96,8 @@ def test_report_files_and_metrics_equal_brute_force(
     assert m["map_at_r"] == pytest.approx(map_r, abs=1e-6)
     ratio = brute_force_intra_inter(points, truth, centers.tolist())
     assert m["intra_inter_ratio"] == pytest.approx(ratio, rel=1e-5)
-    unknown = result["min_distances"] > model.info.unknown_threshold
+    per_class = np.array([model.info.class_thresholds[n] for n in model.info.class_names])
+    unknown = result["min_distances"] > per_class[result["labels"]]  # its nearest class's
     assert m["unknown_rate"] == pytest.approx(unknown.mean())
     assert np.array(m["confusion_matrix"]).sum() == 48
     assert np.trace(m["confusion_matrix"]) == np.sum(result["labels"] == labels)
