@@ -152,3 +152,12 @@ def test_outlier_exposure_trains(tiny_folder, tmp_path):
     assert raw["config"]["loss"]["outlier_weight"] == 0.5
     with pytest.raises(UserError, match="outlier_fraction"):
         tiny_config(tiny_folder, loss__outlier_fraction="0").validate()
+
+
+def test_a_run_stuck_at_chance_is_called_out():
+    from center_embed.train import not_learning
+
+    assert not_learning(1.80, 6, 1) is None  # the first epoch may still be at chance
+    assert not_learning(1.70, 6, 4) is None  # below ln 6 = 1.792: learning
+    warning = not_learning(1.87, 6, 4)  # the 6-class cpu-preset run's fourth epoch
+    assert warning.startswith("warning:") and "ln 6 = 1.792" in warning
