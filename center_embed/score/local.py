@@ -83,21 +83,12 @@ def score(
 ) -> ScoreSummary:
     """Score every image of `source` into `out`; see the module docstring. `centers`: a
     service's centers file (enrolled classes) to score against instead of the model's own."""
-    from center_embed.enrolment import apply_centers_file
     from center_embed.score.output import count_rows
-    from center_embed.score.sources import Source, open_source
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
-    if isinstance(model, str | Path):  # else an OnnxModel, or one with enrolled centers
-        model = open_scoring_model(model, device, threads, runtime, precision)
-    if centers is not None:
-        model = apply_centers_file(model, centers)
-    if not isinstance(source, Source):
-        source = open_source(source)
-    h, w = model.info.input_size
-    if h != w:
-        raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
+    model = _open_model(model, centers, device, threads, runtime, precision)
+    source = _open_source(source)
     out = Path(out)
     if not resume and source.count() == 0:
         raise UserError(_nothing_to_score(source))
@@ -127,6 +118,27 @@ def score(
         summary.seconds = time.perf_counter() - start
         summary.skipped = source.skipped
     return summary
+
+
+def _open_model(model, centers, device: str, threads: int, runtime: str, precision: str):
+    """The model to score with: opened from a path, with a centers file's classes applied,
+    square inputs only."""
+    from center_embed.enrolment import apply_centers_file
+
+    if isinstance(model, str | Path):  # else an OnnxModel, or one with enrolled centers
+        model = open_scoring_model(model, device, threads, runtime, precision)
+    if centers is not None:
+        model = apply_centers_file(model, centers)
+    h, w = model.info.input_size
+    if h != w:
+        raise UserError(f"{model.path}: only square inputs are supported, got {h}x{w}")
+    return model
+
+
+def _open_source(source):
+    from center_embed.score.sources import Source, open_source
+
+    return source if isinstance(source, Source) else open_source(source)
 
 
 def _nothing_to_score(source) -> str:
