@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_service import free_port, load, multipart, wait_ready
+from bench_service import free_port, load, multipart, start_server, wait_ready
 
 from center_embed.contract import read_centers
 from center_embed.data import load_for_classes
@@ -198,14 +198,10 @@ def summarise(bases: list[dict]) -> dict:
 def measure_http(model: Path, dataset, args) -> dict:
     """PUT latency with 20 images, and classify throughput with and without enrolments."""
     port = free_port()
-    env = {**os.environ, "CENTER_EMBED_ADMIN_KEYS": ADMIN,
-           "CENTER_EMBED_CENTERS_FILE": str(Path(args.work) / "http.centers.npz")}  # fmt: skip
-    Path(env["CENTER_EMBED_CENTERS_FILE"]).unlink(missing_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "center_embed.cli", "serve", str(model), "--port", str(port),
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    centers_file = Path(args.work) / "http.centers.npz"
+    centers_file.unlink(missing_ok=True)
+    env = {"CENTER_EMBED_ADMIN_KEYS": ADMIN, "CENTER_EMBED_CENTERS_FILE": str(centers_file)}
+    server = start_server(model, port, env)
     try:
         wait_ready(port, server)
         enrolment = [png(image) for image in dataset.train.images[:20]]

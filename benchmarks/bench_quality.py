@@ -241,9 +241,13 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
     The classifier-head scores need the run's checkpoint (the ONNX file has no head);
     "re-estimated" centers are the class means of the run's own training embeddings.
     """
+    from center_embed.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(model_path.parent / "best.pt")
     centers = read_centers(model_path)
-    weights, scale = classifier_head(model_path.parent / "best.pt")
-    means = training_means(model_path, dataset, info)
+    weights = ckpt.model_state["classifier.weight"].float().numpy()
+    scale = float(ckpt.config.model.logit_scale)
+    means = training_means(model_path, dataset, info, ckpt.config.data)
     unit_centers = centers / np.linalg.norm(centers, axis=1, keepdims=True)
 
     def logits(out):
@@ -274,20 +278,9 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
     }
 
 
-def classifier_head(checkpoint: Path) -> tuple[np.ndarray, float]:
-    from center_embed.checkpoint import Checkpoint
-
-    ckpt = Checkpoint.load(checkpoint)
-    weights = ckpt.model_state["classifier.weight"].float().numpy()
-    return weights, float(ckpt.config.model.logit_scale)
-
-
-def training_means(model_path: Path, dataset, info, per_class: int = 1000) -> np.ndarray:
+def training_means(model_path: Path, dataset, info, cfg, per_class: int = 1000) -> np.ndarray:
     """Class means of the embeddings of up to `per_class` training images per class (the
-    run's validation images excluded, as its config holds them out)."""
-    from center_embed.checkpoint import Checkpoint
-
-    cfg = Checkpoint.load(model_path.parent / "best.pt").config.data
+    run's validation images, which its data config `cfg` held out, excluded)."""
     train, _ = split_validation(select_classes(dataset, info.class_names).train, cfg.val_size,
                                 cfg.seed)  # fmt: skip
     rng = np.random.default_rng(0)

@@ -66,12 +66,7 @@ def main() -> int:
     baseline = Baseline(model, files, args.concurrency, args.threads)
 
     port = free_port()
-    env = {**os.environ, "CENTER_EMBED_THREADS": str(args.threads)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "center_embed.cli", "serve", str(model), "--port", str(port),
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    server = start_server(model, port, {"CENTER_EMBED_THREADS": str(args.threads)})
     try:
         wait_ready(port, server)
         body = [multipart(data) for data in files]
@@ -207,6 +202,15 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+def start_server(model, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """`center-embed serve model` on 127.0.0.1:port in another process, `env` added."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "center_embed.cli", "serve", str(model), "--port", str(port),
+         "--log-level", "warning"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout: float = 60) -> None:

@@ -138,6 +138,18 @@ def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def set_metadata(proto, values: dict[str, Any]) -> None:
+    """Set `center_embed.<key>` on an onnx ModelProto's metadata_props (encode_metadata's
+    text), replacing keys already there. Duck-typed, so this module needs no onnx."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, text in encode_metadata(values).items():
+        if key in existing:
+            existing[key].value = text
+        else:
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = key, text
+
+
 def our_metadata(props: dict[str, str]) -> dict[str, str]:
     """The `center_embed.*` entries of metadata_props, prefix removed, raw strings."""
     n = len(METADATA_PREFIX)

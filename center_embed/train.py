@@ -387,7 +387,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 def jigsaw(x: torch.Tensor, grid: int = 4) -> torch.Tensor:
     """Each image (n, 3, H, W) cut into grid x grid patches and the patches shuffled (one
     permutation per image): an image with the batch's colours and textures but no object,
-    a synthetic outlier for loss.outlier_weight. H and W are cropped to a multiple of grid."""
+    a synthetic outlier for loss.outlier_weight. Rows and columns beyond a multiple of grid
+    are left as they are."""
     n, c, h, w = x.shape
     ph, pw = h // grid, w // grid
     patches = x[:, :, : ph * grid, : pw * grid].reshape(n, c, grid, ph, grid, pw)

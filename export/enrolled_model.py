@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from center_embed.contract import CENTERS_INITIALIZER, OUTPUT_NAMES, distances, encode_metadata
+from center_embed.contract import CENTERS_INITIALIZER, OUTPUT_NAMES, distances, set_metadata
 from center_embed.enrolment import CenterSet
 from center_embed.errors import UserError
 from center_embed.export.verify import check_file, relative_error
@@ -70,13 +70,7 @@ def replace_centers(proto: onnx.ModelProto, centers: CenterSet) -> None:
         },  # fmt: skip
         "enrolment": list(centers.log),
     }
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, text in encode_metadata(values).items():
-        if key in existing:
-            existing[key].value = text
-        else:
-            prop = proto.metadata_props.add()
-            prop.key, prop.value = key, text
+    set_metadata(proto, values)
 
 
 def check_distances(path: Path, centers: CenterSet) -> None:

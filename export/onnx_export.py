@@ -51,7 +51,7 @@ from center_embed.contract import (
     INPUT_NAME,
     MODEL_FORMAT_VERSION,
     OUTPUT_NAMES,
-    encode_metadata,
+    set_metadata,
 )
 from center_embed.errors import UserError
 from center_embed.export.calibrate import calibration_set, unknown_thresholds
@@ -313,17 +313,6 @@ def training_facts(ckpt: Checkpoint) -> dict[str, Any]:
 def _accuracies(split: dict[str, Any]) -> dict[str, float]:
     keys = ("nearest_center_accuracy", "softmax_accuracy", "precision_at_1", "map_at_r")
     return {k: float(split[k]) for k in keys if k in split}
-
-
-def set_metadata(proto, values: dict[str, Any]) -> None:
-    """Set `center_embed.<key>` metadata_props; non-strings are stored as JSON."""
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, text in encode_metadata(values).items():
-        if key in existing:
-            existing[key].value = text
-        else:
-            prop = proto.metadata_props.add()
-            prop.key, prop.value = key, text
 
 
 def threshold_metadata(
