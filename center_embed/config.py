@@ -38,6 +38,13 @@ class ModelConfig:
     # Channel widths of the three conv groups (airbench94: 64, 256, 256).
     widths: list[int] = field(default_factory=lambda: [64, 256, 256])
     embedding_dim: int = 128
+    # "batchnorm": the embedding is batch-normalised (no learned scale or shift), so every
+    # dimension has unit variance over the training batch. Center loss can then shrink only
+    # the spread within classes, not the scale of all features: without it (λ = 0.01, six
+    # classes) the features collapsed to their centers in the first epoch and cross-entropy
+    # stayed at chance. "none": the plain linear embedding of checkpoints made before this
+    # option existed (a stored config without the key reads as "none").
+    embedding_norm: str = "batchnorm"
     batchnorm_momentum: float = 0.6  # airbench convention: weight of the old running stat
     logit_scale: float = 1 / 9
 
@@ -95,6 +102,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         cfg = cls()
+        if "model" in d and "embedding_norm" not in d["model"]:
+            cfg.model.embedding_norm = "none"  # saved before the option existed
         for section, values in d.items():
             for key, value in values.items():
                 set_option(cfg, f"{section}.{key}", value)
@@ -113,6 +122,9 @@ class Config:
             raise UserError("loss.center_weight must be >= 0")
         if len(self.model.widths) != 3 or min(self.model.widths) < 1:
             raise UserError("model.widths must be three positive integers")
+        if self.model.embedding_norm not in ("batchnorm", "none"):
+            norm = self.model.embedding_norm
+            raise UserError(f"model.embedding_norm must be batchnorm or none, not {norm!r}")
         if self.model.embedding_dim < 1:
             raise UserError("model.embedding_dim must be >= 1")
         if self.train.epochs <= 0 or self.train.batch_size < 1:
@@ -153,8 +165,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"epochs": 40.0, "batch_size": 1024, "lr": 10.0, "eval_every": 5},
     },
     # The 2-D embedding of the center-loss paper's famous figure.
+    # The paper's figure shows the plain linear features (no embedding_norm); the README's
+    # picture is this preset's run: 69% nearest-center test accuracy in 9 min (2 cores).
     "plot2d": {
-        "model": {"embedding_dim": 2, "widths": [64, 128, 256]},
+        "model": {"embedding_dim": 2, "widths": [64, 128, 256], "embedding_norm": "none"},
         "train": {"epochs": 8.0, "batch_size": 512},
     },
     # Seconds, not minutes: a small network for trying the tools end to end and for smoke

@@ -3,7 +3,7 @@
     images (B, 3, H, W), normalised
       -> whitening conv 2x2 (frozen weights from the patch covariance) -> GELU
       -> 3 x ConvGroup(conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU)
-      -> global max pool -> linear                                  = embed(x)  (B, D)
+      -> global max pool -> linear -> BN (no scale or shift; optional) = embed(x)  (B, D)
       -> linear, scaled by logit_scale                              = head(e)   (B, C)
 
 The center loss acts on `embed(x)`; export wraps `embed` and the centers. The only
@@ -70,13 +70,21 @@ class EmbeddingNet(nn.Module):
             ConvGroup(whiten_width, w1, m), ConvGroup(w1, w2, m), ConvGroup(w2, w3, m)
         )
         self.embedding = nn.Linear(w3, config.embedding_dim, bias=False)
+        # Unit variance per dimension over the batch (running statistics at inference): the
+        # center loss cannot shrink the whole embedding (see ModelConfig.embedding_norm). A
+        # tiny eps, as in BatchNorm above: with 1e-5 a shrunken layer would shrink it after all.
+        self.embedding_norm = (
+            nn.BatchNorm1d(config.embedding_dim, eps=1e-12, momentum=1 - m, affine=False)
+            if config.embedding_norm == "batchnorm"
+            else nn.Identity()
+        )
         self.classifier = nn.Linear(config.embedding_dim, num_classes, bias=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))  # (B, 24, H-1, W-1)
         x = self.groups(x)  # (B, w3, H/8, W/8)
         x = torch.amax(x, dim=(2, 3))  # (B, w3): global max pool
-        return self.embedding(x)  # (B, D)
+        return self.embedding_norm(self.embedding(x))  # (B, D)
 
     def head(self, e: torch.Tensor) -> torch.Tensor:
         return self.classifier(e) * self.config.logit_scale  # (B, C)

@@ -160,7 +160,8 @@ def split_accuracy(
         result["unknown_rate"] = float(model.unknown(out).mean())
     if (model.choice.runtime, model.choice.precision) != ("onnxruntime", info.precision):
         reference = OnnxModel(model_path, "cpu", threads).run_batched(images.images, batch_size)
-        result["parity"] = runtime_parity(out, reference, truth, info.unknown_threshold)
+        flag = info.unknown if info.unknown_threshold is not None else None
+        result["parity"] = runtime_parity(out, reference, truth, flag)
     return result
 
 
@@ -176,13 +177,16 @@ def runtime_parity(
     out: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
     truth: np.ndarray,
-    threshold: float | None,
+    unknown: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
 ) -> dict[str, Any]:
     """A runtime's outputs against the onnxruntime reference on the same images: accuracy,
     label agreement, errors relative to the largest reference value (as the export's
-    parity), the worst per-image min-distance error, and whether the unknown threshold
-    flags the same images. `passed` applies RUNTIME_TOLERANCES."""
+    parity), the worst per-image min-distance error (relative to the image's largest
+    reference distance: distances may be negative or near zero), and whether the unknown
+    flag, `unknown(min_distances, labels)` (ModelInfo.unknown), flags the same images.
+    `passed` applies RUNTIME_TOLERANCES."""
     ref_min, min_d = reference["min_distances"], out["min_distances"]
+    row_scale = np.abs(reference["distances"]).max(1, initial=0.0)  # (N,)
     figures: dict[str, Any] = {
         "reference": "onnxruntime, the file's own precision",
         "reference_accuracy": float((reference["labels"] == truth).mean()),
@@ -192,12 +196,15 @@ def runtime_parity(
             for name in ("embeddings", "distances")
         },
         "min_distance_p99": float(
-            np.quantile(np.abs(min_d - ref_min) / np.maximum(ref_min, 1e-12), 0.99)
+            np.quantile(np.abs(min_d - ref_min) / np.maximum(row_scale, 1e-12), 0.99)
+            if len(ref_min)
+            else 0.0
         ),
     }
-    if threshold is not None:
-        figures["unknown_rate_reference"] = float((ref_min > threshold).mean())
-        figures["unknown_agreement"] = float(((min_d > threshold) == (ref_min > threshold)).mean())
+    if unknown is not None:
+        ref_flags = unknown(ref_min, reference["labels"])
+        figures["unknown_rate_reference"] = float(ref_flags.mean())
+        figures["unknown_agreement"] = float((unknown(min_d, out["labels"]) == ref_flags).mean())
     tol = RUNTIME_TOLERANCES
     checks = [figures["label_agreement"] >= tol["label_agreement"],
               figures["distances"] <= tol["distances"],

@@ -221,7 +221,7 @@ def print_parity(parity: dict[str, Any]) -> int:
           f"{tol['label_agreement']:g})")  # fmt: skip
     print(f"    distances error        {parity['distances']:.4f} of the largest (at most "
           f"{tol['distances']:g}); embeddings {parity['embeddings']:.4f}; min distance "
-          f"p99 {parity['min_distance_p99']:.4f} relative")  # fmt: skip
+          f"p99 {parity['min_distance_p99']:.4f} of the image's largest")  # fmt: skip
     if "unknown_agreement" in parity:
         print(f"    unknown flags agree    {parity['unknown_agreement']:.4f} (reference rate "
               f"{parity['unknown_rate_reference']:.4f}; at least "

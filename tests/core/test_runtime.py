@@ -99,7 +99,7 @@ def parity_against_onnxruntime(path: Path, images: np.ndarray, labels: np.ndarra
     model = OnnxModel(path, "cpu", **kw)
     reference = OnnxModel(path, "cpu").run_batched(images, 16)
     return model, runtime_parity(model.run_batched(images, 16), reference, labels,
-                                 model.info.unknown_threshold)  # fmt: skip
+                                 model.info.unknown)  # fmt: skip
 
 
 @pytest.mark.parametrize(

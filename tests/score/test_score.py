@@ -85,8 +85,9 @@ def test_folder_with_broken_files_scores_every_image(tiny_onnx, messy_folder, tm
     names = model.info.class_names
     assert [r["class_name"] for r in good] == [names[k] for k in expected["labels"]]
     assert [r["class_name"] for r in good] == ["green"] * 2 + ["red"] * 2 + ["blue"] * 2
-    threshold = model.info.unknown_threshold
-    assert [r["unknown"] for r in good] == [r["min_distance"] > threshold for r in good]
+    # The flag uses the nearest class's own threshold (per-class calibration).
+    flags = model.info.unknown(expected["min_distances"], expected["labels"])
+    assert [r["unknown"] for r in good] == flags.tolist()
     assert [r["path"] for r in good] == [str(messy_folder / r["id"]) for r in good]
     assert not (tmp_path / "scores.parquet.partial").exists()
 
