@@ -269,6 +269,10 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
         "squared distance, re-estimated centers": nearest("squared_euclidean", means),
         "‖e − c‖² − ‖e‖²": nearest("squared_euclidean_minus_norm"),
         "‖e − c‖² − ‖e‖², re-estimated centers": nearest("squared_euclidean_minus_norm", means),
+        "‖e − c‖² − ½‖e‖²": lambda out: (
+            distances(out["embeddings"], centers, "squared_euclidean").min(1)
+            - 0.5 * (out["embeddings"] ** 2).sum(1)
+        ),
         "cosine to centers": lambda out: 1 - (unit(out["embeddings"]) @ unit_centers.T).max(1),
         "projection on centers": lambda out: -(out["embeddings"] @ unit_centers.T).max(1),
         "max logit": lambda out: -logits(out).max(1),

@@ -122,9 +122,9 @@ class Config:
             raise UserError("loss.center_weight must be >= 0")
         if len(self.model.widths) != 3 or min(self.model.widths) < 1:
             raise UserError("model.widths must be three positive integers")
-        if self.model.embedding_norm not in ("batchnorm", "none"):
+        if self.model.embedding_norm not in ("batchnorm", "rms", "none"):
             norm = self.model.embedding_norm
-            raise UserError(f"model.embedding_norm must be batchnorm or none, not {norm!r}")
+            raise UserError(f"model.embedding_norm must be batchnorm, rms or none, not {norm!r}")
         if self.model.embedding_dim < 1:
             raise UserError("model.embedding_dim must be >= 1")
         if self.train.epochs <= 0 or self.train.batch_size < 1:

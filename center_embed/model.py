@@ -3,7 +3,7 @@
     images (B, 3, H, W), normalised
       -> whitening conv 2x2 (frozen weights from the patch covariance) -> GELU
       -> 3 x ConvGroup(conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU)
-      -> global max pool -> linear -> BN (no scale or shift; optional) = embed(x)  (B, D)
+      -> global max pool -> linear -> batch norm or RMS (optional) = embed(x)  (B, D)
       -> linear, scaled by logit_scale                              = head(e)   (B, C)
 
 The center loss acts on `embed(x)`; export wraps `embed` and the centers. The only
@@ -27,6 +27,33 @@ class BatchNorm(nn.BatchNorm2d):
         # airbench states momentum as the weight of the old statistic; torch the new one.
         super().__init__(num_features, eps=eps, momentum=1 - momentum)
         self.weight.requires_grad = False
+
+
+class BatchRMSNorm(nn.Module):
+    """Each dimension divided by its root mean square over the batch, x / sqrt(E[x²] + eps),
+    with a running E[x²] for inference (a fixed per-dimension scale, like BatchNorm's).
+
+    BatchNorm without the mean: the embedding's scale is fixed, so center loss cannot shrink
+    it, but the origin stays where it was, so a short embedding (an image that excites no
+    feature) stays short and `‖e‖` keeps meaning how familiar an image looks.
+    """
+
+    running_square: torch.Tensor
+
+    def __init__(self, dim: int, momentum: float, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps  # momentum: weight of the new statistic
+        self.register_buffer("running_square", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # (B, D); the statistic in fp32 whatever autocast did
+        if self.training:
+            square = x.pow(2).mean(0)  # (D,)
+            with torch.no_grad():
+                self.running_square.lerp_(square.detach(), self.momentum)
+        else:
+            square = self.running_square
+        return x * torch.rsqrt(square + self.eps)
 
 
 class Conv(nn.Conv2d):
@@ -73,11 +100,12 @@ class EmbeddingNet(nn.Module):
         # Unit variance per dimension over the batch (running statistics at inference): the
         # center loss cannot shrink the whole embedding (see ModelConfig.embedding_norm). A
         # tiny eps, as in BatchNorm above: with 1e-5 a shrunken layer would shrink it after all.
-        self.embedding_norm = (
-            nn.BatchNorm1d(config.embedding_dim, eps=1e-12, momentum=1 - m, affine=False)
-            if config.embedding_norm == "batchnorm"
-            else nn.Identity()
-        )
+        d = config.embedding_dim
+        self.embedding_norm = {
+            "batchnorm": lambda: nn.BatchNorm1d(d, eps=1e-12, momentum=1 - m, affine=False),
+            "rms": lambda: BatchRMSNorm(d, momentum=1 - m),
+            "none": nn.Identity,
+        }[config.embedding_norm]()
         self.classifier = nn.Linear(config.embedding_dim, num_classes, bias=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

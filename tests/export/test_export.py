@@ -83,6 +83,21 @@ def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
 
 
+@pytest.mark.parametrize("norm", ["rms", "none"])  # batchnorm: the tiny_checkpoint above
+def test_parity_with_torch_for_each_embedding_norm(tiny_folder, tmp_path, norm):
+    from center_embed.train import train
+    from tests.helpers import tiny_config
+
+    train(tiny_config(tiny_folder, model__embedding_norm=norm), tmp_path, log=lambda _: None)
+    path = export_checkpoint(tmp_path / "best.pt", tmp_path / "m.onnx")
+    _, test = splits(tmp_path / "best.pt")
+    got = OnnxModel(path, device="cpu").run(test.images)
+    want = torch_outputs(tmp_path / "best.pt", test.images)
+    assert relative(got["embeddings"], want["embeddings"]) < 1e-4
+    assert relative(got["distances"], want["distances"]) < 1e-4
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+
+
 def test_dynamic_batch_and_io_contract(tiny_onnx):
     proto = onnx.load(str(tiny_onnx))
     (image_input,) = proto.graph.input
