@@ -57,6 +57,6 @@ def test_a_config_saved_before_embedding_norm_builds_the_old_network():
     saved = Config().to_dict()
     del saved["model"]["embedding_norm"]  # what checkpoints before the option hold
     assert Config.from_dict(saved).model.embedding_norm == "none"
-    assert Config().model.embedding_norm == "batchnorm"  # new runs
+    assert Config().model.embedding_norm == "rms"  # new runs
     with pytest.raises(UserError, match="model.embedding_norm must be batchnorm, rms or none"):
         load_config(None, None, ["model.embedding_norm=layer"])
