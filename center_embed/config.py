@@ -166,9 +166,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"widths": [128, 384, 384]},
         "train": {"epochs": 40.0, "batch_size": 1024, "lr": 10.0, "eval_every": 5},
     },
-    # The 2-D embedding of the center-loss paper's famous figure.
-    # The paper's figure shows the plain linear features (no embedding_norm); the README's
-    # picture is this preset's run: 69% nearest-center test accuracy in 9 min (2 cores).
+    # The 2-D embedding of the center-loss paper's famous figure, which shows the plain
+    # linear features (no embedding_norm). The README's picture is this preset's run: 69%
+    # nearest-center test accuracy in 9 min on 2 cores.
     "plot2d": {
         "model": {"embedding_dim": 2, "widths": [64, 128, 256], "embedding_norm": "none"},
         "train": {"epochs": 8.0, "batch_size": 512},

@@ -97,9 +97,9 @@ class EmbeddingNet(nn.Module):
             ConvGroup(whiten_width, w1, m), ConvGroup(w1, w2, m), ConvGroup(w2, w3, m)
         )
         self.embedding = nn.Linear(w3, config.embedding_dim, bias=False)
-        # Unit variance per dimension over the batch (running statistics at inference): the
-        # center loss cannot shrink the whole embedding (see ModelConfig.embedding_norm). A
-        # tiny eps, as in BatchNorm above: with 1e-5 a shrunken layer would shrink it after all.
+        # The embedding's scale fixed per dimension over the batch (running statistics at
+        # inference), so center loss cannot shrink it (see ModelConfig.embedding_norm). A tiny
+        # eps, as in BatchNorm above: with 1e-5 a shrunken layer would shrink it after all.
         d = config.embedding_dim
         self.embedding_norm = {
             "batchnorm": lambda: nn.BatchNorm1d(d, eps=1e-12, momentum=1 - m, affine=False),
