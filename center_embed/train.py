@@ -477,15 +477,17 @@ def end_of_epoch(run: Run, totals: EpochTotals) -> None:
 def not_learning(train_ce: float, num_classes: int, epochs_done: int) -> str | None:
     """A warning when, two epochs in, the training cross-entropy is still at or above chance
     (ln C: the loss of uniform guessing), else None. Seen on 2026-12-01: the cpu preset on
-    six CIFAR-10 classes diverged at its peak learning rate (cross-entropy above chance in
-    epoch 4) and ended at 60% accuracy instead of 93% (README, "Quality of the distances")."""
+    six CIFAR-10 classes, before model.embedding_norm existed, collapsed its features onto
+    the centers and ended at 60% accuracy instead of 93% (README, "Quality of the
+    distances")."""
     chance = math.log(num_classes)
     if epochs_done < 2 or train_ce < chance:
         return None
     return (
         f"warning: after {epochs_done} epochs the training cross-entropy ({train_ce:.3f}) is "
         f"at or above chance (ln {num_classes} = {chance:.3f}): the run is not learning; "
-        "lower train.lr or loss.center_weight (or raise loss.center_weight_warmup_epochs)"
+        "lower train.lr or loss.center_weight (or raise loss.center_weight_warmup_epochs); "
+        "with model.embedding_norm=none, try rms"
     )
 
 
