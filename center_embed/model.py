@@ -4,6 +4,7 @@
       -> whitening conv 2x2 (frozen weights from the patch covariance) -> GELU
       -> 3 x ConvGroup(conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU)
       -> global max pool -> linear -> batch norm or RMS (optional) = embed(x)  (B, D)
+         (feature_maps(x): the whitened input and each group's output, for export)
       -> linear, scaled by logit_scale                              = head(e)   (B, C)
 
 The center loss acts on `embed(x)`; export wraps `embed` and the centers. The only
@@ -108,11 +109,22 @@ class EmbeddingNet(nn.Module):
         }[config.embedding_norm]()
         self.classifier = nn.Linear(config.embedding_dim, num_classes, bias=False)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.whiten(x))  # (B, 24, H-1, W-1)
-        x = self.groups(x)  # (B, w3, H/8, W/8)
-        x = torch.amax(x, dim=(2, 3))  # (B, w3): global max pool
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activations after the whitening and after each conv group: (B, 24, H-1, W-1),
+        (B, w1, H/2, W/2), (B, w2, H/4, W/4), (B, w3, H/8, W/8). The exported graph reads
+        the first three for the atypicality of an image (export/atypicality.py)."""
+        maps = [F.gelu(self.whiten(x))]
+        for group in self.groups:
+            maps.append(group(maps[-1]))
+        return maps
+
+    def embed_maps(self, last: torch.Tensor) -> torch.Tensor:
+        """The embedding (B, D) from the last feature map (B, w3, H/8, W/8)."""
+        x = torch.amax(last, dim=(2, 3))  # (B, w3): global max pool
         return self.embedding_norm(self.embedding(x))  # (B, D)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_maps(self.feature_maps(x)[-1])  # (B, D)
 
     def head(self, e: torch.Tensor) -> torch.Tensor:
         return self.classifier(e) * self.config.logit_scale  # (B, C)
