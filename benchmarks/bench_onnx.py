@@ -3,14 +3,17 @@
     CENTER_EMBED_CACHE=/tmp/cecache .venv/bin/python benchmarks/bench_onnx.py \\
         --checkpoint /tmp/bench/cpu1/best.pt
 
-The checkpoint is exported twice (fp32 and int8, both verified) into a temporary folder.
-Three engines then run the same work on the same real test images: uint8 pixels in,
-normalisation, the backbone, distances to every center, nearest center out.
+The checkpoint is exported three times (fp32 and int8, both verified, and fp32 without the
+atypicality output) into a temporary folder. The engines then run the same work on the same
+real test images: uint8 pixels in, normalisation, the backbone, the atypicality, distances
+to every center, nearest center out.
 
     torch      the checkpoint's EmbeddingNet in fp32 eager mode (inference_mode), with
-               the same normalisation and distance code as the exported graph
+               the same normalisation, atypicality and distance code as the exported graph
     ort-fp32   the fp32 ONNX model through center_embed.runtime (the service's session)
     ort-int8   the int8 ONNX model, the same way
+    ort-fp32-no-atypicality   the fp32 model exported with --no-atypicality: what the
+               atypicality output costs
 
 Each is timed at batch 1 and batch 64 for a few seconds, engine after engine, in several
 rounds; the median of the rounds counts. Alternating rounds means a load that comes and
@@ -43,8 +46,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from center_embed.checkpoint import Checkpoint  # noqa: E402
-from center_embed.export.calibrate import load_run_dataset  # noqa: E402
-from center_embed.export.onnx_export import export_checkpoint, torch_reference  # noqa: E402
+from center_embed.export.calibrate import calibration_set, load_run_dataset  # noqa: E402
+from center_embed.export.onnx_export import (  # noqa: E402
+    export_checkpoint,
+    prepare_graph,
+    torch_reference,
+)
 from center_embed.runtime import OnnxModel  # noqa: E402
 
 BATCHES = (1, 64)
@@ -65,21 +72,22 @@ def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, b
 
 
 def engines(
-    checkpoint: str, fp32: Path, int8: Path, threads: int, bf16: bool
+    checkpoint: str, files: dict[str, Path], threads: int, bf16: bool, data: str | None
 ) -> dict[str, Callable]:
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
-    distance = OnnxModel(fp32, device="cpu").info.distance
-    reference = torch_reference(model, criterion.centers, ckpt.preprocess, distance)
+    distance = OnnxModel(files["fp32"], device="cpu").info.distance
+    calib = calibration_set(ckpt, data)  # the graph export fitted: the same images and seed
+    graph = prepare_graph(ckpt, model, criterion.centers, calib, distance)
+    reference = torch_reference(graph, ckpt.preprocess)
 
     def torch_run(batch: np.ndarray, autocast: bool = False):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return reference(batch)
 
-    runs = {
-        "torch": torch_run,
-        "ort-fp32": OnnxModel(fp32, device="cpu", threads=threads).run,
-        "ort-int8": OnnxModel(int8, device="cpu", threads=threads).run,
+    runs = {"torch": torch_run} | {
+        f"ort-{name}": OnnxModel(path, device="cpu", threads=threads).run
+        for name, path in files.items()
     }
     if bf16:  # for information: what `center-embed eval` uses on CPUs with AMX
         runs["torch-bf16"] = lambda batch: torch_run(batch, autocast=True)
@@ -121,11 +129,19 @@ def main() -> int:
 
 def measure(args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
     """Export, time every engine round by round, and measure test accuracy."""
-    fp32 = export_checkpoint(args.checkpoint, folder / "fp32.onnx", data=args.data)
-    int8 = export_checkpoint(args.checkpoint, folder / "int8.onnx", int8=True, data=args.data)
+    files = {
+        "fp32": export_checkpoint(args.checkpoint, folder / "fp32.onnx", data=args.data),
+        "int8": export_checkpoint(
+            args.checkpoint, folder / "int8.onnx", int8=True, data=args.data
+        ),  # fmt: skip
+        "fp32-no-atypicality": export_checkpoint(
+            args.checkpoint, folder / "plain.onnx", data=args.data, atypicality_quantile=None
+        ),
+    }
+    fp32, int8 = files["fp32"], files["int8"]
     test = load_run_dataset(Checkpoint.load(args.checkpoint), args.data).test
     images = np.ascontiguousarray(test.images[:2048])
-    runs = engines(args.checkpoint, fp32, int8, args.threads, args.torch_bf16)
+    runs = engines(args.checkpoint, files, args.threads, args.torch_bf16, args.data)
 
     samples: dict[tuple[str, int], list[float]] = {(e, b): [] for e in runs for b in BATCHES}
     for round_ in range(args.rounds):
@@ -144,6 +160,9 @@ def measure(args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
         "images_per_second": {f"{e}@{b}": round(r, 1) for (e, b), r in rate.items()},
         "fp32_over_torch": {b: rate[("ort-fp32", b)] / rate[("torch", b)] for b in BATCHES},
         "int8_over_fp32": {b: rate[("ort-int8", b)] / rate[("ort-fp32", b)] for b in BATCHES},
+        "fp32_over_no_atypicality": {
+            b: rate[("ort-fp32", b)] / rate[("ort-fp32-no-atypicality", b)] for b in BATCHES
+        },
         "test_accuracy": {"ort-fp32": acc32, "ort-int8": acc8},
         "int8_accuracy_drop_points": 100 * (acc32 - acc8),
         "targets": TARGETS,
@@ -156,9 +175,10 @@ def report(result: dict, rate: dict) -> str:
     lines = [f"{head:<30}" + "   ".join(f"batch {b:>3}" for b in BATCHES)]
     for engine in dict.fromkeys(e for e, _ in rate):  # in the order they ran
         lines.append(f"  {engine:<27} " + "   ".join(f"{rate[(engine, b)]:9.0f}" for b in BATCHES))
-    for key in ("fp32_over_torch", "int8_over_fp32"):
+    for key in ("fp32_over_torch", "int8_over_fp32", "fp32_over_no_atypicality"):
         ratios = "   ".join(f"{result[key][b]:8.2f}x" for b in BATCHES)
-        lines.append(f"  {key:<27} {ratios}   (target >= {TARGETS[key]}x)")
+        target = f"   (target >= {TARGETS[key]}x)" if key in TARGETS else "   (the cost)"
+        lines.append(f"  {key:<27} {ratios}{target}")
     acc = result["test_accuracy"]
     lines.append(
         f"  test nearest-center accuracy: fp32 {acc['ort-fp32']:.4f}, int8 {acc['ort-int8']:.4f}"

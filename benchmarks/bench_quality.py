@@ -16,8 +16,16 @@ the same preset on six classes (the other four are the unknowns); it exports eac
   against the four unknown classes' (mean ± std over the splits);
 - calibration of the `unknown` flag: the share of correctly classified test images it
   flags (expected 1 − quantile), globally and per class, and the share of all test images;
+- the same measures without the test split, for choosing among models and scores: the
+  run's held-out validation images against far-OOD sets built from them (another seed),
+  their retrieval figures, and (six classes) against unseen classes' training images;
 - `--candidates`: the same detection figures for other scores computed from the same model
-  (the ablation table in the README), the classifier-head ones needing the checkpoint.
+  (the ablation table in the README), the classifier-head ones needing the checkpoint;
+  the scores computed from the embedding alone leave out the model's `atypicality`.
+
+`--model-name` with `--export-arg` exports a variant of every run beside the first (e.g.
+`--model-name plain.onnx --export-arg=--no-atypicality`), so export options are compared
+on the same networks.
 
 Runs already in --work (eval.json, model.onnx) are reused, so a table can be rebuilt, or
 extended with more seeds, without retraining. Training overrides go through --set.
@@ -53,8 +61,9 @@ def main() -> None:
     dataset = load_dataset(args.data)
     runs = [(f"{args.tag}-all-s{seed}", [], seed, args.set) for seed in range(args.seeds)]
     split_tag = args.split_tag or args.tag
+    splits = [int(k) for k in args.split_ids.split(",")] if args.split_ids else range(args.splits)
     runs += [(f"{split_tag}-split{k}-s0", known_classes(dataset.class_names, k), 0,
-              args.set + args.split_set) for k in range(args.splits)]  # fmt: skip
+              args.set + args.split_set) for k in splits]  # fmt: skip
     results = {"closed": [], "open": []}
     for name, classes, seed, overrides in runs:
         model_path = prepare(work / name, args, classes, seed, overrides)
@@ -66,6 +75,7 @@ def main() -> None:
             result = closed_set(model_path, dataset, args)
             results["closed"].append(result)
         result["run"] = name
+        result["model"] = model_path.name
         print(f"{name}: measured in {time.perf_counter() - started:.0f} s", flush=True)
     summary = summarise(results)
     print(format_table(summary))
@@ -87,6 +97,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tag", default="base", help="run name prefix (an ablation's name)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--splits", type=int, default=3)
+    p.add_argument("--split-ids", default="", help="e.g. 1,3: these splits instead of --splits")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument(
@@ -99,6 +110,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--split-tag", default="", help="name prefix of the 6-class runs (--tag)")
     p.add_argument("--export-arg", action="append", default=[], help="passed to export")
+    p.add_argument("--model-name", default="model.onnx", help="the exported file in each run")
     p.add_argument("--ood-images", type=int, default=1000, help="images per far-OOD set")
     p.add_argument("--candidates", action="store_true", help="also score other scores")
     p.add_argument("--out", default="quality.json")
@@ -122,7 +134,7 @@ def prepare(run: Path, args, classes: list[str], seed: int, overrides: list[str]
         if (run / "last.pt").exists():
             command += ["--resume", str(run)]
         run_command(command)
-    model = run / "model.onnx"
+    model = run / args.model_name
     if not model.exists():
         run_command([*CLI, "export", str(run / "best.pt"), "--out", str(model), *args.export_arg])
     return model
@@ -159,6 +171,7 @@ def closed_set(model_path: Path, dataset, args) -> dict:
     }
     scorers = candidate_scorers(model_path, dataset, info) if args.candidates else {}
     known_scores = {name: score(out) for name, score in scorers.items()}
+    result["validation"] = closed_set_validation(model, dataset, args)
     for group, sets in groups.items():
         for set_name, images in sets.items():
             other = model.run_batched(images)
@@ -206,15 +219,38 @@ def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
     return result
 
 
-def open_set_validation(model, dataset, known_index: list[int], scorers: dict) -> dict:
-    """The open-set measure without the test split, for choosing among models and scores:
-    the run's held-out validation images (known) against 4,000 training-folder images of the
-    four classes it never trained on (unknown)."""
+def validation_split(model, dataset):
+    """The run's held-out validation images (its data config, from the checkpoint)."""
     from center_embed.checkpoint import Checkpoint
 
     cfg = Checkpoint.load(model.path.parent / "best.pt").config.data
     known_train = select_classes(dataset, model.info.class_names).train
-    _, val = split_validation(known_train, cfg.val_size, cfg.seed)
+    return split_validation(known_train, cfg.val_size, cfg.seed)[1]
+
+
+def closed_set_validation(model, dataset, args) -> dict:
+    """Far-OOD detection and retrieval without the test split: the validation images
+    against far-OOD sets built from them with another seed."""
+    val = validation_split(model, dataset)
+    out = model.run_batched(val.images)
+    result = {
+        "nearest_center_accuracy": float((out["labels"] == val.labels).mean()),
+        **quality.retrieval_metrics(out["embeddings"], val.labels, model.info.distance),
+        "far_ood": {},
+    }
+    for set_name, images in quality.far_ood_sets(val.images, args.ood_images, seed=1).items():
+        other = model.run_batched(images)
+        entry = detection(out["min_distances"], other["min_distances"])
+        entry["flagged"] = float(model.unknown(other).mean())
+        result["far_ood"][set_name] = entry
+    return result
+
+
+def open_set_validation(model, dataset, known_index: list[int], scorers: dict) -> dict:
+    """The open-set measure without the test split, for choosing among models and scores:
+    the run's held-out validation images (known) against 4,000 training-folder images of the
+    four classes it never trained on (unknown)."""
+    val = validation_split(model, dataset)
     unseen = np.flatnonzero(~np.isin(dataset.train.labels, known_index))
     unseen = np.sort(np.random.default_rng(0).permutation(unseen)[:4000])
     known_out = model.run_batched(val.images)
@@ -353,6 +389,14 @@ def summarise(results: dict) -> dict:
         s["candidates_far_ood"] = summarise_candidates(
             [e["candidates"] for r in closed for e in r["far_ood"].values()]
         )
+        validated = [r["validation"] for r in closed if "validation" in r]
+        for key in ("nearest_center_accuracy", "map_at_r"):
+            s[f"validation.{key}"] = mean_std([v[key] for v in validated])
+        for name in validated[0]["far_ood"] if validated else []:
+            for key in ("auroc", "flagged"):
+                s[f"validation.far_ood.{name}.{key}"] = mean_std(
+                    [v["far_ood"][name][key] for v in validated]
+                )
     if open_:
         s["open_set_auroc"] = mean_std([r["auroc"] for r in open_])
         s["open_set_fpr95"] = mean_std([r["fpr95"] for r in open_])

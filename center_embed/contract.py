@@ -8,6 +8,11 @@ An exported model (DESIGN.md, "ONNX model") is one ONNX file with
                                             the `distance` metadata names (DISTANCE_KINDS)
             `labels`        int64 (N,)      the nearest center
             `min_distances` float32 (N,)    the distance to it
+            `atypicality`   float32 (N,)    optional (files exported since 2026-12-02): how
+                                            far the image's low-level feature statistics lie
+                                            beyond the training images', in distance units,
+                                            0 for typical images; it is part of every one of
+                                            the image's `distances` (export/atypicality.py)
     the float32 initializer `centers` (C, D) that the distance matmul reads
     metadata_props `center_embed.<key>` (METADATA_KEYS), non-strings stored as JSON
 
@@ -30,7 +35,9 @@ from center_embed.errors import UserError
 
 MODEL_FORMAT_VERSION = 1
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")
+OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")  # every model has these
+ATYPICALITY = "atypicality"  # the optional fifth output; absent, it reads as 0
+ALL_OUTPUT_NAMES = (*OUTPUT_NAMES, ATYPICALITY)
 CENTERS_INITIALIZER = "centers"
 METADATA_PREFIX = "center_embed."
 DISTANCE = "squared_euclidean"  # what `distances` holds in files that do not say
@@ -86,6 +93,7 @@ METADATA_KEYS = {
     "unknown_threshold_calibration": "how the threshold was computed, on which images",
     "precision_loss": "accuracy of a reduced-precision model against fp32",
     "enrolment": "classes enrolled or removed since training: action, class, images, time, source",
+    "atypicality": "how the `atypicality` output was fitted: layers, images, quantile, weight",
 }
 
 
@@ -203,17 +211,24 @@ def distances(
     centers: np.ndarray,
     kind: str = DISTANCE,
     center_norms: np.ndarray | None = None,
+    atypicality: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, D), (C, D) -> (N, C) float32 distances of the model's `kind`, as its graph
-    computes them. `center_norms` (C,) = ‖c‖² may be passed precomputed."""
+    computes them. `center_norms` (C,) = ‖c‖² may be passed precomputed. `atypicality` (N,),
+    the images' own output of that name, is added to each of their distances, as the graph
+    adds it (an embedding given without its image has none: pass nothing)."""
     if kind == "squared_euclidean":
-        return squared_distances(embeddings, centers, center_norms)
-    if kind == "squared_euclidean_minus_norm":
+        d = squared_distances(embeddings, centers, center_norms)
+    elif kind == "squared_euclidean_minus_norm":
         e = embeddings.astype(np.float32, copy=False)
         if center_norms is None:
             center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
-        return center_norms[None, :] - 2 * e @ centers.T
-    raise ValueError(f"unknown distance kind {kind!r}")
+        d = center_norms[None, :] - 2 * e @ centers.T
+    else:
+        raise ValueError(f"unknown distance kind {kind!r}")
+    if atypicality is not None:
+        d += np.asarray(atypicality, np.float32)[:, None]
+    return d
 
 
 def class_center(embeddings: np.ndarray, kind: str = DISTANCE) -> np.ndarray:
@@ -246,6 +261,7 @@ def empty_outputs(num_classes: int, embedding_dim: int) -> dict[str, np.ndarray]
         "distances": np.zeros((0, num_classes), np.float32),
         "labels": np.zeros(0, np.int64),
         "min_distances": np.zeros(0, np.float32),
+        ATYPICALITY: np.zeros(0, np.float32),
     }
 
 
@@ -260,11 +276,11 @@ def run_batched(
 ) -> dict[str, np.ndarray]:
     """`run` (one batch -> the model's outputs) over any number of images, a memory-mapped
     split too, `batch_size` at a time; no images give `run`'s answer to an empty batch."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         for name, value in run(np.asarray(images[start : start + batch_size])).items():
-            parts[name].append(value)
-    if not parts[OUTPUT_NAMES[0]]:
+            parts.setdefault(name, []).append(value)
+    if not parts:
         return run(np.asarray(images[:0]))
     return {name: np.concatenate(values) for name, values in parts.items()}
 

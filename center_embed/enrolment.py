@@ -15,10 +15,13 @@ trained class. This module is the one place that changes a model's set of classe
 
 The unknown threshold of an enrolled class (`enrolment_threshold`): each enrolment image's
 distance to the center of the *other* images (held-out folds: leave-one-out up to
-HELD_OUT_FOLDS images, that many folds beyond), and the model's calibration quantile of
+HELD_OUT_FOLDS images, that many folds beyond), plus the image's own atypicality (the
+model output that is part of every distance), and the model's calibration quantile of
 those distances; with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold.
 Held-out distances, as export calibrates on held-out images: an image's distance to a
-center it helped compute would understate what unseen images of the class give.
+center it helped compute would understate what unseen images of the class give. Adding
+the atypicality lets a class from another domain (sketches, documents), whose images are
+all atypical for the training data, accept its own kind of image.
 
 Imports numpy and the contract only (no torch, no onnx): the service, the scorer and the
 CLI all use it.
@@ -98,13 +101,18 @@ def calibration_quantile(info: ModelInfo) -> float:
 
 
 def enrolment_threshold(
-    embeddings: np.ndarray, kind: str, quantile: float, fallback: float | None
+    embeddings: np.ndarray,
+    kind: str,
+    quantile: float,
+    fallback: float | None,
+    atypicality: np.ndarray | None = None,
 ) -> tuple[float | None, str]:
-    """(threshold, how it was chosen) for a class enrolled from `embeddings` (n, D).
+    """(threshold, how it was chosen) for a class enrolled from `embeddings` (n, D), whose
+    images have `atypicality` (n,) (None: zeros).
 
     The `quantile` of each image's distance to the center of the images outside its fold
-    (module docstring); `fallback` (the model's global threshold) below
-    MIN_THRESHOLD_IMAGES images or when the model has no threshold at all."""
+    (module docstring), its atypicality included; `fallback` (the model's global threshold)
+    below MIN_THRESHOLD_IMAGES images or when the model has no threshold at all."""
     n = len(embeddings)
     if fallback is None:
         return None, "none: the model has no unknown threshold"
@@ -115,7 +123,8 @@ def enrolment_threshold(
     for fold in np.unique(folds):
         inside = folds == fold
         center = class_center(embeddings[~inside], kind)
-        held_out[inside] = distances(embeddings[inside], center[None], kind)[:, 0]
+        own = None if atypicality is None else atypicality[inside]
+        held_out[inside] = distances(embeddings[inside], center[None], kind, atypicality=own)[:, 0]
     threshold = float(np.quantile(held_out, quantile, method="inverted_cdf"))
     rule = f"q={quantile:g} of {n} held-out distances ({min(n, HELD_OUT_FOLDS)} folds)"
     return threshold, rule
@@ -132,7 +141,8 @@ class CenterSet:
     model's global one), version (0: the model file's own classes), log (one entry per
     change: action, class, images, time, source), embeddings of enrolled classes (kept so
     that images can be added later: the new center is computed from all of them, in the
-    model's space, as training's running mean does)."""
+    model's space, as training's running mean does) and their images' atypicality (for the
+    threshold; absent for a class: zeros)."""
 
     names: tuple[str, ...]
     centers: np.ndarray
@@ -142,6 +152,7 @@ class CenterSet:
     model_sha256: str
     log: tuple[dict[str, Any], ...] = ()
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    atypicality: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.centers.setflags(write=False)
@@ -171,9 +182,12 @@ class CenterSet:
             base, class_names=list(self.names), class_thresholds=thresholds or None
         )
 
-    def scores(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, D) -> distances (N, C), labels (N,), min_distances (N,) against this set."""
-        d = distances(embeddings, self.centers, self.distance)
+    def scores(
+        self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """(N, D) -> distances (N, C), labels (N,), min_distances (N,) against this set;
+        `atypicality` (N,), the images' model output, is part of each distance."""
+        d = distances(embeddings, self.centers, self.distance, atypicality=atypicality)
         return {"distances": d, **nearest_centers(d)}
 
     def image_counts(self) -> dict[str, int]:
@@ -190,10 +204,12 @@ class CenterSet:
         info: ModelInfo,
         mode: str = "replace",
         source: str = "",
+        atypicality: np.ndarray | None = None,
     ) -> CenterSet:
-        """This set with `name` enrolled from `embeddings` (n, D): a new class, or an existing
-        one replaced (mode "replace"), or an enrolled one given more images (mode "add": its
-        center from all its images so far)."""
+        """This set with `name` enrolled from `embeddings` (n, D), whose images have
+        `atypicality` (n,) (None: zeros): a new class, or an existing one replaced (mode
+        "replace"), or an enrolled one given more images (mode "add": its center from all
+        its images so far)."""
         check_class_name(name)
         if mode not in MODES:
             raise EnrolmentError("bad_mode", f"mode must be one of {', '.join(MODES)}")
@@ -204,12 +220,17 @@ class CenterSet:
                 "cannot_add", f"{name!r} is a trained class: its training images are not "
                 "here to add to; replace it instead (mode=replace)",
             )  # fmt: skip
+        own = np.zeros(len(embeddings), np.float32) if atypicality is None else atypicality
+        if len(own) != len(embeddings):
+            raise ValueError(f"{len(own)} atypicality values for {len(embeddings)} embeddings")
         if mode == "add" and name in self.embeddings:
             embeddings = np.concatenate([self.embeddings[name], embeddings])
+            own = np.concatenate([self.atypicality_of(name), own])
         embeddings = np.asarray(embeddings, np.float32)
+        own = np.asarray(own, np.float32)
         center = class_center(embeddings, self.distance)
         threshold, rule = enrolment_threshold(
-            embeddings, self.distance, calibration_quantile(info), info.unknown_threshold
+            embeddings, self.distance, calibration_quantile(info), info.unknown_threshold, own
         )
         names, centers = list(self.names), self.centers.copy()
         if name in names:
@@ -226,7 +247,12 @@ class CenterSet:
             self, names=tuple(names), centers=centers, thresholds=thresholds,
             version=self.version + 1, log=(*self.log, entry),
             embeddings={**self.embeddings, name: embeddings},
+            atypicality={**self.atypicality, name: own},
         )  # fmt: skip
+
+    def atypicality_of(self, name: str) -> np.ndarray:
+        """(n,) the atypicality of an enrolled class's images (zeros where none was kept)."""
+        return self.atypicality.get(name, np.zeros(len(self.embeddings[name]), np.float32))
 
     def without_class(self, name: str, source: str = "") -> CenterSet:
         """This set without the class `name` (trained or enrolled); never the last one."""
@@ -243,6 +269,7 @@ class CenterSet:
             version=self.version + 1,
             log=(*self.log, log_entry("remove", name, 0, source)),
             embeddings={k: v for k, v in self.embeddings.items() if k != name},
+            atypicality={k: v for k, v in self.atypicality.items() if k != name},
         )
 
 
@@ -277,8 +304,10 @@ def centers_file_for(model: str | Path) -> Path:
 
 
 def encode_center_set(centers: CenterSet) -> bytes:
-    """The .npz bytes of a CenterSet: arrays `centers` and `embeddings_<i>`, and `meta`
-    (JSON: format, model sha256, distance, names, thresholds, version, log)."""
+    """The .npz bytes of a CenterSet: arrays `centers`, `embeddings_<i>` and
+    `atypicality_<i>`, and `meta` (JSON: format, model sha256, distance, names, thresholds,
+    version, log). A file without `atypicality_<i>` (written before it existed) reads as
+    zeros."""
     enrolled = list(centers.embeddings)
     meta = {
         "format": CENTERS_FILE_FORMAT,
@@ -291,6 +320,7 @@ def encode_center_set(centers: CenterSet) -> bytes:
         "enrolled": enrolled,
     }
     arrays = {f"embeddings_{i}": centers.embeddings[name] for i, name in enumerate(enrolled)}
+    arrays |= {f"atypicality_{i}": centers.atypicality_of(n) for i, n in enumerate(enrolled)}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), centers=centers.centers, **arrays)
     return buffer.getvalue()
@@ -307,6 +337,11 @@ def decode_center_set(data: bytes, source: str) -> CenterSet:
                 name: npz[f"embeddings_{i}"].astype(np.float32)
                 for i, name in enumerate(meta["enrolled"])
             }
+            atypicality = {
+                name: npz[f"atypicality_{i}"].astype(np.float32)
+                for i, name in enumerate(meta["enrolled"])
+                if f"atypicality_{i}" in npz.files
+            }
             return CenterSet(
                 names=tuple(meta["names"]),
                 centers=npz["centers"].astype(np.float32),
@@ -316,6 +351,7 @@ def decode_center_set(data: bytes, source: str) -> CenterSet:
                 model_sha256=str(meta["model_sha256"]),
                 log=tuple(meta["log"]),
                 embeddings=embeddings,
+                atypicality=atypicality,
             )
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
         raise UserError(f"{source} is not a readable centers file ({e})") from None
@@ -420,7 +456,7 @@ class ModelWithCenters:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self._model.run(images)
-        return {**out, **self.centers.scores(out["embeddings"])}
+        return {**out, **self.centers.scores(out["embeddings"], out["atypicality"])}
 
     def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         return run_batched(self.run, images, batch_size)

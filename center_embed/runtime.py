@@ -9,12 +9,12 @@ metadata, the distance formula) is center_embed.contract's. Two runtimes read th
     openvino      CPU; fp32, or bf16 on CPUs with AVX512-BF16 / AMX (extra `openvino`)
 
 A runtime is a `Backend`: it opens the file, says which device it runs on, and runs a uint8
-batch to the graph's four outputs. `choose_runtime` turns `--runtime auto|onnxruntime|
-openvino` and `--precision auto|fp32|bf16|int8|fp16` into one `RuntimeChoice` and says why
-(auto picks by what is installed and what the CPU supports). The default stays
-onnxruntime at the file's own precision: bf16 changes numbers slightly (README, "Runtimes"),
-so a user opts in. It imports numpy and Pillow, and a runtime only when one is opened
-(never torch), so a serving install stays small.
+batch to the graph's outputs (four, or five with `atypicality`). `choose_runtime` turns
+`--runtime auto|onnxruntime|openvino` and `--precision auto|fp32|bf16|int8|fp16` into one
+`RuntimeChoice` and says why (auto picks by what is installed and what the CPU supports).
+The default stays onnxruntime at the file's own precision: bf16 changes numbers slightly
+(README, "Runtimes"), so a user opts in. It imports numpy and Pillow, and a runtime only
+when one is opened (never torch), so a serving install stays small.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from center_embed.contract import (
+    ALL_OUTPUT_NAMES,
+    ATYPICALITY,
     INPUT_NAME,
     OUTPUT_NAMES,
     ModelInfo,
@@ -176,7 +178,7 @@ class Backend(Protocol):
 
     def io_names(self) -> tuple[list[str], list[str]]: ...  # (inputs, outputs)
     def metadata_props(self) -> dict[str, str]: ...
-    def run(self, images: np.ndarray) -> list[np.ndarray]: ...  # OUTPUT_NAMES order
+    def run(self, images: np.ndarray) -> list[np.ndarray]: ...  # the file's outputs, in order
 
 
 def available_providers() -> list[str]:
@@ -240,6 +242,7 @@ class OnnxRuntimeBackend:
     def __init__(self, path: Path, device: str, threads: int, spinning: bool) -> None:
         self.session = create_session(path, device, threads, spinning)
         self.threads = threads
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
     def provider(self) -> str:
@@ -247,15 +250,13 @@ class OnnxRuntimeBackend:
         return self.session.get_providers()[0]
 
     def io_names(self) -> tuple[list[str], list[str]]:
-        return [i.name for i in self.session.get_inputs()], [
-            o.name for o in self.session.get_outputs()
-        ]
+        return [i.name for i in self.session.get_inputs()], list(self.outputs)
 
     def metadata_props(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return self.session.run(self.outputs, {INPUT_NAME: images})
 
 
 def open_backend(
@@ -300,11 +301,13 @@ class OnnxModel:
         self.backend = open_backend(self.choice, self.path, device, threads, spinning, streams)
         self.info = parse_metadata(self.backend.metadata_props(), str(self.path))
         inputs, outputs = self.backend.io_names()
-        if inputs != [INPUT_NAME] or list(outputs) != list(OUTPUT_NAMES):
+        if inputs != [INPUT_NAME] or list(outputs) not in (list(OUTPUT_NAMES),
+                                                           list(ALL_OUTPUT_NAMES)):  # fmt: skip
             raise UserError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
-                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}"
+                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (and {ATYPICALITY!r})"
             )
+        self.output_names = tuple(outputs)  # what the file itself computes
 
     @property
     def provider(self) -> str:
@@ -316,15 +319,23 @@ class OnnxModel:
         """What runs the model and why: for /v1/model, the logs and `inspect`."""
         return {**asdict(self.choice), "provider": self.provider, "threads": self.backend.threads}
 
+    @property
+    def has_atypicality(self) -> bool:
+        return ATYPICALITY in self.output_names
+
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images uint8 (N, H, W, 3) RGB -> embeddings (N, D), distances (N, C),
-        labels (N,) int64, min_distances (N,)."""
+        labels (N,) int64, min_distances (N,), atypicality (N,) (zeros for a file exported
+        without it: its distances hold none)."""
         h, w = self.info.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise ValueError(f"images must be uint8 (N, {h}, {w}, 3), got {images.dtype} "
                              f"{images.shape}")  # fmt: skip
         values = self.backend.run(np.ascontiguousarray(images))
-        return dict(zip(OUTPUT_NAMES, values, strict=True))
+        out = dict(zip(self.output_names, values, strict=True))
+        if ATYPICALITY not in out:
+            out[ATYPICALITY] = np.zeros(len(images), np.float32)
+        return out
 
     def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """`run` over any number of images (a memory-mapped split too), in batches."""

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.contract import (
+    ALL_OUTPUT_NAMES,
+    ATYPICALITY,
     DISTANCE,
     INPUT_NAME,
-    OUTPUT_NAMES,
     nearest_centers,
     our_metadata,
     read_centers,
@@ -64,10 +65,10 @@ class OpenVinoBackend:
         self.kind = our_metadata(read_metadata_props(path)).get("distance", DISTANCE)
         if self.centers is not None:
             self.center_norms = (self.centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.outputs = _names(self.compiled.outputs, ALL_OUTPUT_NAMES)
 
     def io_names(self) -> tuple[list[str], list[str]]:
-        inputs = _names(self.compiled.inputs, (INPUT_NAME,))
-        return inputs, _names(self.compiled.outputs, OUTPUT_NAMES)
+        return _names(self.compiled.inputs, (INPUT_NAME,)), list(self.outputs)
 
     def metadata_props(self) -> dict[str, str]:
         return read_metadata_props(self.path)
@@ -77,16 +78,17 @@ class OpenVinoBackend:
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         if len(images) == 0:  # OpenVINO refuses empty tensors; the answer is known
-            ports = [self.compiled.output(name) for name in OUTPUT_NAMES]
+            ports = [self.compiled.output(name) for name in self.outputs]
             return [np.zeros((0, *p.get_partial_shape()[1:].to_shape()), _dtype(p)) for p in ports]
         result = request.infer({0: images})  # copies the outputs (share_outputs=False)
-        values = {name: result[self.compiled.output(name)] for name in OUTPUT_NAMES}
+        values = {name: result[self.compiled.output(name)] for name in self.outputs}
         if self.centers is not None:
             distances = contract_distances(
-                values["embeddings"], self.centers, self.kind, self.center_norms
-            )
+                values["embeddings"], self.centers, self.kind, self.center_norms,
+                values.get(ATYPICALITY),
+            )  # fmt: skip
             values.update(distances=distances, **nearest_centers(distances))
-        return [values[name] for name in OUTPUT_NAMES]
+        return [values[name] for name in self.outputs]
 
 
 def _names(ports, ours: tuple[str, ...]) -> list[str]:

@@ -79,7 +79,8 @@ def check_distances(path: Path, centers: CenterSet) -> None:
     h, w = model.info.input_size
     images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, h, w, 3), dtype=np.uint8)
     out = model.run(images)
-    ours = distances(out["embeddings"], centers.centers, model.info.distance)
+    ours = distances(out["embeddings"], centers.centers, model.info.distance,
+                     atypicality=out["atypicality"])  # fmt: skip
     error = relative_error(out["distances"], ours.astype(np.float64))
     if out["distances"].shape != ours.shape or error > CHECK_TOLERANCE:
         raise UserError(

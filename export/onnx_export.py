@@ -7,6 +7,8 @@ The graph (DESIGN.md, "ONNX model"):
       -> EmbeddingNet.embed                                   = embeddings     (N, D)
       -> ‖c‖² − 2·e·centersᵀ (+ ‖e‖², clamped at 0)          = distances      (N, C)
       -> argmin / min over the centers                       = labels, min_distances (N,)
+    feature maps of the backbone -> export/atypicality.py     = atypicality    (N,),
+                                    added to each of the image's distances beforehand
 
 `distances` are of the kind `--distance` names (contract.DISTANCE_KINDS; the metadata key
 `distance` says which): by default squared_euclidean_minus_norm, ‖c‖² − 2·e·Cᵀ, the nearest
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +49,26 @@ from torch import nn
 from center_embed import __version__
 from center_embed.checkpoint import Checkpoint
 from center_embed.contract import (
+    ATYPICALITY,
     CENTERS_INITIALIZER,
     DEFAULT_EXPORT_DISTANCE,
     DISTANCE_KINDS,
     INPUT_NAME,
     MODEL_FORMAT_VERSION,
     OUTPUT_NAMES,
+    distances,
     set_metadata,
 )
 from center_embed.errors import UserError
+from center_embed.export.atypicality import (
+    DEFAULT_QUANTILE,
+    MIN_IMAGES,
+    Fitted,
+    fit_atypicality,
+    fit_on,
+    graph_statistics,
+    write_into,
+)
 from center_embed.export.calibrate import calibration_set, unknown_thresholds
 from center_embed.export.verify import PARITY_BATCHES, check_file, check_parity
 from center_embed.fileio import atomic_path
@@ -76,6 +91,7 @@ def export_checkpoint(
     quantile: float = 0.95,
     data: str | None = None,
     distance: str = DEFAULT_EXPORT_DISTANCE,
+    atypicality_quantile: float | None = DEFAULT_QUANTILE,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `checkpoint` as one verified ONNX model at `out`; return its path.
@@ -86,6 +102,8 @@ def export_checkpoint(
     the run's validation split. data: where the run's dataset lies now, if it moved.
     verify: onnx.checker and torch/onnxruntime parity on real images (raises on failure).
     distance: what `distances` holds, a key of contract.DISTANCE_KINDS.
+    atypicality_quantile: the `atypicality` output (export/atypicality.py) is fitted on the
+    run's training images, its gate at this quantile of them; None: no such output.
     log: a callable receiving progress lines (default: silent).
     """
     say = log or (lambda _: None)
@@ -99,7 +117,9 @@ def export_checkpoint(
     calib = calibration_set(ckpt, data, calibration_data)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     started = time.perf_counter()
-    fp32, proto = build_graphs(ckpt, model, criterion.centers, calib, precision, distance)
+    graph = prepare_graph(ckpt, model, criterion.centers, calib, distance,
+                          atypicality_quantile, say)  # fmt: skip
+    fp32, proto = build_graphs(ckpt, graph, calib, precision)
     say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
     with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
         save(proto, tmp)
@@ -107,7 +127,7 @@ def export_checkpoint(
         meta: dict[str, Any] = {}
         if verify:
             check_file(tmp)
-            reference = torch_reference(model, criterion.centers, ckpt.preprocess, distance)
+            reference = torch_reference(graph, ckpt.preprocess)
             meta["verification"] = check_parity(shipped, reference, calib.held_out.images)
             say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: "
                 f"{meta['verification']['summary']}")  # fmt: skip
@@ -124,23 +144,80 @@ def export_checkpoint(
     return out
 
 
-def build_graphs(ckpt: Checkpoint, model, centers, calib, precision: str, distance: str):
+@dataclass
+class Graph:
+    """What the exported graph computes: the network, its centers, the distance kind, and
+    the fitted atypicality (None: a file without that output)."""
+
+    model: nn.Module  # EmbeddingNet, eval mode
+    centers: torch.Tensor  # (C, D)
+    distance: str
+    atypicality: Fitted | None = None
+
+
+def prepare_graph(
+    ckpt: Checkpoint,
+    model,
+    centers: torch.Tensor,
+    calib,
+    distance: str,
+    quantile: float | None = DEFAULT_QUANTILE,
+    say: Callable[[str], None] = lambda _: None,
+) -> Graph:
+    """The graph to export, its atypicality fitted on the run's training images (none,
+    and said, when `quantile` is None or the run has too few training images)."""
+    if quantile is None:
+        return Graph(model, centers, distance)
+    c = centers.detach().float().cpu().numpy()
+    fitted = fit_atypicality(
+        model, calib.train.images, ckpt.preprocess, lambda e: distances(e, c, distance).min(1),
+        quantile=quantile,
+    )  # fmt: skip
+    if fitted is None:
+        say(f"no atypicality output: {len(calib.train)} training images, {MIN_IMAGES} needed")
+    else:
+        facts = fitted.facts
+        say(f"atypicality fitted on {facts['fit_images']} + {facts['norm_images']} training "
+            f"images (gate at q={quantile})")  # fmt: skip
+    return Graph(model, centers, distance, fitted)
+
+
+def build_graphs(ckpt: Checkpoint, graph: Graph, calib, precision: str):
     """(the fp32 graph, the graph to ship at `precision`), both with the static metadata.
 
     The fp32 graph is kept beside a reduced-precision one to measure what precision cost.
     """
-    fp32 = to_onnx(model, centers, ckpt.preprocess, distance=distance)
-    set_metadata(fp32, static_metadata(ckpt, "fp32", distance))
+    fp32 = to_onnx(graph, ckpt.preprocess)
+    set_metadata(fp32, static_metadata(ckpt, "fp32", graph))
     if precision == "fp32":
         return fp32, fp32
     if precision == "fp16":
-        proto = to_onnx(model, centers, ckpt.preprocess, fp16=True, distance=distance)
+        proto = to_onnx(graph, ckpt.preprocess, fp16=True)
     else:
         from center_embed.export.quantize import INT8_CALIBRATION_IMAGES, quantize_int8
 
         proto = quantize_int8(copy.deepcopy(fp32), calib.train, INT8_CALIBRATION_IMAGES)
-    set_metadata(proto, static_metadata(ckpt, precision, distance))
+        graph = refit_in_graph(proto, graph, calib.train.images)
+    set_metadata(proto, static_metadata(ckpt, precision, graph))
     return fp32, proto
+
+
+def refit_in_graph(proto, graph: Graph, images: np.ndarray) -> Graph:
+    """`graph` with its atypicality refitted on the statistics that `proto` (a quantized
+    copy of it) computes itself, written into proto's initializers (export/atypicality.py,
+    "in a graph", for why)."""
+    if graph.atypicality is None:
+        return graph
+    facts = graph.atypicality.facts
+    centers = graph.centers.detach().float().cpu().numpy()
+    statistics = graph_statistics(proto, OUTPUT_NAMES[0])
+    fitted = fit_on(statistics, images, lambda e: distances(e, centers, graph.distance).min(1),
+                    quantile=facts["quantile"], weight=facts["weight"])  # fmt: skip
+    if fitted is None:  # the same images as the first fit: cannot happen
+        raise RuntimeError("the atypicality could not be refitted")
+    write_into(proto, fitted.module)
+    fitted.facts["fitted_on"] = "this graph's own (quantized) activations"
+    return dataclasses.replace(graph, atypicality=fitted)
 
 
 def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path) -> dict[str, Any]:
@@ -170,21 +247,15 @@ def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path
 # --------------------------------------------------------------------------- the graph
 
 
-def to_onnx(
-    model,
-    centers,
-    preprocess: dict[str, Any],
-    fp16: bool = False,
-    distance: str = DEFAULT_EXPORT_DISTANCE,
-):
+def to_onnx(graph: Graph, preprocess: dict[str, Any], fp16: bool = False):
     """The exported graph as an onnx.ModelProto, centers as the initializer `centers`."""
-    net = copy.deepcopy(model)  # fp16 converts it in place; the caller keeps an fp32 model
-    wrapper = ExportGraph(net, preprocess["mean"], preprocess["std"], fp16, distance).eval()
+    wrapper = ExportGraph(graph, preprocess["mean"], preprocess["std"], fp16).eval()
     h, w = preprocess["input_size"]
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    centers = centers.detach().float().cpu().contiguous()  # (C, D)
+    centers = graph.centers.detach().float().cpu().contiguous()  # (C, D)
     buffer = io.BytesIO()
     batch = {0: "N"}
+    outputs = list(OUTPUT_NAMES) + ([ATYPICALITY] if graph.atypicality else [])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -194,8 +265,8 @@ def to_onnx(
             dynamo=False,
             opset_version=OPSET,
             input_names=[INPUT_NAME, CENTERS_INITIALIZER],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: batch, **{name: batch for name in OUTPUT_NAMES}},
+            output_names=outputs,
+            dynamic_axes={INPUT_NAME: batch, **{name: batch for name in outputs}},
             do_constant_folding=True,
             export_params=True,
         )
@@ -206,20 +277,17 @@ def to_onnx(
 
 
 class ExportGraph(nn.Module):
-    """EmbeddingNet.embed with in-graph normalisation and the distances to the centers."""
+    """EmbeddingNet.embed with in-graph normalisation, the distances to the centers and,
+    when the graph has one, the atypicality (in fp32 whatever the network's precision)."""
 
-    def __init__(
-        self,
-        net,
-        mean: list[float],
-        std: list[float],
-        fp16: bool = False,
-        distance: str = DEFAULT_EXPORT_DISTANCE,
-    ) -> None:
+    def __init__(self, graph: Graph, mean: list[float], std: list[float], fp16: bool = False):
         super().__init__()
+        net = copy.deepcopy(graph.model)  # fp16 converts it in place; the caller keeps fp32
         self.net = net.half() if fp16 else net.float()
         self.fp16 = fp16
-        self.distance = distance
+        self.distance = graph.distance
+        fitted = graph.atypicality
+        self.atypicality = copy.deepcopy(fitted.module).float() if fitted else None
         # Pixels stay in 0..255: scaling mean and std saves a multiply per pixel.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255)
@@ -227,27 +295,32 @@ class ExportGraph(nn.Module):
     def forward(self, images: torch.Tensor, centers: torch.Tensor):
         x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
         x = (x - self.pixel_mean) / self.pixel_std
-        e = self.net.embed(x.half() if self.fp16 else x).float()  # (N, D)
+        maps = self.net.feature_maps(x.half() if self.fp16 else x)
+        e = self.net.embed_maps(maps[-1]).float()  # (N, D)
         # The matmul form: one (N, D) x (D, C) product, never an (N, C, D) difference; the
         # same formulas as contract.distances.
         d = centers.pow(2).sum(1)[None, :] - 2 * e @ centers.T  # (N, C)
         if self.distance == "squared_euclidean":
             d = (d + e.pow(2).sum(1, keepdim=True)).clamp_min(0)
-        return e, d, d.argmin(1), d.amin(1)
+        if self.atypicality is None:
+            return e, d, d.argmin(1), d.amin(1)
+        a = self.atypicality(maps)  # (N,): the same for every center, so labels stay
+        d = d + a[:, None]
+        return e, d, d.argmin(1), d.amin(1), a
 
 
-def torch_reference(model, centers, preprocess: dict[str, Any], distance: str):
+def torch_reference(graph: Graph, preprocess: dict[str, Any]):
     """The same graph run by torch in fp32: uint8 (N, H, W, 3) numpy -> numpy outputs."""
-    mean, std = preprocess["mean"], preprocess["std"]
-    graph = ExportGraph(copy.deepcopy(model), mean, std, distance=distance).eval()
-    centers = centers.detach().float().cpu()
+    module = ExportGraph(graph, preprocess["mean"], preprocess["std"]).eval()
+    centers = graph.centers.detach().float().cpu()
+    names = list(OUTPUT_NAMES) + ([ATYPICALITY] if graph.atypicality else [])
 
     @torch.no_grad()
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         if not images.flags.writeable:  # a memory-mapped split: torch wants its own copy
             images = images.copy()
-        values = graph(torch.from_numpy(images), centers)
-        return {name: v.numpy() for name, v in zip(OUTPUT_NAMES, values, strict=True)}
+        values = module(torch.from_numpy(images), centers)
+        return {name: v.numpy() for name, v in zip(names, values, strict=True)}
 
     return run
 
@@ -268,15 +341,16 @@ def _centers_to_initializer(proto, centers: np.ndarray) -> None:
 # --------------------------------------------------------------------------- metadata
 
 
-def static_metadata(ckpt: Checkpoint, precision: str, distance: str) -> dict[str, Any]:
+def static_metadata(ckpt: Checkpoint, precision: str, graph: Graph) -> dict[str, Any]:
     """Everything but the threshold: what the model is, its inputs, and where it came from."""
     pre = ckpt.preprocess
+    extra = {"atypicality": graph.atypicality.facts} if graph.atypicality else {}
     return {
         "format_version": str(MODEL_FORMAT_VERSION),
         "class_names": ckpt.class_names,
         "embedding_dim": ckpt.embedding_dim,
         "num_classes": ckpt.num_classes,
-        "distance": distance,
+        "distance": graph.distance,
         "input_layout": pre.get("layout", "NHWC uint8 RGB"),
         "input_size": list(pre["input_size"]),
         "resize": pre.get("resize", ""),
@@ -286,6 +360,7 @@ def static_metadata(ckpt: Checkpoint, precision: str, distance: str) -> dict[str
         "training": training_facts(ckpt),
         "exporter": {"torch": torch.__version__, "mode": EXPORTER, "opset": OPSET},
         "package_version": __version__,
+        **extra,
     }
 
 

@@ -28,6 +28,8 @@ from typing import Literal
 
 from center_embed import __version__
 from center_embed.contract import (
+    ALL_OUTPUT_NAMES,
+    ATYPICALITY,
     INPUT_NAME,
     OUTPUT_NAMES,
     PROTOCOL_DATATYPES,
@@ -72,10 +74,14 @@ def tensor_specs(proto, onnx_path: str | Path) -> tuple[list[TritonTensor], list
     graph = proto.graph
     inputs = [_spec(v, onnx) for v in graph.input if v.name == INPUT_NAME]
     outputs = [_spec(v, onnx) for v in graph.output]
-    if [t.name for t in inputs] != [INPUT_NAME] or [t.name for t in outputs] != list(OUTPUT_NAMES):
+    names = [t.name for t in outputs]
+    if [t.name for t in inputs] != [INPUT_NAME] or names not in (
+        list(OUTPUT_NAMES),
+        list(ALL_OUTPUT_NAMES),
+    ):
         raise UserError(
-            f"{onnx_path} has outputs {[t.name for t in outputs]}; expected input "
-            f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}: not exported by center-embed"
+            f"{onnx_path} has outputs {names}; expected input {INPUT_NAME!r} and outputs "
+            f"{list(OUTPUT_NAMES)} (and {ATYPICALITY!r}): not exported by center-embed"
         )
     return inputs, outputs
 

@@ -116,17 +116,22 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 
 def parse_request(
-    body: bytes, header_length: str | None, input_size: tuple[int, int], max_images: int
+    body: bytes,
+    header_length: str | None,
+    input_size: tuple[int, int],
+    max_images: int,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
 ) -> ParsedRequest:
     """Check an inference request against the model (input `images`, UINT8 (N, H, W, 3),
-    N <= max_images) and split out its tensor; no tensor is built yet (see `images_array`)."""
+    N <= max_images; outputs among `output_names`, the model file's) and split out its
+    tensor; no tensor is built yet (see `images_array`)."""
     header, binary = split_body(body, header_length)
     try:
         request = _REQUEST.validate_python(_load_json(header))
     except ValidationError as e:
         raise bad(f"not an inference request: {validation_message(list(e.errors()))}") from None
     images = _images_input(request.inputs, binary, input_size, max_images)
-    return ParsedRequest(request.id, images, _requested_outputs(request))
+    return ParsedRequest(request.id, images, _requested_outputs(request, output_names))
 
 
 def _load_json(header: bytes) -> Any:
@@ -178,14 +183,16 @@ def _images_input(
     return ImagesInput(shape, binary, None)  # type: ignore[arg-type]
 
 
-def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
+def _requested_outputs(
+    request: InferenceRequest, output_names: tuple[str, ...]
+) -> list[tuple[str, bool]]:
     everything_binary = _flag(request.parameters, "binary_data_output", "the request")
     if request.outputs is None:
-        return [(name, everything_binary) for name in OUTPUT_NAMES]
+        return [(name, everything_binary) for name in output_names]
     names = [o.name for o in request.outputs]
-    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    unknown = [n for n in names if n not in output_names]
     if unknown:
-        raise bad(f"unknown output(s) {unknown}; the model's outputs are {list(OUTPUT_NAMES)}")
+        raise bad(f"unknown output(s) {unknown}; the model's outputs are {list(output_names)}")
     if len(set(names)) != len(names):
         raise bad(f"outputs {names} name an output more than once")
     requested = []

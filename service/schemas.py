@@ -67,6 +67,12 @@ class Classification(BaseModel):
         description="distance to each center by class name, nearest first "
         "(the top_k nearest when top_k is given)"
     )
+    atypicality: float | None = Field(
+        None,
+        description="how far the image's low-level feature statistics lie beyond the "
+        "training images', in distance units (0: typical); part of each of its distances. "
+        "Images only (absent for /v1/distances vectors); 0 for a model exported without it",
+    )
     embedding: list[float] | None = Field(
         None, description="the image's embedding (only with return_embeddings=true)"
     )

@@ -51,9 +51,12 @@ class ServedCenters:
     def version(self) -> int:
         return self.centers.version
 
-    def scores(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,)."""
-        return self.centers.scores(embeddings)
+    def scores(
+        self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,); the images'
+        `atypicality` (N,) is part of each distance (None, for bare vectors: none)."""
+        return self.centers.scores(embeddings, atypicality)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """True where an image's min distance exceeds its nearest class's threshold."""
@@ -73,6 +76,7 @@ class ServedModel:
     def __init__(self, model: OnnxModel, centers: np.ndarray, sha256: str) -> None:
         self.model = model
         self.info = model.info
+        self.output_names = model.output_names  # the file's: four, or five with atypicality
         self.centers = centers  # (C, D) float32: the file's own, which the graph uses
         self.sha256 = sha256
         h, w = self.info.input_size
@@ -118,7 +122,7 @@ class ServedModel:
         return self.model.runtime
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances."""
+        """uint8 (N, H, W, 3) -> embeddings, distances, labels, min_distances, atypicality."""
         return self.model.run(images)
 
     # ------------------------------------------------------------------ the centers
@@ -169,9 +173,11 @@ class ServedModel:
         """True where an image's min distance exceeds its nearest class's threshold."""
         return (centers or self.current_centers()).unknown(outputs)
 
-    def file_distances(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    def file_distances(
+        self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """The same against the model file's own centers: what the graph computes."""
-        d = distances(embeddings, self.centers, self.info.distance)
+        d = distances(embeddings, self.centers, self.info.distance, atypicality=atypicality)
         return {"distances": d, **nearest_centers(d)}
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
@@ -184,7 +190,7 @@ class ServedModel:
             out = self.run(images)
             if not all(np.isfinite(v).all() for v in out.values()):
                 raise RuntimeError("the model gave non-finite outputs at warm-up")
-        ours = self.file_distances(out["embeddings"])["distances"]
+        ours = self.file_distances(out["embeddings"], out["atypicality"])["distances"]
         scale = max(1.0, float(np.abs(out["distances"]).max()))
         error = float(np.abs(ours - out["distances"]).max()) / scale
         if error > 1e-3:

@@ -78,8 +78,11 @@ def run_enroll(args: argparse.Namespace) -> int:
         print(f"removed {name}")
     for name, folder in class_folders(args):
         files = image_files(Path(folder))
-        embeddings = embed_files(model, files, args.batch_size)
-        centers = centers.with_class(name, embeddings, info=model.info, source=str(folder))
+        out = run_files(model, files, args.batch_size)
+        centers = centers.with_class(
+            name, out["embeddings"], info=model.info, source=str(folder),
+            atypicality=out["atypicality"],
+        )  # fmt: skip
         threshold = centers.thresholds.get(name)
         print(f"enrolled {name} from {len(files)} images in {folder} (unknown threshold "
               f"{'none' if threshold is None else f'{threshold:.4g}'})")  # fmt: skip
@@ -123,8 +126,9 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def embed_files(model, files: list[Path], batch_size: int) -> np.ndarray:
-    """float32 (n, D) embeddings of image files; an undecodable one is a UserError naming it."""
+def run_files(model, files: list[Path], batch_size: int) -> dict[str, np.ndarray]:
+    """The model's outputs for image files (embeddings (n, D), atypicality (n,), ...); an
+    undecodable file is a UserError naming it."""
     from center_embed.imageio import ImageDecodeError, ImageFormatError, ImageTooLargeError
 
     pixels = []
@@ -133,4 +137,4 @@ def embed_files(model, files: list[Path], batch_size: int) -> np.ndarray:
             pixels.append(model.decode(path))
         except (ImageDecodeError, ImageFormatError, ImageTooLargeError, OSError) as e:
             raise UserError(f"cannot read the image {path}: {e}") from None
-    return model.run_batched(np.stack(pixels), batch_size)["embeddings"]
+    return model.run_batched(np.stack(pixels), batch_size)

@@ -55,6 +55,18 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "‖e − c‖² − ‖e‖², the same labels and rankings as squared_euclidean, a better "
         "unknown score; README, 'Quality of the distances')",
     )  # fmt: skip
+    atypicality = p.add_mutually_exclusive_group()
+    atypicality.add_argument(
+        "--atypicality-quantile", type=float, metavar="Q",
+        help="the share of training images whose atypicality is 0 (default 0.99): the "
+        "`atypicality` output, part of every distance, grows for images whose low-level "
+        "feature statistics lie beyond the training images' (README, 'Quality of the "
+        "distances')",
+    )  # fmt: skip
+    atypicality.add_argument(
+        "--no-atypicality", action="store_true",
+        help="export without the `atypicality` output (distances from the embedding alone)",
+    )  # fmt: skip
     add_data_argument(p, default="the run's, as the checkpoint records it; give it if it moved")
     p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
     p.add_argument(
@@ -73,6 +85,12 @@ def run_export(args: argparse.Namespace) -> int:
         refuse_existing(args.out, args.overwrite)
     if args.triton_repo:
         refuse_existing(_triton_model_folder(args.triton_repo), args.overwrite)
+    atypicality = {"atypicality_quantile": None} if args.no_atypicality else {}
+    if args.atypicality_quantile is not None:
+        if not 0 < args.atypicality_quantile < 1:
+            raise UserError(f"--atypicality-quantile must lie in (0, 1), not "
+                            f"{args.atypicality_quantile}")  # fmt: skip
+        atypicality = {"atypicality_quantile": args.atypicality_quantile}
     path = export_checkpoint(
         args.checkpoint,
         args.out,
@@ -84,6 +102,7 @@ def run_export(args: argparse.Namespace) -> int:
         data=args.data,
         distance=args.distance,
         log=print,
+        **atypicality,
     )
     info = _open_model(path).info
     print(f"wrote {path} ({info.precision}, {format_size(path.stat().st_size)}, "
@@ -258,6 +277,8 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
     h, w = info.input_size
     training = meta.get("training", {})
     calibration = meta.get("unknown_threshold_calibration", {})
+    outputs = "labels [N], min_distances [N]" + (", atypicality [N]" * model.has_atypicality)
+    kind = info.distance + (" + atypicality" * model.has_atypicality)
     lines = [
         f"{model.path}  ({format_size(Path(model.path).stat().st_size)})",
         f"  format          {meta.get('format_version')}  precision {info.precision}  "
@@ -265,13 +286,21 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
         f"  input           images uint8 [N, {h}, {w}, 3] RGB, {meta.get('resize', '')}",
         f"  normalisation   mean {info.mean}  std {info.std} (of pixels/255)",
         f"  outputs         embeddings [N, {info.embedding_dim}], distances [N, "
-        f"{info.num_classes}] ({info.distance}), labels [N], min_distances [N]",
+        f"{info.num_classes}] ({kind}), {outputs}",
         f"  {plural(info.num_classes, 'class'):<16}{', '.join(info.class_names[:20])}"
         + (" ..." if info.num_classes > 20 else ""),
         f"  unknown above   {format_optional_number(info.unknown_threshold)} "
         f"(q={calibration.get('quantile')} of {calibration.get('correct')} correct "
         f"{calibration.get('split')} images)",
     ]
+    atypicality = meta.get("atypicality")
+    if isinstance(atypicality, dict):
+        lines.append(
+            f"  atypicality     0 for {atypicality.get('quantile')} of "
+            f"{atypicality.get('norm_images')} training images (Gaussians of "
+            f"{', '.join(atypicality.get('layers', []))}, fitted on "
+            f"{atypicality.get('fit_images')}); part of every distance"
+        )
     loss = meta.get("precision_loss")
     if isinstance(loss, dict) and "accuracy_drop_points" in loss:
         lines.append(f"  {info.precision} vs fp32    {loss.get('summary')}")

@@ -9,6 +9,8 @@ One row per image (DESIGN.md, "Scoring output"):
     class_name    string   that center's class                 null where the image failed
     min_distance  float32  distance to it (the model's kind)   null where the image failed
     unknown       bool     min_distance > the unknown threshold of its nearest class
+    atypicality   float32  the model's `atypicality` output, part of every distance (0 for
+                           typical images, and for models exported without it)
     distances     fixed_size_list<float32>[C]  distance to every center, in the
                   model's class order (the `class_names` list in the file's metadata)
     embedding     fixed_size_list<float32>[D]
@@ -44,7 +46,7 @@ from center_embed.errors import UserError
 from center_embed.fileio import atomic_path, atomic_write_text
 from center_embed.score.sources import folder_class
 
-SCORES_FORMAT_VERSION = 1  # the Parquet file and the .partial manifest
+SCORES_FORMAT_VERSION = 2  # the Parquet file and the .partial manifest (2: atypicality)
 FORMATS = ("parquet", "npy")
 # How `true_class` is filled, recorded in the .partial manifest: parts written before the
 # folder rule (true_class left null for folders) must not be resumed into a file whose
@@ -103,6 +105,7 @@ def make_schema(num_classes: int, embedding_dim: int, metadata: dict[str, str]):
             pa.field("class_name", pa.string()),
             pa.field("min_distance", pa.float32()),
             pa.field("unknown", pa.bool_()),
+            pa.field("atypicality", pa.float32()),
             pa.field("distances", pa.list_(pa.float32(), num_classes)),
             pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
             pa.field("true_class", pa.string()),
@@ -147,6 +150,7 @@ def rows_table(
         ).cast(pa.string()),
         pa.array(full(outputs["min_distances"].astype(np.float32), 0), pa.float32(), mask=failed),
         pa.array(full(unknown.astype(bool), False), pa.bool_(), mask=failed),
+        pa.array(full(outputs["atypicality"].astype(np.float32), 0), pa.float32(), mask=failed),
     ]
     for name in ("distances", "embeddings"):
         values = full(outputs[name].astype(np.float32), 0)  # (n, C) or (n, D)
@@ -338,6 +342,7 @@ class PartWriter:
             "labels": array("labels", np.int64, (n,)),
             "min_distances": array("min_distances", np.float32, (n,)),
             "unknown": array("unknown", np.bool_, (n,)),
+            "atypicality": array("atypicality", np.float32, (n,)),
         }
         start = 0
         with (tmp / "rows.jsonl").open("w", encoding="utf-8") as rows:
@@ -358,6 +363,9 @@ class PartWriter:
                     t.column("min_distance").fill_null(np.nan).to_numpy()
                 )
                 arrays["unknown"][start:stop] = t.column("unknown").fill_null(False).to_numpy()
+                arrays["atypicality"][start:stop] = (
+                    t.column("atypicality").fill_null(np.nan).to_numpy()
+                )
                 for row in t.select(["id", "path", "true_class", "error"]).to_pylist():
                     rows.write(json.dumps(row) + "\n")
                 start = stop

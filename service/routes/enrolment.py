@@ -91,10 +91,12 @@ async def enrol(
     refused_unless(check_class_name, name)  # before the body is read
     result = await pipeline.run(request)
     embeddings = result.outputs["embeddings"]  # (n, D)
+    atypicality = result.outputs["atypicality"]  # (n,)
     source = f"PUT /v1/centers ({len(embeddings)} images, mode={mode})"
 
     def change(current: CenterSet) -> CenterSet:
-        return current.with_class(name, embeddings, info=model.info, mode=mode, source=source)
+        return current.with_class(name, embeddings, info=model.info, mode=mode, source=source,
+                                  atypicality=atypicality)  # fmt: skip
 
     snapshot = await apply(model, change)
     return answer(snapshot, name, metrics)

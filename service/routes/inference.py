@@ -194,8 +194,9 @@ async def classify(
     top_k: int | None = TOP_K,
     return_embeddings: bool = WITH_EMBEDDINGS,
 ) -> JSONResponse:
-    """Per image: nearest center (label, class name), min distance, unknown flag and the
-    distances to every center by class name (enrolled classes included)."""
+    """Per image: nearest center (label, class name), min distance, unknown flag, the
+    distances to every center by class name (enrolled classes included) and the image's
+    atypicality (part of each distance)."""
     result = await pipeline.run(request)
     out = scored(result.outputs, centers)
     embeddings = out["embeddings"] if return_embeddings else None
@@ -208,7 +209,7 @@ async def classify(
 
 def scored(outputs: dict[str, np.ndarray], centers: ServedCenters) -> dict[str, np.ndarray]:
     """The graph's outputs with distances, labels and min distances against `centers`."""
-    out = {**outputs, **centers.scores(outputs["embeddings"])}
+    out = {**outputs, **centers.scores(outputs["embeddings"], outputs["atypicality"])}
     require_finite(out, [f"images[{i}]" for i in range(len(outputs["embeddings"]))])
     return out
 
@@ -261,6 +262,7 @@ def classifications(
     nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
     unknown = centers.unknown(out)
     rows = d.tolist()
+    atypicality = out["atypicality"].tolist() if "atypicality" in out else None
     results = []
     for i, (label, min_distance) in enumerate(
         zip(out["labels"].tolist(), out["min_distances"].tolist(), strict=True)
@@ -272,6 +274,8 @@ def classifications(
             "unknown": bool(unknown[i]),
             "distances": {names[j]: rows[i][j] for j in nearest[i].tolist()},
         }
+        if atypicality is not None:
+            result["atypicality"] = atypicality[i]
         if embeddings is not None:
             result["embedding"] = embeddings[i].tolist()
         results.append(result)

@@ -171,6 +171,7 @@ async def model_metadata(model: ModelDep, centers: CentersDep) -> dict[str, Any]
     distances' width is the number of classes served now (enrolled ones included)."""
     h, w = model.info.input_size
     outputs = empty_outputs(len(centers.names), model.info.embedding_dim)
+    outputs = {name: outputs[name] for name in model.output_names}  # the file's own
     return {
         "name": PROTOCOL_MODEL_NAME,
         "versions": [served_version(model)],
@@ -209,8 +210,9 @@ async def infer(
         )
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parsed = parse_request(
-        body, request.headers.get(HEADER_LENGTH), model.info.input_size, settings.max_images
-    )
+        body, request.headers.get(HEADER_LENGTH), model.info.input_size, settings.max_images,
+        model.output_names,
+    )  # fmt: skip
     metrics.images.labels(request.scope["route"].path).inc(parsed.images.count)
     loop = asyncio.get_running_loop()
     try:

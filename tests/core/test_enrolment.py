@@ -3,6 +3,7 @@ centers file (another model's file refused, locked read-modify-write across proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import re
@@ -91,6 +92,53 @@ def test_thresholds_follow_the_models_quantile_and_the_unknown_flag():
     np.testing.assert_allclose(scoped.label_thresholds(), [1.0, 1.5, expected])
     flags = scoped.unknown(np.array([expected * 1.01, expected * 0.99]), np.array([2, 2]))
     assert flags.tolist() == [True, False]
+
+
+def test_atypicality_is_part_of_the_threshold_and_of_every_distance():
+    """A class enrolled from images that are all atypical (another domain) has a threshold
+    that covers their atypicality, so its own kind of image is accepted; the images'
+    atypicality is kept for mode=add and in the centers file, and read as 0 where absent."""
+    rng = np.random.default_rng(5)
+    e = rng.normal(loc=[0, 10, 0], size=(12, 3)).astype(np.float32)
+    atypicality = np.full(12, 40.0, np.float32) + rng.uniform(0, 5, 12).astype(np.float32)
+    info = _info(quantile=0.9)
+    plain = _base(info).with_class("c", e, info=info)
+    other = _base(info).with_class("c", e, info=info, atypicality=atypicality)
+    bare, _ = enrolment_threshold(e, "squared_euclidean", 0.9, 2.0)
+    with_it, _ = enrolment_threshold(e, "squared_euclidean", 0.9, 2.0, atypicality)
+    assert plain.thresholds["c"] == pytest.approx(bare)
+    assert other.thresholds["c"] == pytest.approx(with_it)
+    # Brute force: held-out (leave-one-out) squared distances plus each image's own value.
+    loo = sorted(
+        float(((e[i] - np.delete(e, i, 0).mean(0)) ** 2).sum()) + float(atypicality[i])
+        for i in range(12)
+    )
+    assert with_it == pytest.approx(loo[int(np.ceil(0.9 * 12)) - 1], rel=1e-5)  # inverted_cdf
+    out = other.scores(e[:2], atypicality[:2])
+    np.testing.assert_allclose(out["distances"], other.scores(e[:2])["distances"]
+                               + atypicality[:2, None], rtol=1e-6)  # fmt: skip
+    scoped = other.model_info(info)
+    assert not scoped.unknown(out["min_distances"], out["labels"]).any()  # its own kind: known
+    # Had the threshold left the atypicality out, the class's own images would be unknown.
+    assert plain.model_info(info).unknown(out["min_distances"], out["labels"]).all()
+    added = other.with_class("c", e[:3], info=info, mode="add")  # no atypicality given: 0
+    np.testing.assert_array_equal(added.atypicality_of("c"), np.r_[atypicality, np.zeros(3)])
+    with pytest.raises(ValueError, match="atypicality values"):
+        other.with_class("d", e, info=info, atypicality=atypicality[:3])
+
+
+def test_centers_file_keeps_atypicality_and_reads_old_files(tmp_path):
+    from center_embed.enrolment import decode_center_set, encode_center_set
+
+    info = _info()
+    e = np.ones((6, 3), np.float32)
+    a = np.arange(6, dtype=np.float32)
+    enrolled = _base().with_class("c", e, info=info, atypicality=a)
+    back = decode_center_set(encode_center_set(enrolled), "x")
+    np.testing.assert_array_equal(back.atypicality_of("c"), a)
+    old = dataclasses.replace(enrolled, atypicality={})  # as written before the output
+    np.testing.assert_array_equal(decode_center_set(encode_center_set(old), "x")
+                                  .atypicality_of("c"), np.zeros(6))  # fmt: skip
 
 
 def test_replace_add_and_remove():

@@ -1,7 +1,9 @@
 """Export: one ONNX file that agrees with torch, describes itself, and fails cleanly.
 
 References are computed independently of the exported graph: embeddings by the training
-code's own `embed_images` (fp32), distances by brute force over (e − c)².
+code's own `embed_images` (fp32), distances by brute force over (e − c)², the atypicality
+by export/atypicality.py's torch module on the network's own feature maps (the module
+itself is tested against brute force in test_atypicality.py).
 """
 
 from __future__ import annotations
@@ -54,13 +56,33 @@ def torch_outputs(checkpoint: Path, images: np.ndarray) -> dict[str, np.ndarray]
     e = embed_images(model, images, pre["mean"], pre["std"], torch.device("cpu")).double()
     c = criterion.centers.double()
     squared = ((e[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # (N, C), brute force
-    d = squared - (e**2).sum(1, keepdim=True)  # export's default kind: minus ‖e‖²
+    a = torch_atypicality(checkpoint, images)[:, None]  # (N, 1)
+    d = squared - (e**2).sum(1, keepdim=True) + a  # export's default kind: minus ‖e‖²
     return {
         "embeddings": e.numpy(),
         "distances": d.numpy(),
-        "squared": squared.numpy(),
+        "squared": (squared + a).numpy(),
         "labels": d.argmin(1).numpy(),
+        "atypicality": a[:, 0].numpy(),
     }
+
+
+def torch_atypicality(checkpoint: Path, images: np.ndarray, kind: str = "") -> torch.Tensor:
+    """(N,) float64: the atypicality export fits (same images, same seed), in torch."""
+    from center_embed.export.atypicality import fit_atypicality
+    from center_embed.export.calibrate import calibration_set
+
+    ckpt = Checkpoint.load(checkpoint)
+    model, criterion = ckpt.build_model()
+    c = criterion.centers.numpy()
+    kind = kind or contract.DEFAULT_EXPORT_DISTANCE
+    fitted = fit_atypicality(model, calibration_set(ckpt).train.images, ckpt.preprocess,
+                             lambda e: contract.distances(e, c, kind).min(1))  # fmt: skip
+    mean = torch.tensor(ckpt.preprocess["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(ckpt.preprocess["std"]).view(1, 3, 1, 1) * 255
+    x = (torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() - mean) / std
+    with torch.no_grad():
+        return fitted.module(model.feature_maps(x)).double()
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,6 +102,8 @@ def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     assert relative(got["distances"], want["distances"]) < 1e-4
     np.testing.assert_array_equal(got["labels"], want["labels"])
     np.testing.assert_allclose(got["min_distances"], want["distances"].min(1), rtol=1e-4, atol=1e-4)
+    scale = np.abs(want["distances"]).max()
+    np.testing.assert_allclose(got["atypicality"], want["atypicality"], atol=1e-4 * scale)
     assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
 
 
@@ -105,18 +129,21 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
     assert image_input.name == contract.INPUT_NAME and dims[0].dim_param and not dims[0].dim_value
     assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
+    assert [o.name for o in proto.graph.output] == list(contract.ALL_OUTPUT_NAMES)
     model = OnnxModel(tiny_onnx, device="cpu", threads=1)
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 33):
         out = model.run(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
         assert out["embeddings"].shape == (n, 16) and out["distances"].shape == (n, 3)
         assert out["labels"].shape == (n,) and out["min_distances"].shape == (n,)
+        assert out["atypicality"].shape == (n,) and (out["atypicality"] >= 0).all()
         # The outputs agree with each other: nearest label and min distance of `distances`.
         np.testing.assert_array_equal(out["labels"], out["distances"].argmin(1))
         np.testing.assert_array_equal(out["min_distances"], out["distances"].min(1))
-        # The default kind, ‖e − c‖² − ‖e‖², is a squared distance less the image's own ‖e‖².
-        squared = out["distances"] + (out["embeddings"] ** 2).sum(1, keepdims=True)
+        # The default kind, ‖e − c‖² − ‖e‖², is a squared distance less the image's own ‖e‖²
+        # (plus its atypicality).
+        squared = out["distances"] - out["atypicality"][:, None]
+        squared += (out["embeddings"] ** 2).sum(1, keepdims=True)
         assert squared.min() > -1e-3 * np.abs(squared).max()
     empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
@@ -132,13 +159,16 @@ def test_contract_distances_are_the_graphs(tiny_onnx):
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
     assert model.info.distance == "squared_euclidean_minus_norm"
-    d = contract.distances(out["embeddings"], contract.read_centers(tiny_onnx), model.info.distance)
+    centers = contract.read_centers(tiny_onnx)
+    d = contract.distances(out["embeddings"], centers, model.info.distance,
+                           atypicality=out["atypicality"])  # fmt: skip
     np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
     nearest = contract.nearest_centers(out["distances"])
     np.testing.assert_array_equal(nearest["labels"], out["labels"])
     np.testing.assert_array_equal(nearest["min_distances"], out["min_distances"])
     batched = contract.run_batched(model.run, images, batch_size=4)
-    for name in contract.OUTPUT_NAMES:
+    assert set(batched) == set(contract.ALL_OUTPUT_NAMES)
+    for name in contract.ALL_OUTPUT_NAMES:
         np.testing.assert_allclose(batched[name], out[name], rtol=1e-5, atol=1e-5)
 
 
@@ -152,12 +182,18 @@ def test_squared_euclidean_export_keeps_the_old_contract(tiny_checkpoint, tiny_o
     images = np.ascontiguousarray(test.images[:20])
     got, new = model.run(images), default.run(images)
     want = torch_outputs(tiny_checkpoint, images)
+    # This file's atypicality is scaled by the spread of its own kind's min distances.
+    own = torch_atypicality(tiny_checkpoint, images, "squared_euclidean").numpy()
+    want["squared"] += (own - want["atypicality"])[:, None]
     assert model.info.distance == "squared_euclidean"
     assert relative(got["distances"], want["squared"]) < 1e-4 and (got["distances"] >= 0).all()
     np.testing.assert_array_equal(got["labels"], new["labels"])
     centers = contract.read_centers(old)
-    np.testing.assert_allclose(contract.distances(got["embeddings"], centers, "squared_euclidean"),
-                               got["distances"], rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        contract.distances(got["embeddings"], centers, "squared_euclidean",
+                           atypicality=got["atypicality"]),
+        got["distances"], rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
     assert model.info.unknown_threshold > 0  # calibrated in its own kind
     assert model.info.unknown_threshold != default.info.unknown_threshold
     with pytest.raises(UserError, match="--distance must be one of"):
@@ -288,7 +324,11 @@ def test_int8_agrees_with_fp32(tiny_checkpoint, tiny_onnx, int8_model):
     images = np.concatenate([val.images, test.images])  # 96 images
     a, b = fp32.run_batched(images), int8.run_batched(images)
     assert (a["labels"] == b["labels"]).mean() >= 0.99
-    assert relative(b["distances"], a["distances"]) < 0.25
+
+    def from_centers(out):  # the distances without the atypicality
+        return out["distances"] - out["atypicality"][:, None]
+
+    assert relative(from_centers(b), from_centers(a)) < 0.25
     loss = json.loads(int8.info.metadata["center_embed.precision_loss"])
     assert loss["split"] == "validation" and loss["images"] == 48
     assert loss["accuracy_drop_points"] == pytest.approx(

@@ -79,8 +79,10 @@ def test_repository_matches_the_onnx_file(tiny_onnx, tmp_path):
     tensors = onnx_tensors(tiny_onnx)
     assert [t.name for t in config.input] == ["images"]
     assert config.input[0].format == mc.ModelInput.FORMAT_NHWC
-    assert [t.name for t in config.output] == ["embeddings", "distances", "labels", "min_distances"]
-    assert len(tensors) == 5  # one input, four outputs: nothing left undeclared
+    assert [t.name for t in config.output] == [
+        "embeddings", "distances", "labels", "min_distances", "atypicality",
+    ]  # fmt: skip
+    assert len(tensors) == 6  # one input, five outputs: nothing left undeclared
     for declared in [*config.input, *config.output]:
         check_tensor(declared, *tensors[declared.name])
     assert list(config.input[0].dims) == [32, 32, 3]  # the tiny model's input size

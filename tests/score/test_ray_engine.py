@@ -77,7 +77,7 @@ def assert_same_rows(expected, actual) -> None:
     for column in ("id", "path", "label", "class_name", "unknown", "error", "true_class"):
         assert actual.column(column).to_pylist() == expected.column(column).to_pylist(), column
     ok = np.array([e is None for e in expected.column("error").to_pylist()])
-    for column in ("embedding", "distances", "min_distance"):
+    for column in ("embedding", "distances", "min_distance", "atypicality"):
         want = np.array(expected.column(column).to_pylist(), dtype=object)[ok].tolist()
         got = np.array(actual.column(column).to_pylist(), dtype=object)[ok].tolist()
         np.testing.assert_allclose(np.array(got, np.float64), np.array(want, np.float64),

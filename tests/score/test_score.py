@@ -23,7 +23,8 @@ from center_embed.score.local import score
 from center_embed.score.output import PartWriter
 from tests.helpers import ROOT, write_cifar
 
-MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown", "distances", "embedding"]
+MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown", "atypicality", "distances",
+                 "embedding"]  # fmt: skip
 
 
 @pytest.fixture()
@@ -82,6 +83,8 @@ def test_folder_with_broken_files_scores_every_image(tiny_onnx, messy_folder, tm
     np.testing.assert_allclose(
         [r["min_distance"] for r in good], expected["min_distances"], rtol=1e-5
     )
+    np.testing.assert_allclose([r["atypicality"] for r in good], expected["atypicality"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     names = model.info.class_names
     assert [r["class_name"] for r in good] == [names[k] for k in expected["labels"]]
     assert [r["class_name"] for r in good] == ["green"] * 2 + ["red"] * 2 + ["blue"] * 2
@@ -105,6 +108,7 @@ def test_parquet_schema_and_metadata(tiny_onnx, messy_folder, tmp_path):
         ("class_name", pa.string(), True),
         ("min_distance", pa.float32(), True),
         ("unknown", pa.bool_(), True),
+        ("atypicality", pa.float32(), True),
         ("distances", pa.list_(pa.float32(), c), True),
         ("embedding", pa.list_(pa.float32(), d), True),
         ("true_class", pa.string(), True),

@@ -92,7 +92,7 @@ def test_npy_model_json_is_plain_json(tiny_onnx, class_tree, tmp_path):
     score(tiny_onnx, class_tree, tmp_path / "s.npy", fmt="npy", progress=False)
     meta = json.loads((tmp_path / "s.npy" / "model.json").read_text())
     assert meta["class_names"] == info.class_names == sorted(TINY_CLASSES)
-    assert meta["scores_version"] == 1
+    assert meta["scores_version"] == 2
     assert meta["embedding_dim"] == info.embedding_dim
     assert meta["source"] == {"kind": "folder", "path": str(class_tree), "all_files": False}
     assert meta["distance"] == info.distance
@@ -104,7 +104,7 @@ def test_npy_model_json_is_plain_json(tiny_onnx, class_tree, tmp_path):
     score(tiny_onnx, class_tree, tmp_path / "s.parquet", progress=False)
     raw = pq.read_schema(tmp_path / "s.parquet").metadata
     assert json.loads(raw[b"center_embed.class_names"]) == info.class_names
-    assert raw[b"center_embed.scores_version"] == b"1"
+    assert raw[b"center_embed.scores_version"] == b"2"
     assert read_scores_metadata(raw) == meta
 
 

@@ -355,3 +355,23 @@ def test_base64_enrolment_and_the_python_client(model_copy, pictures):
                 client.enroll("red", pictures[:1], mode="add", admin_key=ADMIN)
         with Client(live.url, api_key=ADMIN) as admin:
             assert admin.remove("okapi")["num_classes"] == 3
+
+
+def test_a_class_of_atypical_images_accepts_its_own_kind(model_copy):
+    """Flat greys are atypical for the tiny model (an atypicality near 100, part of every
+    distance): before enrolment they are unknown; a class enrolled from them over HTTP gets
+    a threshold that includes their atypicality, so more of them are answered as that class
+    and known, after a restart too (the centers file keeps the images' atypicality)."""
+    greys = np.r_[np.linspace(60, 200, 10), 95, 165].astype(np.uint8)  # the last two held out
+    flats = [encode(np.full((32, 32, 3), g, np.uint8)) for g in greys]
+    with running(model_copy) as client:
+        before = client.post("/v1/classify", files=files(*flats[10:])).json()["results"]
+        put = client.put("/v1/centers/flat", files=files(*flats[:10]), headers=ADMIN_AUTH)
+        assert put.status_code == 200, put.text
+        after = client.post("/v1/classify", files=files(*flats[10:])).json()["results"]
+    assert all(r["unknown"] and r["atypicality"] > 1 for r in before)
+    assert put.json()["unknown_threshold"] > min(r["atypicality"] for r in before)
+    assert [(r["class_name"], r["unknown"]) for r in after] == [("flat", False)] * 2
+    with running(model_copy) as client:  # a new app on the same centers file
+        again = client.post("/v1/classify", files=files(*flats[10:])).json()["results"]
+    assert [(r["class_name"], r["unknown"]) for r in again] == [("flat", False)] * 2

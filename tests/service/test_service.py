@@ -151,6 +151,8 @@ def check_results(results: list[dict], ref: dict[str, np.ndarray], names: list[s
         distances = [result["distances"][name] for name in names]
         np.testing.assert_allclose(distances, ref["distances"][i], rtol=1e-5, atol=1e-6)
         assert list(result["distances"].values()) == sorted(result["distances"].values())
+        if "atypicality" in result:  # images (a bare vector has none)
+            assert result["atypicality"] == pytest.approx(float(ref["atypicality"][i]), abs=1e-4)
 
 
 def test_classify_agrees_with_onnxruntime(client, reference, images):
@@ -200,11 +202,21 @@ def test_embed_agrees_with_onnxruntime(client, reference, images):
 
 
 def test_distances_agree_with_onnxruntime(client, reference, images):
-    ref = expected(reference, images[:4])
+    """A bare embedding has no image, so no atypicality: its distances are the image's
+    less the image's atypicality (a flat colour has one: the tiny model gives it ~100)."""
+    flat = encode(np.full((32, 32, 3), (10, 200, 30), np.uint8))
+    ref = expected(reference, [*images[:3], flat])
+    assert ref["atypicality"][3] > 1  # (the JPEG one has some too: artefacts on noise)
+    classified = client.post("/v1/classify", files=multipart(*images[:3], flat)).json()
+    check_results(classified["results"], ref, reference.info.class_names)
     payload = {"embeddings": ref["embeddings"].tolist()}
     response = client.post("/v1/distances", json=payload)
     assert response.status_code == 200
-    check_results(response.json()["results"], ref, reference.info.class_names)
+    bare = {**ref, "distances": ref["distances"] - ref["atypicality"][:, None]}
+    bare["min_distances"] = bare["distances"].min(1)
+    results = response.json()["results"]
+    assert all("atypicality" not in r for r in results)
+    check_results(results, bare, reference.info.class_names)
     assert float(response.headers["x-queue-time"]) == 0
     assert float(response.headers["x-inference-time"]) > 0
     top1 = client.post("/v1/distances?top_k=1", json=payload).json()["results"]

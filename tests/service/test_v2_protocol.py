@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from center_embed.contract import OUTPUT_NAMES, PROTOCOL_MODEL_NAME
+from center_embed.contract import ALL_OUTPUT_NAMES, OUTPUT_NAMES, PROTOCOL_MODEL_NAME
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -106,6 +106,7 @@ def test_health_and_metadata(client, reference):
             {"name": "distances", "datatype": "FP32", "shape": [-1, c]},
             {"name": "labels", "datatype": "INT64", "shape": [-1]},
             {"name": "min_distances", "datatype": "FP32", "shape": [-1]},
+            {"name": "atypicality", "datatype": "FP32", "shape": [-1]},
         ],
     }
     # The metadata's datatypes are those onnxruntime declares for the file.
@@ -115,6 +116,7 @@ def test_health_and_metadata(client, reference):
         "distances": "tensor(float)",
         "labels": "tensor(int64)",
         "min_distances": "tensor(float)",
+        "atypicality": "tensor(float)",
     }
     assert client.get_model_metadata(NAME, "1") == meta
     status, message = triton_error(lambda: client.get_model_metadata("other"))
@@ -140,9 +142,9 @@ def test_infer_json_tensors_equal_onnxruntime(client, reference, pixels):
 def test_infer_binary_tensors_equal_onnxruntime(client, reference, pixels):
     result = client.infer(NAME, [images_input(pixels, binary=True)], headers=auth())  # all, binary
     outputs = result.get_response()["outputs"]
-    assert [o["name"] for o in outputs] == list(OUTPUT_NAMES)
+    assert [o["name"] for o in outputs] == list(ALL_OUTPUT_NAMES)  # the file's five
     assert all(o["parameters"]["binary_data_size"] > 0 and "data" not in o for o in outputs)
-    check_outputs(result, reference.run(pixels), OUTPUT_NAMES)
+    check_outputs(result, reference.run(pixels), ALL_OUTPUT_NAMES)
 
 
 def test_infer_a_subset_mixed_binary_and_json(client, reference, pixels):
