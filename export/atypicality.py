@@ -4,7 +4,7 @@ of the image (so labels and the ranking of centers do not change) and returns it
 output `atypicality`.
 
     m_l = EmbeddingNet.feature_maps(x)[l], l in LAYERS    the whitened input, groups 1 and 2
-    f_l = [mean, std] over space of each channel of m_l   (B, 2·C_l)
+    f_l = [mean, std, mean absolute deviation] over space of each channel of m_l  (B, 3·C_l)
     s_l = log ‖W_l·(f_l − μ_l)‖²        log Mahalanobis distance to the training images' f_l:
                                          μ_l, Σ_l fitted on training images, W_lᵀW_l = Σ_l⁻¹
                                          (Σ_l shrunk by SHRINKAGE·tr(Σ_l)/dim toward a sphere)
@@ -17,7 +17,9 @@ output `atypicality`.
 Why: the embedding is shaped by the classes alone, so an image unlike every training image
 (a flat colour, noise, rendered text, flat shapes) can still land near a center and be
 served as a known class. The early layers respond to colour, edges and texture; their
-pooled statistics put such images far outside the training images' cloud. A tied Gaussian
+pooled statistics put such images far outside the training images' cloud (the mean absolute
+deviation beside the std says how sparse a channel's response is: a few sharp edges on flat
+ground, as in rendered text or block-blurred images, against texture everywhere). A tied Gaussian
 over pooled activations follows Lee et al. (2018, here without classes); counting only what
 lies beyond the training images' own range follows Sastry & Oore (2020): natural images get
 0, so the center distance alone ranks them, and open-set recognition (new classes of natural
@@ -47,13 +49,15 @@ DEFAULT_WEIGHT = 1.0
 
 
 def pooled_statistics(feature_map: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C): each channel's mean and standard deviation over space, in
-    fp32. The std in two passes, E[(x − E[x])²]: E[x²] − E[x]² would cancel where a runtime
-    computes in bf16 (OpenVINO's bf16 keeps 8 bits of mantissa)."""
+    """(B, C, H, W) -> (B, 3C): each channel's mean, standard deviation and mean absolute
+    deviation over space, in fp32. Deviations from the mean in two passes: E[x²] − E[x]²
+    would cancel where a runtime computes in bf16 (OpenVINO's bf16 keeps 8 bits of
+    mantissa)."""
     x = feature_map.float()
     mean = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
-    var = (x - mean).pow(2).mean((2, 3))  # (B, C)
-    return torch.cat([mean.flatten(1), (var + 1e-12).sqrt()], 1)
+    deviation = x - mean  # (B, C, H, W)
+    std = (deviation.pow(2).mean((2, 3)) + 1e-12).sqrt()  # (B, C)
+    return torch.cat([mean.flatten(1), std, deviation.abs().mean((2, 3))], 1)
 
 
 class Atypicality(nn.Module):
@@ -72,11 +76,11 @@ class Atypicality(nn.Module):
         self.register_buffer("scale", torch.ones(()))  # weight · scale
 
     def log_distances(self, stats: list[torch.Tensor]) -> torch.Tensor:
-        """Pooled statistics [(B, 2C_l)] -> (B, L): s_l, each layer's log Mahalanobis
+        """Pooled statistics [(B, 3C_l)] -> (B, L): s_l, each layer's log Mahalanobis
         distance."""
         scores = []
         for i, f in enumerate(stats):
-            w = (f - getattr(self, f"mean{i}")) @ getattr(self, f"whitening{i}")  # (B, 2C)
+            w = (f - getattr(self, f"mean{i}")) @ getattr(self, f"whitening{i}")  # (B, 3C)
             scores.append(torch.log((w * w).sum(1) + 1e-12))  # (B,)
         return torch.stack(scores, 1)
 
@@ -86,7 +90,7 @@ class Atypicality(nn.Module):
         return z.sum(1) / math.sqrt(self.layers)
 
     def forward_statistics(self, stats: list[torch.Tensor]) -> torch.Tensor:
-        """Pooled statistics [(B, 2C_l)] -> atypicality (B,)."""
+        """Pooled statistics [(B, 3C_l)] -> atypicality (B,)."""
         return (self.standard_score(stats) - self.gate).clamp_min(0) * self.scale
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
@@ -100,7 +104,7 @@ class Fitted:
     facts: dict[str, Any]  # what the model's `atypicality` metadata says
 
 
-# A source of pooled statistics: uint8 images (n, H, W, 3) -> ([(n, 2C_l) per layer of
+# A source of pooled statistics: uint8 images (n, H, W, 3) -> ([(n, 3C_l) per layer of
 # LAYERS], embeddings (n, D)), float32 tensors.
 Statistics = Callable[[np.ndarray], tuple[list[torch.Tensor], torch.Tensor]]
 
@@ -158,7 +162,8 @@ def fit_on(
     module.scale.fill_(weight * max(spread, 1e-6))
     facts = {
         "layers": [LAYER_NAMES[layer] for layer in LAYERS],
-        "statistics": "each channel's mean and std over space; one Gaussian per layer",
+        "statistics": "each channel's mean, std and mean absolute deviation over space; "
+        "one Gaussian per layer",
         "fit_images": int(len(fit_index)),
         "norm_images": int(n_norm),
         "quantile": quantile,

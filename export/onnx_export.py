@@ -154,6 +154,12 @@ class Graph:
     distance: str
     atypicality: Fitted | None = None
 
+    def min_distances(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, D) -> (n,): the min distance to the centers, of the graph's kind, without the
+        atypicality (what scales it)."""
+        centers = self.centers.detach().float().cpu().numpy()
+        return distances(embeddings, centers, self.distance).min(1)
+
 
 def prepare_graph(
     ckpt: Checkpoint,
@@ -166,20 +172,18 @@ def prepare_graph(
 ) -> Graph:
     """The graph to export, its atypicality fitted on the run's training images (none,
     and said, when `quantile` is None or the run has too few training images)."""
+    graph = Graph(model, centers, distance)
     if quantile is None:
-        return Graph(model, centers, distance)
-    c = centers.detach().float().cpu().numpy()
-    fitted = fit_atypicality(
-        model, calib.train.images, ckpt.preprocess, lambda e: distances(e, c, distance).min(1),
-        quantile=quantile,
-    )  # fmt: skip
+        return graph
+    fitted = fit_atypicality(model, calib.train.images, ckpt.preprocess, graph.min_distances,
+                             quantile=quantile)  # fmt: skip
     if fitted is None:
         say(f"no atypicality output: {len(calib.train)} training images, {MIN_IMAGES} needed")
     else:
         facts = fitted.facts
         say(f"atypicality fitted on {facts['fit_images']} + {facts['norm_images']} training "
             f"images (gate at q={quantile})")  # fmt: skip
-    return Graph(model, centers, distance, fitted)
+    return dataclasses.replace(graph, atypicality=fitted)
 
 
 def build_graphs(ckpt: Checkpoint, graph: Graph, calib, precision: str):
@@ -209,10 +213,9 @@ def refit_in_graph(proto, graph: Graph, images: np.ndarray) -> Graph:
     if graph.atypicality is None:
         return graph
     facts = graph.atypicality.facts
-    centers = graph.centers.detach().float().cpu().numpy()
     statistics = graph_statistics(proto, OUTPUT_NAMES[0])
-    fitted = fit_on(statistics, images, lambda e: distances(e, centers, graph.distance).min(1),
-                    quantile=facts["quantile"], weight=facts["weight"])  # fmt: skip
+    fitted = fit_on(statistics, images, graph.min_distances, quantile=facts["quantile"],
+                    weight=facts["weight"])  # fmt: skip
     if fitted is None:  # the same images as the first fit: cannot happen
         raise RuntimeError("the atypicality could not be refitted")
     write_into(proto, fitted.module)

@@ -31,12 +31,14 @@ from center_embed.export.onnx_export import export_checkpoint
 from center_embed.runtime import OnnxModel
 
 
-def test_pooled_statistics_are_each_channels_mean_and_std():
+def test_pooled_statistics_are_each_channels_mean_std_and_absolute_deviation():
     maps = torch.randn(4, 3, 5, 6, dtype=torch.float64) * 3 + 1
     got = pooled_statistics(maps).double().numpy()
     x = maps.numpy().reshape(4, 3, -1)
     np.testing.assert_allclose(got[:, :3], x.mean(2), rtol=1e-5)
-    np.testing.assert_allclose(got[:, 3:], x.std(2), rtol=1e-5)  # population std (ddof 0)
+    np.testing.assert_allclose(got[:, 3:6], x.std(2), rtol=1e-5)  # population std (ddof 0)
+    mad = [[np.mean([abs(v - row.mean()) for v in row]) for row in image] for image in x]
+    np.testing.assert_allclose(got[:, 6:], mad, rtol=1e-5)
 
 
 def test_log_distances_are_brute_force_mahalanobis():
@@ -71,18 +73,18 @@ def test_the_gate_counts_only_what_lies_beyond_it():
     got = module.forward_statistics(stats).numpy()
     np.testing.assert_allclose(got, (4.0 * (a - 1.5).clamp_min(0)).numpy(), rtol=1e-5)
     assert got[0] == 0.0 and got[1] > 0 and got[2] > got[1]  # 0 below the gate, then linear
-    # forward() pools the feature maps it is given (2 channels: 4 statistics), at LAYERS.
+    # forward() pools the feature maps it is given (2 channels: 6 statistics), at LAYERS.
     maps = [torch.randn(3, 2, 4, 4) for _ in range(max(LAYERS) + 2)]
     pooled = [pooled_statistics(maps[layer]) for layer in LAYERS]
-    wide = Atypicality([4, 4, 4])
+    wide = Atypicality([6, 6, 6])
     assert torch.equal(wide(maps), wide.forward_statistics(pooled))
 
 
 def fake_statistics(images: np.ndarray):
-    """A deterministic statistics source: per-image channel means and stds of the pixels as
-    every layer's statistics, and the channel means as the embedding."""
+    """A deterministic statistics source: per-image pooled statistics of the pixels as
+    every layer's, and the channel means as the embedding."""
     x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
-    stats = pooled_statistics(x)  # (n, 6)
+    stats = pooled_statistics(x)  # (n, 9)
     return [stats] * len(LAYERS), stats[:, :3]
 
 
@@ -132,7 +134,7 @@ def test_the_shipped_file_is_calibrated_on_its_own_activations(tiny_checkpoint, 
     # The graph's own statistics, read back, are what its atypicality used.
     proto = onnx.load(str(path))
     stats, embeddings = graph_statistics(proto, "embeddings")(images[:5])
-    assert [s.shape[1] for s in stats] == [2 * 24, 2 * 8, 2 * 16]  # tiny widths 8, 16
+    assert [s.shape[1] for s in stats] == [3 * 24, 3 * 8, 3 * 16]  # tiny widths 8, 16
     np.testing.assert_allclose(embeddings.numpy(), model.run(images[:5])["embeddings"], rtol=1e-5)
 
 
@@ -140,13 +142,13 @@ def test_write_into_needs_every_initializer(tiny_onnx):
     proto = onnx.load(str(tiny_onnx))
     names = {i.name for i in proto.graph.initializer}
     assert {"atypicality.gate", "atypicality.scale", "atypicality.whitening2"} <= names
-    module = Atypicality([48, 16, 32])
+    module = Atypicality([72, 24, 48])
     module.gate.fill_(123.0)
     write_into(proto, module)
     gate = next(i for i in proto.graph.initializer if i.name == "atypicality.gate")
     assert onnx.numpy_helper.to_array(gate) == np.float32(123.0)
     with pytest.raises(RuntimeError, match="lacks the initializers"):
-        write_into(proto, Atypicality([48, 16, 32, 8]))  # a fourth layer it does not have
+        write_into(proto, Atypicality([72, 24, 48, 8]))  # a fourth layer it does not have
 
 
 def test_export_without_atypicality_keeps_the_four_outputs(tiny_checkpoint, tiny_onnx, tmp_path):
