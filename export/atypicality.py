@@ -56,7 +56,7 @@ def pooled_statistics(feature_map: torch.Tensor) -> torch.Tensor:
     x = feature_map.float()
     mean = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
     deviation = x - mean  # (B, C, H, W)
-    std = (deviation.pow(2).mean((2, 3)) + 1e-12).sqrt()  # (B, C)
+    std = ((deviation * deviation).mean((2, 3)) + 1e-12).sqrt()  # (B, C)
     return torch.cat([mean.flatten(1), std, deviation.abs().mean((2, 3))], 1)
 
 
