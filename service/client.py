@@ -130,6 +130,7 @@ class Classification:
     unknown: bool
     distances: dict[str, float]  # by class name, nearest first
     embedding: np.ndarray | None = None  # float32 (D,), when asked for
+    atypicality: float | None = None  # part of each distance; None for bare vectors
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Classification:
@@ -141,6 +142,7 @@ class Classification:
             unknown=row["unknown"],
             distances=row["distances"],
             embedding=None if embedding is None else np.asarray(embedding, np.float32),
+            atypicality=row.get("atypicality"),
         )
 
 

@@ -995,8 +995,10 @@ def test_python_client(live, reference, images, tmp_path):
         assert isinstance(results[0], Classification) and len(results[0].distances) == 2
         assert results[0].label == int(ref["labels"][0])
         assert results[0].embedding.shape == (reference.info.embedding_dim,)
+        assert results[0].atypicality == pytest.approx(float(ref["atypicality"][0]), abs=1e-4)
         via_vectors = client.distances(ref["embeddings"])
         assert [r.label for r in via_vectors] == ref["labels"].tolist()
+        assert all(r.atypicality is None for r in via_vectors)  # a vector has no image
         names, centers = client.centers()
         assert names == reference.info.class_names and centers.shape[0] == len(names)
         assert client.model()["provider"] == "CPUExecutionProvider"
