@@ -8,7 +8,7 @@ An exported model (DESIGN.md, "ONNX model") is one ONNX file with
                                             the `distance` metadata names (DISTANCE_KINDS)
             `labels`        int64 (N,)      the nearest center
             `min_distances` float32 (N,)    the distance to it
-            `atypicality`   float32 (N,)    optional (files exported since 2026-12-02): how
+            `atypicality`   float32 (N,)    optional (in files exported since 2026-12-01): how
                                             far the image's low-level feature statistics lie
                                             beyond the training images', in distance units,
                                             0 for typical images; it is part of every one of
