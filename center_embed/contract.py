@@ -38,6 +38,14 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")  # every model has these
 ATYPICALITY = "atypicality"  # the optional fifth output; absent, it reads as 0
 ALL_OUTPUT_NAMES = (*OUTPUT_NAMES, ATYPICALITY)
+
+
+def is_model_outputs(names: list[str]) -> bool:
+    """True for the outputs of a center-embed model, in order: four, or five with the
+    atypicality."""
+    return list(names) in (list(OUTPUT_NAMES), list(ALL_OUTPUT_NAMES))
+
+
 CENTERS_INITIALIZER = "centers"
 METADATA_PREFIX = "center_embed."
 DISTANCE = "squared_euclidean"  # what `distances` holds in files that do not say

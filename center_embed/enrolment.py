@@ -17,7 +17,8 @@ The unknown threshold of an enrolled class (`enrolment_threshold`): each enrolme
 distance to the center of the *other* images (held-out folds: leave-one-out up to
 HELD_OUT_FOLDS images, that many folds beyond), plus the image's own atypicality (the
 model output that is part of every distance), and the model's calibration quantile of
-those distances; with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold.
+those distances; with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold
+(plus the images' largest atypicality).
 Held-out distances, as export calibrates on held-out images: an image's distance to a
 center it helped compute would understate what unseen images of the class give. Adding
 the atypicality lets a class from another domain (sketches, documents), whose images are
@@ -111,12 +112,17 @@ def enrolment_threshold(
     images have `atypicality` (n,) (None: zeros).
 
     The `quantile` of each image's distance to the center of the images outside its fold
-    (module docstring), its atypicality included; `fallback` (the model's global threshold)
-    below MIN_THRESHOLD_IMAGES images or when the model has no threshold at all."""
+    (module docstring), its atypicality included; `fallback` (the model's global threshold,
+    plus the images' largest atypicality) below MIN_THRESHOLD_IMAGES images, None when the
+    model has no threshold at all."""
     n = len(embeddings)
     if fallback is None:
         return None, "none: the model has no unknown threshold"
     if n < MIN_THRESHOLD_IMAGES:
+        extra = float(np.max(atypicality)) if atypicality is not None and n else 0.0
+        if extra > 0:  # images of another domain: the global threshold would refuse them
+            return fallback + extra, (f"global threshold + the images' largest atypicality "
+                                      f"(fewer than {MIN_THRESHOLD_IMAGES} images)")  # fmt: skip
         return fallback, f"global threshold (fewer than {MIN_THRESHOLD_IMAGES} images)"
     folds = np.arange(n) % min(n, HELD_OUT_FOLDS)
     held_out = np.empty(n, np.float32)

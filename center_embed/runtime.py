@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from center_embed.contract import (
-    ALL_OUTPUT_NAMES,
     ATYPICALITY,
     INPUT_NAME,
     OUTPUT_NAMES,
     ModelInfo,
+    is_model_outputs,
     our_metadata,
     parse_metadata,
     read_metadata_props,
@@ -301,8 +301,7 @@ class OnnxModel:
         self.backend = open_backend(self.choice, self.path, device, threads, spinning, streams)
         self.info = parse_metadata(self.backend.metadata_props(), str(self.path))
         inputs, outputs = self.backend.io_names()
-        if inputs != [INPUT_NAME] or list(outputs) not in (list(OUTPUT_NAMES),
-                                                           list(ALL_OUTPUT_NAMES)):  # fmt: skip
+        if inputs != [INPUT_NAME] or not is_model_outputs(outputs):
             raise UserError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
                 f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (and {ATYPICALITY!r})"

@@ -59,8 +59,9 @@ class OpenVinoBackend:
         self.compiled = core.compile_model(model, "CPU", config)
         self._local = threading.local()
         # In bf16 the graph's distance tail (e.g. ‖e‖² − 2·e·Cᵀ + ‖c‖²) would cancel in bf16 too;
-        # it is recomputed in fp32 from the embeddings, so only the backbone runs in bf16 and
-        # /v1/distances on those embeddings gives exactly the same distances.
+        # it is recomputed in fp32 from the embeddings (plus the graph's atypicality, a gated
+        # sum that does not cancel), so /v1/distances on those embeddings gives exactly the
+        # same distances less the image's atypicality.
         self.centers = read_centers(path) if precision == "bf16" else None
         self.kind = our_metadata(read_metadata_props(path)).get("distance", DISTANCE)
         if self.centers is not None:

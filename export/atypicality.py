@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 LAYERS = (0, 1, 2)  # indices into EmbeddingNet.feature_maps: whitened input, groups 1 and 2
-LAYER_NAMES = ("whitened input", "conv group 1", "conv group 2", "conv group 3")
+LAYER_NAMES = ("whitened input", "conv group 1", "conv group 2")  # of LAYERS, for metadata
 FIT_IMAGES = 10_000  # training images the Gaussians are fitted on
 NORM_IMAGES = 2_000  # other training images that standardise the scores and set the gate
 MIN_IMAGES = 50  # fewer training images than this: no atypicality (export says so)
@@ -161,7 +161,7 @@ def fit_on(
     module.gate.fill_(gate)
     module.scale.fill_(weight * max(spread, 1e-6))
     facts = {
-        "layers": [LAYER_NAMES[layer] for layer in LAYERS],
+        "layers": list(LAYER_NAMES),
         "statistics": "each channel's mean, std and mean absolute deviation over space; "
         "one Gaussian per layer",
         "fit_images": int(len(fit_index)),

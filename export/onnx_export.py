@@ -154,6 +154,10 @@ class Graph:
     distance: str
     atypicality: Fitted | None = None
 
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUT_NAMES) + ([ATYPICALITY] if self.atypicality else [])
+
     def min_distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(n, D) -> (n,): the min distance to the centers, of the graph's kind, without the
         atypicality (what scales it)."""
@@ -175,6 +179,8 @@ def prepare_graph(
     graph = Graph(model, centers, distance)
     if quantile is None:
         return graph
+    if not 0 < quantile < 1:
+        raise UserError(f"the atypicality quantile must lie in (0, 1), not {quantile}")
     fitted = fit_atypicality(model, calib.train.images, ckpt.preprocess, graph.min_distances,
                              quantile=quantile)  # fmt: skip
     if fitted is None:
@@ -258,7 +264,7 @@ def to_onnx(graph: Graph, preprocess: dict[str, Any], fp16: bool = False):
     centers = graph.centers.detach().float().cpu().contiguous()  # (C, D)
     buffer = io.BytesIO()
     batch = {0: "N"}
-    outputs = list(OUTPUT_NAMES) + ([ATYPICALITY] if graph.atypicality else [])
+    outputs = graph.output_names
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -316,7 +322,7 @@ def torch_reference(graph: Graph, preprocess: dict[str, Any]):
     """The same graph run by torch in fp32: uint8 (N, H, W, 3) numpy -> numpy outputs."""
     module = ExportGraph(graph, preprocess["mean"], preprocess["std"]).eval()
     centers = graph.centers.detach().float().cpu()
-    names = list(OUTPUT_NAMES) + ([ATYPICALITY] if graph.atypicality else [])
+    names = graph.output_names
 
     @torch.no_grad()
     def run(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -28,12 +28,12 @@ from typing import Literal
 
 from center_embed import __version__
 from center_embed.contract import (
-    ALL_OUTPUT_NAMES,
     ATYPICALITY,
     INPUT_NAME,
     OUTPUT_NAMES,
     PROTOCOL_DATATYPES,
     PROTOCOL_MODEL_NAME,
+    is_model_outputs,
     protocol_version,
 )
 from center_embed.errors import UserError
@@ -75,10 +75,7 @@ def tensor_specs(proto, onnx_path: str | Path) -> tuple[list[TritonTensor], list
     inputs = [_spec(v, onnx) for v in graph.input if v.name == INPUT_NAME]
     outputs = [_spec(v, onnx) for v in graph.output]
     names = [t.name for t in outputs]
-    if [t.name for t in inputs] != [INPUT_NAME] or names not in (
-        list(OUTPUT_NAMES),
-        list(ALL_OUTPUT_NAMES),
-    ):
+    if [t.name for t in inputs] != [INPUT_NAME] or not is_model_outputs(names):
         raise UserError(
             f"{onnx_path} has outputs {names}; expected input {INPUT_NAME!r} and outputs "
             f"{list(OUTPUT_NAMES)} (and {ATYPICALITY!r}): not exported by center-embed"

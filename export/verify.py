@@ -207,10 +207,11 @@ def runtime_parity(
 ) -> dict[str, Any]:
     """A runtime's outputs against the onnxruntime reference on the same images: accuracy,
     label agreement, errors relative to the largest reference value (as the export's
-    parity), the worst per-image min-distance error (relative to the image's largest
-    reference distance: distances may be negative or near zero), and whether the unknown
-    flag, `unknown(min_distances, labels)` (ModelInfo.unknown), flags the same images.
-    `passed` applies RUNTIME_TOLERANCES."""
+    parity; the atypicality's relative to the largest reference distance, its units), the
+    share of images with an atypicality above 0 in both, the worst per-image min-distance
+    error (relative to the image's largest reference distance: distances may be negative or
+    near zero), and whether the unknown flag, `unknown(min_distances, labels)`
+    (ModelInfo.unknown), flags the same images. `passed` applies RUNTIME_TOLERANCES."""
     ref_min, min_d = reference["min_distances"], out["min_distances"]
     row_scale = np.abs(reference["distances"]).max(1, initial=0.0)  # (N,)
     figures: dict[str, Any] = {
@@ -226,6 +227,13 @@ def runtime_parity(
             if len(ref_min)
             else 0.0
         ),
+        # In its units, the distances': how far the runtime moves an image's distances by it.
+        "atypicality": _largest(out[ATYPICALITY] - reference[ATYPICALITY].astype(np.float64))
+        / max(_largest(reference["distances"]), 1e-12),
+        "atypical_share": float((out[ATYPICALITY] > 0).mean()) if len(ref_min) else 0.0,
+        "atypical_share_reference": float((reference[ATYPICALITY] > 0).mean())
+        if len(ref_min)
+        else 0.0,
     }
     if unknown is not None:
         ref_flags = unknown(ref_min, reference["labels"])
@@ -234,9 +242,14 @@ def runtime_parity(
     tol = RUNTIME_TOLERANCES
     checks = [figures["label_agreement"] >= tol["label_agreement"],
               figures["distances"] <= tol["distances"],
+              figures["atypicality"] <= tol["distances"],
               figures.get("unknown_agreement", 1.0) >= tol["unknown_agreement"]]  # fmt: skip
     figures["tolerances"], figures["passed"] = tol, all(checks)
     return figures
+
+
+def _largest(values: np.ndarray) -> float:
+    return float(np.abs(values).max()) if values.size else 0.0
 
 
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:

@@ -182,7 +182,8 @@ class ServedModel:
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the graph once per batch size, and check that the centers read from the file
-        give the graph's own distances (so /v1/distances agrees with /v1/classify)."""
+        give the graph's own distances (so /v1/distances agrees with /v1/classify, less the
+        image's atypicality, which a bare embedding does not carry)."""
         h, w = self.info.input_size
         rng = np.random.default_rng(WARMUP_SEED)
         for n in batch_sizes:

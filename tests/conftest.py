@@ -49,6 +49,16 @@ def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported without the atypicality output (four outputs, as every
+    file exported before it): what older models look like to the service and the scorer."""
+    from center_embed.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx-plain") / "plain.onnx"
+    return export_checkpoint(tiny_checkpoint, out, atypicality_quantile=None)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip, with a reason, where torch sees no CUDA device."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

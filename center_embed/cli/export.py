@@ -87,9 +87,6 @@ def run_export(args: argparse.Namespace) -> int:
         refuse_existing(_triton_model_folder(args.triton_repo), args.overwrite)
     atypicality = {"atypicality_quantile": None} if args.no_atypicality else {}
     if args.atypicality_quantile is not None:
-        if not 0 < args.atypicality_quantile < 1:
-            raise UserError(f"--atypicality-quantile must lie in (0, 1), not "
-                            f"{args.atypicality_quantile}")  # fmt: skip
         atypicality = {"atypicality_quantile": args.atypicality_quantile}
     path = export_checkpoint(
         args.checkpoint,
@@ -241,6 +238,9 @@ def print_parity(parity: dict[str, Any]) -> int:
     print(f"    distances error        {parity['distances']:.4f} of the largest (at most "
           f"{tol['distances']:g}); embeddings {parity['embeddings']:.4f}; min distance "
           f"p99 {parity['min_distance_p99']:.4f} of the image's largest")  # fmt: skip
+    print(f"    atypicality error      {parity['atypicality']:.4f} of the largest distance (at "
+          f"most {tol['distances']:g}); above 0 on {parity['atypical_share']:.2%} of the images "
+          f"(reference {parity['atypical_share_reference']:.2%})")  # fmt: skip
     if "unknown_agreement" in parity:
         print(f"    unknown flags agree    {parity['unknown_agreement']:.4f} (reference rate "
               f"{parity['unknown_rate_reference']:.4f}; at least "

@@ -479,7 +479,7 @@ def score_on_ray(
     import ray
 
     from center_embed.score.local import ScoreSummary
-    from center_embed.score.output import TRUE_CLASS_RULE
+    from center_embed.score.output import SCORES_FORMAT_VERSION, TRUE_CLASS_RULE
 
     if batch_size < 1 or rows_per_block < 1 or actors < 0 or threads < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --actors >= 0")
@@ -488,7 +488,7 @@ def score_on_ray(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     device = _resolve_device(device)
     describe, rows = open_inputs(input, all_files)
-    run = {"format_version": 1, "model_sha256": sha256_file(driver_model.path),
+    run = {"format_version": SCORES_FORMAT_VERSION, "model_sha256": sha256_file(driver_model.path),
            "source": describe, "rows_per_block": rows_per_block}  # fmt: skip
     run["true_class"] = TRUE_CLASS_RULE  # a run from before the folder rule is not resumed
     state = _open_output(out, run, resume, overwrite)

@@ -7,7 +7,8 @@ KServe's clients, load generators and gateways can call this service as they cal
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
          JSON tensors or binary ones (Inference-Header-Content-Length); `images` UINT8
-         [N, H, W, 3] in, any of embeddings / distances / labels / min_distances out
+         [N, H, W, 3] in, any of the file's outputs (embeddings / distances / labels /
+         min_distances, and atypicality where the file has it) out
 
 The model's name and version: center_embed.contract (PROTOCOL_MODEL_NAME, protocol_version).
 Inference goes through the same micro-batcher, limits (max_body_bytes, max_images, the

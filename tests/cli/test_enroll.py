@@ -61,6 +61,7 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
     # The model's kind (export's default): ‖e − c‖² − ‖e‖².
     assert model.info.distance == "squared_euclidean_minus_norm"
     brute = sum((e[0][j] - brute_center[j]) ** 2 - e[0][j] ** 2 for j in range(len(brute_center)))
+    brute += float(out_of_graph["atypicality"][0])  # the image's own, in every distance
     assert out_of_graph["distances"][0, 3] == pytest.approx(brute, rel=1e-3, abs=1e-3)
     assert "zebra" in model.info.class_thresholds  # 6 images: its own threshold
     log = model.info.metadata["center_embed.enrolment"]
@@ -185,3 +186,24 @@ def test_verify_shows_the_log_of_a_class_replaced_from_its_own_images(
     assert "enrol red, 64 images" in shown
     accuracy = float(shown.split("nearest-center accuracy")[1].split()[0])
     assert accuracy >= 0.9  # the class recomputed from its own training images still works
+
+
+def test_enroll_a_class_of_atypical_images(tiny_onnx, tmp_path):
+    """Flat greys are atypical for the tiny model: a class enrolled from them by the CLI gets
+    a threshold that includes their atypicality, so the written model knows greys it was
+    not enrolled from (unknown before)."""
+    from center_embed.runtime import OnnxModel
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for g in np.linspace(60, 200, 10).astype(np.uint8):
+        (folder / f"{g}.png").write_bytes(encode(np.full((32, 32, 3), g, np.uint8)))
+    out = tmp_path / "v2.onnx"
+    assert main(["enroll", str(tiny_onnx), "--class", "flat", str(folder), "--out", str(out)]) == 0
+    held_out = np.stack([np.full((32, 32, 3), g, np.uint8) for g in (95, 165)])
+    original, after = OnnxModel(tiny_onnx), OnnxModel(out)
+    before = original.run(held_out)
+    assert (before["atypicality"] > 1).all() and original.unknown(before).all()
+    got = after.run(held_out)
+    assert [after.info.class_names[k] for k in got["labels"]] == ["flat", "flat"]
+    assert not after.unknown(got).any()

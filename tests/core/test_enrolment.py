@@ -125,6 +125,10 @@ def test_atypicality_is_part_of_the_threshold_and_of_every_distance():
     np.testing.assert_array_equal(added.atypicality_of("c"), np.r_[atypicality, np.zeros(3)])
     with pytest.raises(ValueError, match="atypicality values"):
         other.with_class("d", e, info=info, atypicality=atypicality[:3])
+    # Fewer than 5 images: the global threshold, plus their largest atypicality.
+    few, rule = enrolment_threshold(e[:3], "squared_euclidean", 0.9, 2.0, atypicality[:3])
+    assert few == pytest.approx(2.0 + float(atypicality[:3].max())) and "atypicality" in rule
+    assert enrolment_threshold(e[:3], "squared_euclidean", 0.9, 2.0, np.zeros(3))[0] == 2.0
 
 
 def test_centers_file_keeps_atypicality_and_reads_old_files(tmp_path):

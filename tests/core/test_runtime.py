@@ -115,6 +115,18 @@ def test_openvino_agrees_with_onnxruntime_on_real_images(tiny_onnx, tiny_folder,
     bound = 1e-4 if precision == "fp32" else 0.05  # RUNTIME_TOLERANCES["distances"]
     assert parity["distances"] <= bound
     assert parity["embeddings"] <= (1e-4 if precision == "fp32" else 0.1)
+    # The atypicality runs in the runtime's precision too: on images it is far from 0 for
+    # (flat colours, noise) it stays within the distances' bound.
+    rng = np.random.default_rng(3)
+    odd = np.concatenate([
+        np.broadcast_to(rng.integers(0, 256, (4, 1, 1, 3), dtype=np.uint8), (4, 32, 32, 3)),
+        rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+    ])  # fmt: skip
+    _, odd_parity = parity_against_onnxruntime(
+        tiny_onnx, odd, np.zeros(8, np.int64), runtime="openvino", precision=precision
+    )
+    assert odd_parity["atypical_share_reference"] == 1.0 == odd_parity["atypical_share"]
+    assert odd_parity["atypicality"] <= bound and odd_parity["passed"]
 
 
 def test_openvino_runs_the_int8_file_as_onnxruntime_does(tiny_int8_onnx, tiny_folder):
@@ -184,7 +196,7 @@ def test_cifar10_parity_holds_with_the_threshold(runtime, precision):
                             runtime=runtime, precision=precision)  # fmt: skip
     parity = result["parity"]
     assert parity["label_agreement"] >= 0.99
-    assert parity["distances"] <= 0.05
+    assert parity["distances"] <= 0.05 and parity["atypicality"] <= 0.05
     assert parity["unknown_agreement"] >= 0.99
     assert abs(result["nearest_center_accuracy"] - parity["reference_accuracy"]) <= 0.005
 

@@ -107,6 +107,20 @@ def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
 
 
+def test_parity_of_the_atypicality_where_it_is_not_zero(tiny_checkpoint, tiny_onnx):
+    """Real test images get an atypicality of about 0; flat colours and noise do not."""
+    rng = np.random.default_rng(4)
+    images = np.concatenate([
+        np.broadcast_to(rng.integers(0, 256, (3, 1, 1, 3), dtype=np.uint8), (3, 32, 32, 3)),
+        rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
+    ])  # fmt: skip
+    got = OnnxModel(tiny_onnx, device="cpu").run(images)
+    want = torch_outputs(tiny_checkpoint, images)
+    assert (want["atypicality"] > 1).all()
+    assert relative(got["atypicality"], want["atypicality"]) < 1e-4
+    assert relative(got["distances"], want["distances"]) < 1e-4
+
+
 @pytest.mark.parametrize("norm", ["batchnorm", "none"])  # rms: the tiny_checkpoint above
 def test_parity_with_torch_for_each_embedding_norm(tiny_folder, tmp_path, norm):
     from center_embed.train import train

@@ -88,6 +88,12 @@ def test_repository_matches_the_onnx_file(tiny_onnx, tmp_path):
     assert list(config.input[0].dims) == [32, 32, 3]  # the tiny model's input size
 
 
+def test_a_file_without_atypicality_declares_four_outputs(tiny_plain_onnx, tmp_path):
+    config = parse_config(write_triton_repository(tiny_plain_onnx, tmp_path / "repo"))
+    assert [t.name for t in config.output] == ["embeddings", "distances", "labels",
+                                               "min_distances"]  # fmt: skip
+
+
 def test_gpu_instances_and_tensorrt(tiny_onnx, tmp_path):
     options = TritonOptions(max_batch_size=16, instances=2, device="gpu", tensorrt="fp16")
     config = parse_config(write_triton_repository(tiny_onnx, tmp_path, options))

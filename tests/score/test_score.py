@@ -95,6 +95,13 @@ def test_folder_with_broken_files_scores_every_image(tiny_onnx, messy_folder, tm
     assert not (tmp_path / "scores.parquet.partial").exists()
 
 
+def test_a_file_without_atypicality_scores_zero_for_it(tiny_plain_onnx, tiny_folder, tmp_path):
+    out = tmp_path / "plain.parquet"
+    score(tiny_plain_onnx, tiny_folder / "test", out, progress=False)
+    table = read(out)
+    assert table.num_rows == 48 and table.column("atypicality").to_pylist() == [0.0] * 48
+
+
 def test_parquet_schema_and_metadata(tiny_onnx, messy_folder, tmp_path):
     out = tmp_path / "s.parquet"
     score(tiny_onnx, messy_folder, out, progress=False)

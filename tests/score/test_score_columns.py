@@ -16,7 +16,7 @@ from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
 from center_embed.runtime import OnnxModel
 from center_embed.score.local import score
-from center_embed.score.output import PartWriter, read_scores_metadata
+from center_embed.score.output import SCORES_FORMAT_VERSION, PartWriter, read_scores_metadata
 from center_embed.score.sources import absolute_path, open_source
 from tests.helpers import TINY_CLASSES, write_cifar
 
@@ -178,6 +178,25 @@ def test_resume_of_a_partial_run_from_before_the_rule(tiny_onnx, class_tree, tmp
     assert summary.resumed_from == 2 and summary.rows == 12
 
 
+def test_ray_resume_of_a_run_of_the_previous_format(tiny_onnx, class_tree, tmp_path, monkeypatch):
+    """Format 1 had no atypicality column: its parts must not be mixed with version 2's."""
+    ray = pytest.importorskip("ray")
+    from center_embed.score import ray_engine
+    from center_embed.score.output import TRUE_CLASS_RULE
+
+    out = tmp_path / "scores"
+    out.mkdir()
+    run = {"format_version": 1, "model_sha256": sha256_file(tiny_onnx),
+           "source": open_source(class_tree).describe(), "rows_per_block": 16,
+           "true_class": TRUE_CLASS_RULE}  # fmt: skip
+    (out / ray_engine.RUN_FILE).write_text(json.dumps(run))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert SCORES_FORMAT_VERSION == 2
+    with pytest.raises(UserError, match="the run differs: format_version: was 1, now 2"):
+        ray_engine.score_on_ray(str(tiny_onnx), str(class_tree), str(out), resume=True,
+                                device="cpu", rows_per_block=16, progress=False)  # fmt: skip
+
+
 def test_ray_resume_of_a_run_from_before_the_rule(tiny_onnx, class_tree, tmp_path, monkeypatch):
     """score_on_ray refuses before it uses the cluster, so no Ray is started here."""
     ray = pytest.importorskip("ray")
@@ -185,7 +204,7 @@ def test_ray_resume_of_a_run_from_before_the_rule(tiny_onnx, class_tree, tmp_pat
 
     out = tmp_path / "scores"
     out.mkdir()
-    run = {"format_version": 1, "model_sha256": sha256_file(tiny_onnx),
+    run = {"format_version": SCORES_FORMAT_VERSION, "model_sha256": sha256_file(tiny_onnx),
            "source": open_source(class_tree).describe(), "rows_per_block": 16}  # fmt: skip
     (out / ray_engine.RUN_FILE).write_text(json.dumps(run))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)

@@ -29,8 +29,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from center_embed import contract
 from center_embed.errors import UserError
-from center_embed.runtime import describe
+from center_embed.runtime import OnnxModel, describe
 from center_embed.service.app import create_app
 from center_embed.service.batcher import BatchTimeout, MicroBatcher, QueueFull
 from center_embed.service.served_model import ServedModel
@@ -142,7 +143,9 @@ def client(tiny_onnx) -> Iterator[TestClient]:
 # --------------------------------------------------------------------------- answers
 
 
-def check_results(results: list[dict], ref: dict[str, np.ndarray], names: list[str]) -> None:
+def check_results(
+    results: list[dict], ref: dict[str, np.ndarray], names: list[str], vectors: bool = False
+) -> None:
     assert len(results) == len(ref["labels"])
     for i, result in enumerate(results):
         assert result["label"] == int(ref["labels"][i])
@@ -151,7 +154,9 @@ def check_results(results: list[dict], ref: dict[str, np.ndarray], names: list[s
         distances = [result["distances"][name] for name in names]
         np.testing.assert_allclose(distances, ref["distances"][i], rtol=1e-5, atol=1e-6)
         assert list(result["distances"].values()) == sorted(result["distances"].values())
-        if "atypicality" in result:  # images (a bare vector has none)
+        if vectors:
+            assert "atypicality" not in result  # a bare vector has no image
+        else:
             assert result["atypicality"] == pytest.approx(float(ref["atypicality"][i]), abs=1e-4)
 
 
@@ -214,13 +219,28 @@ def test_distances_agree_with_onnxruntime(client, reference, images):
     assert response.status_code == 200
     bare = {**ref, "distances": ref["distances"] - ref["atypicality"][:, None]}
     bare["min_distances"] = bare["distances"].min(1)
-    results = response.json()["results"]
-    assert all("atypicality" not in r for r in results)
-    check_results(results, bare, reference.info.class_names)
+    check_results(response.json()["results"], bare, reference.info.class_names, vectors=True)
     assert float(response.headers["x-queue-time"]) == 0
     assert float(response.headers["x-inference-time"]) > 0
     top1 = client.post("/v1/distances?top_k=1", json=payload).json()["results"]
     assert [list(r["distances"]) for r in top1] == [[r["class_name"]] for r in top1]
+
+
+def test_a_file_without_atypicality_is_served_as_before(tiny_plain_onnx, images):
+    """Four outputs (every file exported before the atypicality): /v1 answers with an
+    atypicality of 0, /v2 declares and serves the four outputs only."""
+    reference = OnnxModel(tiny_plain_onnx, device="cpu")
+    ref = expected(reference, images[:3])
+    with running(tiny_plain_onnx) as client:
+        results = client.post("/v1/classify", files=multipart(*images[:3])).json()["results"]
+        meta = client.get("/v2/models/center_embed").json()
+        image = {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 3072}
+        asked = {"inputs": [image], "outputs": [{"name": "atypicality"}]}
+        refused = client.post("/v2/models/center_embed/infer", json=asked)
+    check_results(results, ref, reference.info.class_names)
+    assert [r["atypicality"] for r in results] == [0.0] * 3
+    assert [o["name"] for o in meta["outputs"]] == list(contract.OUTPUT_NAMES)
+    assert refused.status_code == 400 and "unknown output(s) ['atypicality']" in refused.text
 
 
 def test_model_and_centers(client, reference, tiny_onnx):
