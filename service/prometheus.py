@@ -72,6 +72,11 @@ class Metrics:
         self.unknown = Counter(
             "center_embed_unknown", "images beyond the unknown threshold", registry=r
         )
+        self.atypical = Counter(
+            "center_embed_atypical",
+            "images with an atypicality above 0 (unlike the training images; a drift signal)",
+            registry=r,
+        )
         self.enrolments = Counter(
             "center_embed_enrolments", "changes to the classes: enrol, add (images), remove",
             ["action"], registry=r,
@@ -106,11 +111,12 @@ class Metrics:
         self.batch_requests.observe(requests)
         self.inference.observe(seconds)
 
-    def observe_distances(self, min_distances, unknown) -> None:
+    def observe_distances(self, min_distances, unknown, atypicality) -> None:
         if self.min_distance is not None:
             for value in min_distances.tolist():
                 self.min_distance.observe(value)
         self.unknown.inc(int(unknown.sum()))
+        self.atypical.inc(int((atypicality > 0).sum()))
 
     def exposition(self) -> tuple[bytes, str]:
         directory = multiprocess_dir()

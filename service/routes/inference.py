@@ -201,7 +201,7 @@ async def classify(
     out = scored(result.outputs, centers)
     embeddings = out["embeddings"] if return_embeddings else None
     results = classifications(centers, out, top_k, embeddings)
-    metrics.observe_distances(out["min_distances"], centers.unknown(out))  # drift
+    metrics.observe_distances(out["min_distances"], centers.unknown(out), out["atypicality"])
     return JSONResponse(
         {"results": results, "model": model.summary(centers)}, headers=timing_headers(result)
     )

@@ -231,7 +231,7 @@ async def infer(
         raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     metrics.queue_time.observe(result.queue_s)
     out = scored(result.outputs, centers)
-    metrics.observe_distances(out["min_distances"], centers.unknown(out))  # drift
+    metrics.observe_distances(out["min_distances"], centers.unknown(out), out["atypicality"])
     content, headers = encode_response(
         PROTOCOL_MODEL_NAME, served_version(model), parsed.id, out, parsed.outputs
     )

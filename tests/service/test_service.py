@@ -206,14 +206,24 @@ def test_embed_agrees_with_onnxruntime(client, reference, images):
         assert "x-queue-time" in response.headers and "x-inference-time" in response.headers
 
 
+def metric_value(exposition: str, name: str) -> float:
+    """The value of an unlabelled sample `name` in a Prometheus text exposition."""
+    line = next(x for x in exposition.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def test_distances_agree_with_onnxruntime(client, reference, images):
     """A bare embedding has no image, so no atypicality: its distances are the image's
     less the image's atypicality (a flat colour has one: the tiny model gives it ~100)."""
     flat = encode(np.full((32, 32, 3), (10, 200, 30), np.uint8))
     ref = expected(reference, [*images[:3], flat])
     assert ref["atypicality"][3] > 1  # (the JPEG one has some too: artefacts on noise)
+    counted = "center_embed_atypical_total"
+    before = metric_value(client.get("/metrics").text, counted)
     classified = client.post("/v1/classify", files=multipart(*images[:3], flat)).json()
     check_results(classified["results"], ref, reference.info.class_names)
+    after = metric_value(client.get("/metrics").text, counted)
+    assert after - before == int((ref["atypicality"] > 0).sum()) >= 1  # a drift signal
     payload = {"embeddings": ref["embeddings"].tolist()}
     response = client.post("/v1/distances", json=payload)
     assert response.status_code == 200
