@@ -44,7 +44,11 @@ FIT_IMAGES = 10_000  # training images the Gaussians are fitted on
 NORM_IMAGES = 2_000  # other training images that standardise the scores and set the gate
 MIN_IMAGES = 50  # fewer training images than this: no atypicality (export says so)
 SHRINKAGE = 1e-3
-DEFAULT_QUANTILE = 0.99
+# The share of training images whose atypicality is 0. Chosen on validation images (README,
+# "Quality of the distances"): 0.98 against 0.99 caught more of the far-OOD sets (glyphs
+# AUROC 0.981 -> 0.990, blurred 0.949 -> 0.965, ten classes, 3 seeds) at no open-set cost
+# (0.7428 -> 0.7423 over 3 splits); the unknown threshold is calibrated after it either way.
+DEFAULT_QUANTILE = 0.98
 DEFAULT_WEIGHT = 1.0
 
 
@@ -211,7 +215,8 @@ def torch_statistics(model, preprocess: dict[str, Any], batch: int = 500) -> Sta
 #
 # A reduced-precision graph (int8) computes its feature maps, and so their statistics,
 # differently from torch fp32: on CIFAR-10 the fp32 fit gave 1.5% of held-out images an
-# atypicality above 0 under int8 instead of 1.2%, and on a narrow network 17% instead of 1%.
+# atypicality above 0 under int8 instead of 1.2%, and on a narrow network 17% instead of 1%
+# (the gate at 0.99).
 # So such a graph is refitted on its own statistics: its buffers are initializers named
 # `atypicality.<buffer>` (the exporter keeps the module's state_dict names), and each
 # layer's pooled statistics are the first input of the Sub that reads `atypicality.mean<i>`.

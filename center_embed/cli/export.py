@@ -58,7 +58,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     atypicality = p.add_mutually_exclusive_group()
     atypicality.add_argument(
         "--atypicality-quantile", type=float, metavar="Q",
-        help="the share of training images whose atypicality is 0 (default 0.99): the "
+        help="the share of training images whose atypicality is 0 (default 0.98): the "
         "`atypicality` output, part of every distance, grows for images whose low-level "
         "feature statistics lie beyond the training images' (README, 'Quality of the "
         "distances')",

@@ -121,7 +121,8 @@ def test_the_shipped_file_is_calibrated_on_its_own_activations(tiny_checkpoint, 
                                                                 precision):  # fmt: skip
     """int8 computes its feature maps differently; refitted on them, the file gives the
     same share of its training images an atypicality above 0 as fp32 does (1 − q). Fitted
-    on fp32's statistics, the tiny int8 model gave 17% of them one instead of 1%."""
+    on fp32's statistics (the gate at 0.99), the tiny int8 model gave 17% of them one
+    instead of 1%."""
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", int8=precision == "int8",
                              atypicality_quantile=0.9)  # fmt: skip
     model = OnnxModel(path, device="cpu")
