@@ -124,13 +124,7 @@ def export_checkpoint(
     with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
         save(proto, tmp)
         shipped = OnnxModel(tmp, device="cpu")
-        meta: dict[str, Any] = {}
-        if verify:
-            check_file(tmp)
-            reference = torch_reference(graph, ckpt.preprocess)
-            meta["verification"] = check_parity(shipped, reference, calib.held_out.images)
-            say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: "
-                f"{meta['verification']['summary']}")  # fmt: skip
+        meta = {"verification": verified(tmp, shipped, graph, ckpt, calib, say)} if verify else {}
         held_out = shipped.run_batched(calib.held_out.images)
         meta |= threshold_metadata(held_out, calib, shipped.info, quantile)
         say(f"unknown threshold {meta['unknown_threshold'] or 'none'} "
@@ -142,6 +136,15 @@ def export_checkpoint(
         save(proto, tmp)
         OnnxModel(tmp, device="cpu")  # the final file opens and its metadata parses
     return out
+
+
+def verified(path: Path, shipped: OnnxModel, graph, ckpt: Checkpoint, calib, say) -> dict:
+    """onnx.checker on the file, then its parity with torch on held-out images (raises
+    VerificationFailed beyond the tolerance); the parity figures."""
+    check_file(path)
+    parity = check_parity(shipped, torch_reference(graph, ckpt.preprocess), calib.held_out.images)
+    say(f"parity with torch at batch sizes {list(PARITY_BATCHES)}: {parity['summary']}")
+    return parity
 
 
 @dataclass
