@@ -27,7 +27,7 @@ the same preset on six classes (the other four are the unknowns); it exports eac
 `--model-name plain.onnx --export-arg=--no-atypicality`), so export options are compared
 on the same networks.
 
-Runs already in --work (eval.json, model.onnx) are reused, so a table can be rebuilt, or
+Runs already in --work (eval.json, the --model-name file) are reused, so a table can be rebuilt, or
 extended with more seeds, without retraining. Training overrides go through --set.
 Prints one table and writes every figure, the command and the commit, as JSON.
 """
@@ -389,10 +389,10 @@ def summarise(results: dict) -> dict:
         s["candidates_far_ood"] = summarise_candidates(
             [e["candidates"] for r in closed for e in r["far_ood"].values()]
         )
-        validated = [r["validation"] for r in closed if "validation" in r]
+        validated = [r["validation"] for r in closed]
         for key in ("nearest_center_accuracy", "map_at_r"):
             s[f"validation.{key}"] = mean_std([v[key] for v in validated])
-        for name in validated[0]["far_ood"] if validated else []:
+        for name in validated[0]["far_ood"]:
             for key in ("auroc", "flagged"):
                 s[f"validation.far_ood.{name}.{key}"] = mean_std(
                     [v["far_ood"][name][key] for v in validated]
