@@ -19,12 +19,13 @@ Why: the embedding is shaped by the classes alone, so an image unlike every trai
 served as a known class. The early layers respond to colour, edges and texture; their
 pooled statistics put such images far outside the training images' cloud (the mean absolute
 deviation beside the std says how sparse a channel's response is: a few sharp edges on flat
-ground, as in rendered text or block-blurred images, against texture everywhere). A tied Gaussian
-over pooled activations follows Lee et al. (2018, here without classes); counting only what
-lies beyond the training images' own range follows Sastry & Oore (2020): natural images get
-0, so the center distance alone ranks them, and open-set recognition (new classes of natural
-images, which these statistics cannot tell apart) is left as it was (README, "Quality of the
-distances", for the measurements and the choice of layers, quantile and weight).
+ground, as in rendered text or block-blurred images, against texture everywhere). A Gaussian
+over pooled activations follows Lee et al. (2018; here one per layer, without classes);
+counting only what lies beyond the training images' own range follows Sastry & Oore (2020):
+natural images get 0, so the center distance alone ranks them, and open-set recognition
+(new classes of natural images, which these statistics cannot tell apart) is left as it was
+(README, "Quality of the distances", for the measurements and the choice of layers,
+quantile and weight).
 """
 
 from __future__ import annotations

@@ -125,9 +125,16 @@ def _atypicality_error(model: OnnxModel, reference, images: np.ndarray) -> float
         flat = np.broadcast_to(rng.integers(0, 256, (2, 1, 1, 3), dtype=np.uint8), (2, h, w, 3))
         noise = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         batch = np.concatenate([batch, flat, noise])
-    got, want = model.run(batch), reference(batch)
-    scale = max(float(np.abs(want["distances"]).max()), 1e-12)
-    return float(np.abs(got[ATYPICALITY] - want[ATYPICALITY]).max()) / scale
+    return atypicality_error(model.run(batch), reference(batch))
+
+
+def atypicality_error(out: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """max |atypicality − the reference's|, relative to the largest reference distance (its
+    units: how far it moves an image's distances); 0 for no images."""
+    if not reference["distances"].size:
+        return 0.0
+    error = np.abs(out[ATYPICALITY].astype(np.float64) - reference[ATYPICALITY]).max()
+    return float(error) / max(float(np.abs(reference["distances"]).max()), 1e-12)
 
 
 def _take(images: np.ndarray, n: int) -> np.ndarray:
@@ -227,9 +234,7 @@ def runtime_parity(
             if len(ref_min)
             else 0.0
         ),
-        # In its units, the distances': how far the runtime moves an image's distances by it.
-        "atypicality": _largest(out[ATYPICALITY] - reference[ATYPICALITY].astype(np.float64))
-        / max(_largest(reference["distances"]), 1e-12),
+        "atypicality": atypicality_error(out, reference),
         "atypical_share": float((out[ATYPICALITY] > 0).mean()) if len(ref_min) else 0.0,
         "atypical_share_reference": float((reference[ATYPICALITY] > 0).mean())
         if len(ref_min)
@@ -246,10 +251,6 @@ def runtime_parity(
               figures.get("unknown_agreement", 1.0) >= tol["unknown_agreement"]]  # fmt: skip
     figures["tolerances"], figures["passed"] = tol, all(checks)
     return figures
-
-
-def _largest(values: np.ndarray) -> float:
-    return float(np.abs(values).max()) if values.size else 0.0
 
 
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
