@@ -8,7 +8,7 @@ into per-channel statistics, fits one Gaussian per layer and statistic set on 10
 training images (the same shrinkage as export), standardises the log Mahalanobis distances
 on 2,000 others, and prints the AUROC of each layer alone, and of the served distance with
 several gated sums of layers added, on the run's validation images against far-OOD sets
-built from them (quality.far_ood_sets, seed 1) and, for a run on a class subset, against
+built from them (ood_sets.far_ood_sets, seed 1) and, for a run on a class subset, against
 4,000 training images of the classes it never saw (open-set). The README's "Which layers"
 figures come from it.
 """
@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from center_embed import quality  # noqa: E402
-from center_embed.checkpoint import Checkpoint  # noqa: E402
+from center_embed import metrics, ood_sets  # noqa: E402
 from center_embed.contract import distances  # noqa: E402
 from center_embed.data import load_dataset, select_classes, split_validation  # noqa: E402
 from center_embed.export.atypicality import SHRINKAGE  # noqa: E402
+from center_embed.training.checkpoint import Checkpoint  # noqa: E402
 
 VARIANTS = {  # name -> (layers, statistics: m mean, s std, a mean absolute deviation)
     "layers 0-2, mean+std": ((0, 1, 2), "ms"),
@@ -104,7 +104,7 @@ def main() -> None:
         level = np.quantile(sum(z_norm[k] for k in keys) / np.sqrt(len(keys)), args.quantile)
         return z["served"] + np.maximum(a - level, 0)
 
-    sets = quality.far_ood_sets(val.images, 1000, seed=1)
+    sets = ood_sets.far_ood_sets(val.images, 1000, seed=1)
     if len(ckpt.class_names) < len(dataset.class_names):
         known = [dataset.class_names.index(c) for c in ckpt.class_names]
         unseen = np.flatnonzero(~np.isin(dataset.train.labels, known))
@@ -115,14 +115,14 @@ def main() -> None:
     print(f"AUROC, validation images against each set ({args.run})")
     print("score".ljust(44) + "".join(n[:9].rjust(10) for n in sets))
     for key in [k for k in z_known if k.endswith("_ms")] + ["served"]:
-        row = [quality.auroc(z_known[key], z_sets[n][key]) for n in sets]
+        row = [metrics.auroc(z_known[key], z_sets[n][key]) for n in sets]
         print(key.ljust(44) + "".join(f"{v:10.3f}" for v in row))
     keys = ["L0_ms", "L1_ms", "L2_ms"]
-    row = [quality.auroc(gated(z_known, keys, False), gated(z_sets[n], keys, False)) for n in sets]
+    row = [metrics.auroc(gated(z_known, keys, False), gated(z_sets[n], keys, False)) for n in sets]
     print("served + layers 0-2, mean+std, not gated".ljust(44) + "".join(f"{v:10.3f}" for v in row))
     for name, (layers, stats) in VARIANTS.items():
         keys = [f"L{layer}_{stats}" for layer in layers]
-        row = [quality.auroc(gated(z_known, keys), gated(z_sets[n], keys)) for n in sets]
+        row = [metrics.auroc(gated(z_known, keys), gated(z_sets[n], keys)) for n in sets]
         label = f"served + gated {name} (q {args.quantile})"
         print(label[:44].ljust(44) + "".join(f"{v:10.3f}" for v in row))
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from center_embed.center_loss import CenterLoss
-from center_embed.config import load_config
-from center_embed.inference import use_bf16
-from center_embed.model import EmbeddingNet
-from center_embed.train import make_optimizer
+from center_embed.training.center_loss import CenterLoss
+from center_embed.training.config import load_config
+from center_embed.training.inference import use_bf16
+from center_embed.training.model import EmbeddingNet
+from center_embed.training.train import make_optimizer
 
 
 def interleaved(

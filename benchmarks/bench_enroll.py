@@ -43,7 +43,7 @@ from center_embed.contract import read_centers
 from center_embed.data import load_for_classes
 from center_embed.enrolment import CenterSet
 from center_embed.fileio import sha256_file
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 KS = (1, 5, 20, 100)
 DRAWS = {1: 10, 5: 5, 20: 3, 100: 1}
@@ -70,7 +70,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; data {args.data}")
-    all_model = OnnxModel(as_onnx(args.all, work, args.data), device="cpu")
+    all_model = OnnxModel(as_onnx(args.all, work, args.data), RuntimeOptions(device="cpu"))
     dataset = load_for_classes(args.data, all_model.info.class_names)
     reference = all_model.run_batched(dataset.test.images)["labels"]  # all-10 predictions
     results = {"all": args.all, "bases": []}
@@ -104,7 +104,7 @@ def as_onnx(path: str, work: Path, data: str) -> Path:
 
 def measure_base(base: str, work: Path, args, dataset, reference: np.ndarray) -> dict:
     path = as_onnx(base, work, args.data)
-    model = OnnxModel(path, device="cpu")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
     names10 = list(dataset.class_names)
     known = model.info.class_names
     unseen = [c for c in names10 if c not in known]

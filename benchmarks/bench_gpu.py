@@ -80,13 +80,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import center_embed  # noqa: E402
-from center_embed import distributed  # noqa: E402
-from center_embed import train as train_module  # noqa: E402
-from center_embed.center_loss import CenterLoss  # noqa: E402
-from center_embed.checkpoint import build_model, load_checkpoint  # noqa: E402
-from center_embed.config import PRESETS, load_config  # noqa: E402
 from center_embed.data import load_dataset  # noqa: E402
-from center_embed.model import EmbeddingNet  # noqa: E402
+from center_embed.training import distributed  # noqa: E402
+from center_embed.training import train as train_module  # noqa: E402
+from center_embed.training.center_loss import CenterLoss  # noqa: E402
+from center_embed.training.checkpoint import build_model, load_checkpoint  # noqa: E402
+from center_embed.training.config import PRESETS, load_config  # noqa: E402
+from center_embed.training.model import EmbeddingNet  # noqa: E402
 
 STAGES = [
     "data",
@@ -296,7 +296,7 @@ def train_run(
     estimates: bool = True,
 ) -> dict[str, Any]:
     """Train one run in this process and measure it; test accuracy from its best.pt."""
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     sets = bench.overrides(preset, seed, (TIMING if timing else []) + (extra or []))
     cfg = load_config(preset, None, sets)
@@ -357,10 +357,10 @@ def train_run(
 
 
 def test_metrics(bench: Bench, checkpoint: Path) -> dict[str, Any]:
-    try:  # inference helpers live in center_embed.inference once train.py is split
-        from center_embed.inference import split_metrics, use_bf16
+    try:  # inference helpers live in center_embed.training.inference once train.py is split
+        from center_embed.training.inference import split_metrics, use_bf16
     except ImportError:
-        from center_embed.train import split_metrics, use_bf16
+        from center_embed.training.train import split_metrics, use_bf16
 
     ckpt = load_checkpoint(checkpoint)
     model, criterion, cfg = build_model(ckpt)
@@ -691,7 +691,7 @@ def stage_centerloss(bench: Bench) -> dict[str, Any]:
 def stage_syncaudit(bench: Bench) -> dict[str, Any]:
     if not bench.cuda:
         return {"skipped": "needs CUDA (torch.cuda.set_sync_debug_mode)"}
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     sets = bench.overrides("gpu", 0, TIMING + ["train.epochs=1"])
     cfg = load_config("gpu", None, sets)

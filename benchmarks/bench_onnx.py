@@ -45,14 +45,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from center_embed.checkpoint import Checkpoint  # noqa: E402
 from center_embed.export.calibrate import calibration_set, load_run_dataset  # noqa: E402
 from center_embed.export.onnx_export import (  # noqa: E402
     export_checkpoint,
     prepare_graph,
     torch_reference,
 )
-from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
+from center_embed.training.checkpoint import Checkpoint  # noqa: E402
 
 BATCHES = (1, 64)
 TARGETS = {"fp32_over_torch": 1.5, "int8_over_fp32": 2.0, "int8_accuracy_drop_points": 0.5}
@@ -76,7 +76,7 @@ def engines(
 ) -> dict[str, Callable]:
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
-    distance = OnnxModel(files["fp32"], device="cpu").info.distance
+    distance = OnnxModel(files["fp32"], RuntimeOptions(device="cpu")).info.distance
     calib = calibration_set(ckpt, data)  # the graph export fitted: the same images and seed
     graph = prepare_graph(ckpt, model, criterion.centers, calib, distance)
     reference = torch_reference(graph, ckpt.preprocess)
@@ -86,7 +86,7 @@ def engines(
             return reference(batch)
 
     runs = {"torch": torch_run} | {
-        f"ort-{name}": OnnxModel(path, device="cpu", threads=threads).run
+        f"ort-{name}": OnnxModel(path, RuntimeOptions(device="cpu", threads=threads)).run
         for name, path in files.items()
     }
     if bf16:  # for information: what `center-embed eval` uses on CPUs with AMX
@@ -95,7 +95,7 @@ def engines(
 
 
 def accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    out = OnnxModel(model_path, device="cpu").run_batched(images)
+    out = OnnxModel(model_path, RuntimeOptions(device="cpu")).run_batched(images)
     return float((out["labels"] == labels).mean())
 
 

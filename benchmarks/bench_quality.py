@@ -11,7 +11,7 @@ the same preset on six classes (the other four are the unknowns); it exports eac
   (torch: nearest-center and softmax, plain and with TTA);
 - retrieval: precision@1 and MAP@R of the test embeddings, ranked by the model's distance;
 - far-OOD: AUROC and FPR95 of the served `min_distances`, test images against each set of
-  center_embed.quality.far_ood_sets, and the share of each set the `unknown` flag catches;
+  center_embed.ood_sets.far_ood_sets, and the share of each set the `unknown` flag catches;
 - open-set: AUROC and FPR95 of the served score, the six known classes' test images
   against the four unknown classes' (mean ± std over the splits);
 - calibration of the `unknown` flag: the share of correctly classified test images it
@@ -46,10 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from center_embed import quality  # noqa: E402
+from center_embed import metrics, ood_sets  # noqa: E402
 from center_embed.contract import distances, read_centers  # noqa: E402
 from center_embed.data import load_dataset, select_classes, split_validation  # noqa: E402
-from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 CLI = [sys.executable, "-m", "center_embed.cli"]
 
@@ -150,7 +150,7 @@ def run_command(command: list[str]) -> None:
 
 def closed_set(model_path: Path, dataset, args) -> dict:
     """All ten classes known: accuracy, retrieval, far-OOD detection, calibration."""
-    model = OnnxModel(model_path, device="cpu")
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu"))
     info = model.info
     test = select_classes(dataset, info.class_names).test
     out = model.run_batched(test.images)
@@ -159,15 +159,15 @@ def closed_set(model_path: Path, dataset, args) -> dict:
     result = {
         "nearest_center_accuracy_onnx": float(correct.mean()),
         "torch_eval": torch_eval(model_path.parent),
-        **quality.retrieval_metrics(out["embeddings"], test.labels, info.distance),
-        "calibration": quality.flagged_shares(served, test.labels, correct, info.class_names),
+        **metrics.retrieval_metrics(out["embeddings"], test.labels),
+        "calibration": metrics.flagged_shares(served, test.labels, correct, info.class_names),
         "quantile": calibration_quantile(info),
         "far_ood": {},
         "shifted": {},
     }
     groups = {
-        "far_ood": quality.far_ood_sets(test.images, args.ood_images),
-        "shifted": quality.shifted_sets(test.images, args.ood_images),
+        "far_ood": ood_sets.far_ood_sets(test.images, args.ood_images),
+        "shifted": ood_sets.shifted_sets(test.images, args.ood_images),
     }
     scorers = candidate_scorers(model_path, dataset, info) if args.candidates else {}
     known_scores = {name: score(out) for name, score in scorers.items()}
@@ -186,7 +186,7 @@ def closed_set(model_path: Path, dataset, args) -> dict:
 
 def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
     """Six classes known, four unknown: known vs unknown test images by the served score."""
-    model = OnnxModel(model_path, device="cpu")
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu"))
     known_index = [dataset.class_names.index(c) for c in classes]
     is_known = np.isin(dataset.test.labels, known_index)
     out = model.run_batched(dataset.test.images)
@@ -208,7 +208,7 @@ def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
     # is compared on both kinds of unknowns without a second, ten-class run.
     result["far_ood"] = {}
     known_images = dataset.test.images[is_known]
-    for set_name, images in quality.far_ood_sets(known_images, args.ood_images).items():
+    for set_name, images in ood_sets.far_ood_sets(known_images, args.ood_images).items():
         other = model.run_batched(images)
         entry = detection(known_out["min_distances"], other["min_distances"])
         entry["flagged"] = float(model.unknown(other).mean())
@@ -221,7 +221,7 @@ def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
 
 def validation_split(model, dataset):
     """The run's held-out validation images (its data config, from the checkpoint)."""
-    from center_embed.checkpoint import Checkpoint
+    from center_embed.training.checkpoint import Checkpoint
 
     cfg = Checkpoint.load(model.path.parent / "best.pt").config.data
     known_train = select_classes(dataset, model.info.class_names).train
@@ -235,10 +235,10 @@ def closed_set_validation(model, dataset, args) -> dict:
     out = model.run_batched(val.images)
     result = {
         "nearest_center_accuracy": float((out["labels"] == val.labels).mean()),
-        **quality.retrieval_metrics(out["embeddings"], val.labels, model.info.distance),
+        **metrics.retrieval_metrics(out["embeddings"], val.labels),
         "far_ood": {},
     }
-    for set_name, images in quality.far_ood_sets(val.images, args.ood_images, seed=1).items():
+    for set_name, images in ood_sets.far_ood_sets(val.images, args.ood_images, seed=1).items():
         other = model.run_batched(images)
         entry = detection(out["min_distances"], other["min_distances"])
         entry["flagged"] = float(model.unknown(other).mean())
@@ -264,8 +264,8 @@ def open_set_validation(model, dataset, known_index: list[int], scorers: dict) -
 
 def detection(known: np.ndarray, unknown: np.ndarray) -> dict[str, float]:
     return {
-        "auroc": quality.auroc(known, unknown),
-        "fpr95": quality.fpr_at_tpr(known, unknown),
+        "auroc": metrics.auroc(known, unknown),
+        "fpr95": metrics.fpr_at_tpr(known, unknown),
     }
 
 
@@ -298,7 +298,7 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
     The classifier-head scores need the run's checkpoint (the ONNX file has no head);
     "re-estimated" centers are the class means of the run's own training embeddings.
     """
-    from center_embed.checkpoint import Checkpoint
+    from center_embed.training.checkpoint import Checkpoint
 
     ckpt = Checkpoint.load(model_path.parent / "best.pt")
     centers = read_centers(model_path)
@@ -349,7 +349,7 @@ def training_means(model_path: Path, dataset, info, cfg, per_class: int = 1000) 
         rng.permutation(np.flatnonzero(train.labels == j))[:per_class]
         for j in range(info.num_classes)
     ])  # fmt: skip
-    model = OnnxModel(model_path, device="cpu")
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu"))
     e = model.run_batched(train.images[np.sort(picks)])["embeddings"]
     labels = train.labels[np.sort(picks)]
     return np.stack([e[labels == j].mean(0) for j in range(info.num_classes)]).astype(np.float32)

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 from center_embed.score.local import score  # noqa: E402
 from center_embed.score.ray_engine import decode_paths, score_on_ray  # noqa: E402
 
@@ -62,7 +62,7 @@ def compare(local_out: Path, ray_out: Path) -> str:
 
 def pieces(model_path: str, images: Path, ray_out: Path) -> dict[str, float]:
     """Decode ms/image (one core), single-session inference images/s, bytes per row."""
-    model = OnnxModel(model_path, "cpu", 1)
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu", threads=1))
     size = model.info.input_size[0]
     paths = sorted(str(p) for p in images.rglob("*.jpg"))[:2000]
     start = time.process_time()

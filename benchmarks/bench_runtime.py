@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from center_embed import imageio  # noqa: E402
 from center_embed.data import load_dataset  # noqa: E402
-from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 from center_embed.runtime_bench import time_model  # noqa: E402
 
 
@@ -70,7 +70,9 @@ def runtimes_part(args: argparse.Namespace) -> None:
         configs["onnxruntime int8"] = (args.int8_model, "onnxruntime", "auto")
         configs["openvino int8"] = (args.int8_model, "openvino", "auto")
     models = {
-        name: OnnxModel(path, "cpu", args.threads, runtime=rt, precision=pr)
+        name: OnnxModel(
+            path, RuntimeOptions(device="cpu", threads=args.threads, runtime=rt, precision=pr)
+        )
         for name, (path, rt, pr) in configs.items()
     }
     print(f"\n1. in-process, batch {len(images)}, {args.threads} threads, images/s "

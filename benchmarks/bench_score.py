@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from center_embed.data import load_dataset  # noqa: E402
-from center_embed.runtime import OnnxModel  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 from center_embed.score.local import default_workers, score  # noqa: E402
 
 TARGET = 0.9
@@ -139,8 +139,10 @@ def main() -> int:
             from center_embed.export.onnx_export import export_checkpoint
 
             export_checkpoint(args.checkpoint, model_path)
-        model = OnnxModel(model_path, "cpu")  # onnxruntime's defaults
-        scorer_model = OnnxModel(model_path, "cpu", args.threads)  # the scorer's settings
+        model = OnnxModel(model_path, RuntimeOptions(device="cpu"))  # onnxruntime's defaults
+        scorer_model = OnnxModel(
+            model_path, RuntimeOptions(device="cpu", threads=args.threads)
+        )  # the scorer's settings
         workers = args.workers or default_workers()
         size = model.info.input_size[0]
         dataset = load_dataset(args.data, size)

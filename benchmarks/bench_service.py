@@ -145,9 +145,9 @@ class Baseline:
     """OnnxModel.run alone, in this process, on images decoded beforehand."""
 
     def __init__(self, model: Path, files: list[bytes], batch: int, threads: int) -> None:
-        from center_embed.runtime import OnnxModel
+        from center_embed.runtime import OnnxModel, RuntimeOptions
 
-        self.onnx = OnnxModel(model, device="cpu", threads=threads)
+        self.onnx = OnnxModel(model, RuntimeOptions(device="cpu", threads=threads))
         decoded = np.stack([self.onnx.decode(data) for data in files])
         self.batch = batch
         self.batches = [decoded[i : i + batch] for i in range(0, len(decoded) - batch + 1, batch)]

@@ -33,7 +33,7 @@ import numpy as np
 from bench_service import free_port, load, load_files, multipart, wait_ready
 
 from center_embed.contract import PROTOCOL_MODEL_NAME
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 TARGET_RATIO = 0.85
 TARGET_P50_MS = 5.0
@@ -52,7 +52,7 @@ def main() -> int:
     args = p.parse_args()
 
     files = load_files(args.images, 256)
-    onnx = OnnxModel(args.model, device="cpu", threads=args.threads)
+    onnx = OnnxModel(args.model, RuntimeOptions(device="cpu", threads=args.threads))
     pixels = np.stack([onnx.decode(data) for data in files])  # (n, H, W, 3) uint8
     bodies = {"v2 binary": [v2_binary(image) for image in pixels],
               "v1 multipart": [multipart(data) for data in files]}  # fmt: skip

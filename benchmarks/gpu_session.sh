@@ -108,8 +108,8 @@ say "tests (marker gpu, and the center-loss and training tests)"
 T=$(( $(left) - 200 )); [ "$T" -gt 300 ] && T=300; [ "$T" -lt 60 ] && T=60
 (
   cd "$PKG" && timeout -k 10 "$T" python3 -m pytest -q -p no:cacheprovider -rs \
-    -m "gpu or not slow" tests/core/test_gpu.py tests/core/test_center_loss.py \
-    tests/core/test_train.py
+    -m "gpu or not slow" tests/training/test_gpu.py tests/training/test_center_loss.py \
+    tests/training/test_train.py
 ) 2>&1 | tee "$OUT/pytest.log"
 PYTEST_STATUS="exit ${PIPESTATUS[0]}"
 

@@ -55,6 +55,22 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a model file, as the user asked: one value from the CLI flags (or a
+    caller) to `OnnxModel`, the service, the scorers, `verify` and `bench`.
+
+    device: auto | cpu | cuda (onnxruntime's provider; OpenVINO runs on the CPU).
+    threads: intra-op threads of one run (0: the runtime's default, one per core).
+    runtime / precision: see `choose_runtime` (default: onnxruntime at the file's precision).
+    """
+
+    device: str = "auto"
+    threads: int = 0
+    runtime: str = DEFAULT_RUNTIME
+    precision: str = DEFAULT_PRECISION
+
+
+@dataclass(frozen=True)
 class RuntimeChoice:
     """Which runtime runs the file, at which precision, and why (for logs and /v1/model)."""
 
@@ -275,8 +291,8 @@ def open_backend(
 class OnnxModel:
     """An exported center-embed model, ready to run on uint8 image batches.
 
-    runtime / precision: see `choose_runtime` (default: onnxruntime at the file's precision).
-    threads: intra-op threads of one run (0: the runtime's default, one per core).
+    options: the device, threads, runtime and precision asked for (`RuntimeOptions`).
+    spinning: let idle intra-op threads busy-wait (onnxruntime; off in a server).
     streams: OpenVINO's concurrent inference streams, each with `threads` threads, for callers
     that run batches from several threads at once (an onnxruntime session needs none).
     """
@@ -284,21 +300,24 @@ class OnnxModel:
     def __init__(
         self,
         path: str | Path,
-        device: str = "auto",
-        threads: int = 0,
-        spinning: bool = True,
+        options: RuntimeOptions | None = None,
         *,
-        runtime: str = DEFAULT_RUNTIME,
-        precision: str = DEFAULT_PRECISION,
+        spinning: bool = True,
         streams: int = 1,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"model not found: {self.path}")
+        self.options = options = options or RuntimeOptions()
         self.choice = choose_runtime(
-            runtime, precision, file_precision=_file_precision(self.path), device=device
+            options.runtime,
+            options.precision,
+            file_precision=_file_precision(self.path),
+            device=options.device,
         )
-        self.backend = open_backend(self.choice, self.path, device, threads, spinning, streams)
+        self.backend = open_backend(
+            self.choice, self.path, options.device, options.threads, spinning, streams
+        )
         self.info = parse_metadata(self.backend.metadata_props(), str(self.path))
         inputs, outputs = self.backend.io_names()
         if inputs != [INPUT_NAME] or not is_model_outputs(outputs):

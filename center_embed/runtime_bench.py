@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from center_embed.errors import UserError
-from center_embed.runtime import OnnxModel, choose_runtime, installed_runtimes
+from center_embed.runtime import OnnxModel, RuntimeOptions, choose_runtime, installed_runtimes
 
 BENCH_SEED = 0
 
@@ -66,13 +66,16 @@ def bench(
     """Time every runtime × precision × batch size on `path`; `log` sees each row as it comes."""
     if not batch_sizes or min(batch_sizes) < 1 or seconds <= 0:
         raise UserError("batch sizes must be positive and the time per measurement above 0")
-    probe = OnnxModel(path, "cpu", 1)
+    probe = OnnxModel(path, RuntimeOptions(device="cpu", threads=1))
     h, w = probe.info.input_size
     rng = np.random.default_rng(BENCH_SEED)
     images = rng.integers(0, 256, (max(batch_sizes), h, w, 3), dtype=np.uint8)
     rows = []
     for runtime, precision in runtime_options(probe.info.precision):
-        model = OnnxModel(path, "cpu", threads, runtime=runtime, precision=precision)
+        model = OnnxModel(
+            path,
+            RuntimeOptions(device="cpu", threads=threads, runtime=runtime, precision=precision),
+        )
         for batch in batch_sizes:
             speed, runs = time_model(model.run, images[:batch], seconds)
             rows.append(BenchRow(runtime, precision, batch, speed, runs))

@@ -28,7 +28,7 @@ from center_embed.data import (
 from center_embed.errors import UserError
 
 if TYPE_CHECKING:  # only the type: loading a checkpoint is torch's business, not ours
-    from center_embed.checkpoint import Checkpoint
+    from center_embed.training.checkpoint import Checkpoint
 
 
 @dataclass

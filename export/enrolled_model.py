@@ -25,7 +25,7 @@ from center_embed.enrolment import CenterSet
 from center_embed.errors import UserError
 from center_embed.export.verify import check_file, relative_error
 from center_embed.fileio import atomic_path
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 CHECK_IMAGES = 4
 CHECK_TOLERANCE = 1e-3  # relative to the largest distance, as the service's warm-up allows
@@ -75,7 +75,7 @@ def replace_centers(proto: onnx.ModelProto, centers: CenterSet) -> None:
 
 def check_distances(path: Path, centers: CenterSet) -> None:
     """The written graph's distances are the contract's distances to the new centers."""
-    model = OnnxModel(path, device="cpu")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
     h, w = model.info.input_size
     images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, h, w, 3), dtype=np.uint8)
     out = model.run(images)

@@ -47,7 +47,6 @@ from onnx import numpy_helper
 from torch import nn
 
 from center_embed import __version__
-from center_embed.checkpoint import Checkpoint
 from center_embed.contract import (
     ATYPICALITY,
     CENTERS_INITIALIZER,
@@ -72,7 +71,8 @@ from center_embed.export.atypicality import (
 from center_embed.export.calibrate import calibration_set, unknown_thresholds
 from center_embed.export.verify import PARITY_BATCHES, check_file, check_parity
 from center_embed.fileio import atomic_path
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.training.checkpoint import Checkpoint
 
 # Opset 20 has a native Gelu: onnxruntime runs it as one kernel between the int8 convs,
 # where opset 18's Erf expression cost the int8 model about a quarter of its time.
@@ -123,7 +123,7 @@ def export_checkpoint(
     say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
     with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
         save(proto, tmp)
-        shipped = OnnxModel(tmp, device="cpu")
+        shipped = OnnxModel(tmp, RuntimeOptions(device="cpu"))
         meta = {"verification": verified(tmp, shipped, graph, ckpt, calib, say)} if verify else {}
         held_out = shipped.run_batched(calib.held_out.images)
         meta |= threshold_metadata(held_out, calib, shipped.info, quantile)
@@ -134,7 +134,7 @@ def export_checkpoint(
             say(f"{precision} against fp32: {meta['precision_loss']['summary']}")
         set_metadata(proto, meta)
         save(proto, tmp)
-        OnnxModel(tmp, device="cpu")  # the final file opens and its metadata parses
+        OnnxModel(tmp, RuntimeOptions(device="cpu"))  # the final file opens and its metadata parses
     return out
 
 
@@ -238,7 +238,7 @@ def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path
     truth = np.asarray(calib.held_out.labels)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".fp32-") as scratch:
         save(fp32, Path(scratch) / "fp32.onnx")
-        reference = OnnxModel(Path(scratch) / "fp32.onnx", device="cpu")
+        reference = OnnxModel(Path(scratch) / "fp32.onnx", RuntimeOptions(device="cpu"))
         reference_out = reference.run_batched(calib.held_out.images)
     accuracy = float((held_out["labels"] == truth).mean())
     accuracy_fp32 = float((reference_out["labels"] == truth).mean())

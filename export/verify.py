@@ -23,7 +23,7 @@ import numpy as np
 from center_embed.contract import ATYPICALITY, our_metadata, run_batched
 from center_embed.data import load_for_classes
 from center_embed.errors import UserError
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 PARITY_BATCHES = (1, 3, 17)
 # Relative error allowed per output, and the share of labels that may differ from torch's
@@ -150,11 +150,9 @@ def split_accuracy(
     model_path: str | Path,
     data: str | None = None,
     split: str = "test",
-    threads: int = 0,
+    options: RuntimeOptions | None = None,
     batch_size: int = 256,
     *,
-    runtime: str = "onnxruntime",
-    precision: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Nearest-center accuracy of an ONNX model on a dataset split, through `runtime`.
@@ -164,7 +162,8 @@ def split_accuracy(
     compared with that reference on the same images (`parity`, see `runtime_parity`).
     `progress` draws a bar on stderr (a CIFAR-10 split takes seconds to minutes).
     """
-    model = OnnxModel(model_path, "auto", threads, runtime=runtime, precision=precision)
+    options = options or RuntimeOptions()
+    model = OnnxModel(model_path, options)
     info = model.info
     source = data or _training_source(model)
     if info.input_size[0] != info.input_size[1]:
@@ -192,7 +191,9 @@ def split_accuracy(
     if info.unknown_threshold is not None:
         result["unknown_rate"] = float(model.unknown(out).mean())
     if (model.choice.runtime, model.choice.precision) != ("onnxruntime", info.precision):
-        reference = OnnxModel(model_path, "cpu", threads).run_batched(images.images, batch_size)
+        reference = OnnxModel(
+            model_path, RuntimeOptions(device="cpu", threads=options.threads)
+        ).run_batched(images.images, batch_size)
         flag = info.unknown if info.unknown_threshold is not None else None
         result["parity"] = runtime_parity(out, reference, truth, flag)
     return result
@@ -291,7 +292,7 @@ def compare_with_checkpoint(
     result: dict[str, Any], checkpoint: str | Path, data: str | None = None
 ) -> dict[str, Any]:
     """The checkpoint's own fp32 torch figure on the same split (no TTA, no bf16)."""
-    from center_embed.evaluate import evaluate_checkpoint
+    from center_embed.training.evaluate import evaluate_checkpoint
 
     if result["split"] != "test":
         raise UserError("--checkpoint compares on the test split only")

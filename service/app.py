@@ -107,12 +107,7 @@ async def _lifespan(
     model = given_model
     if model is None:
         model = await asyncio.to_thread(
-            ServedModel.open,
-            settings.model,
-            settings.device,
-            settings.threads,
-            runtime=settings.runtime,
-            precision=settings.precision,
+            ServedModel.open, settings.model, settings.runtime_options()
         )
         log.info("model opened", extra={"fields": {"runtime": model.runtime}})
     centers_file = settings.centers_file or centers_file_for(model.model.path)

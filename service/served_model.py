@@ -26,7 +26,7 @@ from center_embed.contract import ModelInfo, distances, nearest_centers, read_ce
 from center_embed.enrolment import CenterSet, CentersFile
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
-from center_embed.runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, OnnxModel, describe
+from center_embed.runtime import OnnxModel, RuntimeOptions, describe
 
 WARMUP_SEED = 0
 
@@ -99,17 +99,11 @@ class ServedModel:
     def open(
         cls,
         path: str | Path,
-        device: str = "auto",
-        threads: int = 0,
-        *,
-        runtime: str = DEFAULT_RUNTIME,
-        precision: str = DEFAULT_PRECISION,
+        options: RuntimeOptions | None = None,
     ) -> ServedModel:
         path = Path(path)
         # No spinning: the server's own threads (decoding, HTTP) need the cores between runs.
-        model = OnnxModel(
-            path, device, threads, spinning=False, runtime=runtime, precision=precision
-        )
+        model = OnnxModel(path, options, spinning=False)
         return cls(model, read_centers(path), sha256_file(path))
 
     @property

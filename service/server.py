@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
@@ -57,9 +58,7 @@ def check_and_load_settings(model: Path, workers: int) -> Settings:
     settings = load_settings()
     settings.keys()  # an unreadable key file fails here, not in every worker
     # one-line errors for a file that is not ours, or a runtime/precision that cannot run it
-    ServedModel.open(
-        model, settings.device, 1, runtime=settings.runtime, precision=settings.precision
-    )
+    ServedModel.open(model, replace(settings.runtime_options(), threads=1))
     return settings
 
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from center_embed.errors import UserError
 from center_embed.imageio import SAFE_FORMATS, known_formats
+from center_embed.runtime import RuntimeOptions
 
 MiB = 1024 * 1024
 
@@ -136,6 +137,10 @@ class Settings(BaseSettings):
         if self.graceful_shutdown_s is not None:
             return self.graceful_shutdown_s
         return self.timeout_s + 5.0
+
+    def runtime_options(self) -> RuntimeOptions:
+        """What runs the model: device, threads, runtime and precision, as one value."""
+        return RuntimeOptions(self.device, self.threads, self.runtime, self.precision)
 
     def keys(self) -> list[bytes]:
         """Every accepted API key: api_keys plus the lines of api_keys_file (# comments).

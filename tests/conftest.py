@@ -32,7 +32,7 @@ def tiny_checkpoint(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory)
     """best.pt of a tiny model trained for a few seconds on `tiny_folder`."""
     import os
 
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     os.environ.setdefault("CENTER_EMBED_CACHE", str(tmp_path_factory.mktemp("cache")))
     out = tmp_path_factory.mktemp("run")

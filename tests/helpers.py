@@ -57,7 +57,7 @@ def write_image_folder(
 
 def tiny_config(data: Path, **overrides: str):
     """The `tiny` preset on `data`, 3 epochs; overrides as section__key="value"."""
-    from center_embed.config import load_config
+    from center_embed.training.config import load_config
 
     sets = [f"data.path={data}", "data.val_size=48", "train.epochs=3", "train.batch_size=32"]
     sets += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]

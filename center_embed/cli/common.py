@@ -74,6 +74,19 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, from_environment: bool 
     )  # fmt: skip
 
 
+def runtime_options(args: argparse.Namespace):
+    """The `RuntimeOptions` the flags ask for: --device (cpu where a command has none),
+    --threads, --runtime, --precision."""
+    from center_embed.runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, RuntimeOptions
+
+    return RuntimeOptions(
+        device=getattr(args, "device", "auto"),
+        threads=getattr(args, "threads", DEFAULT_THREADS),
+        runtime=getattr(args, "runtime", DEFAULT_RUNTIME),
+        precision=getattr(args, "precision", DEFAULT_PRECISION),
+    )
+
+
 def add_data_argument(p: argparse.ArgumentParser, default: str) -> None:
     """`--data`; `default` says where the dataset comes from when the flag is absent."""
     p.add_argument(

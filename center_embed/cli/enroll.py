@@ -57,14 +57,14 @@ def run_enroll(args: argparse.Namespace) -> int:
     from center_embed.contract import read_centers
     from center_embed.enrolment import CenterSet, CentersFile
     from center_embed.fileio import sha256_file
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     if not (args.classes or args.from_folder or args.remove or args.centers):
         raise UserError("nothing to change: give --class, --from-folder, --remove or --centers")
     refuse_existing(args.out, args.overwrite)
     from center_embed.export.enrolled_model import write_enrolled_model  # onnx: extra train
 
-    model = OnnxModel(args.model, device="cpu")
+    model = OnnxModel(args.model, RuntimeOptions(device="cpu"))
     sha256 = sha256_file(args.model)
     centers = CenterSet.from_model(model.info, read_centers(args.model), sha256)
     if args.centers:

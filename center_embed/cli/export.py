@@ -21,6 +21,7 @@ from center_embed.cli.common import (
     add_split_argument,
     add_threads_argument,
     refuse_existing,
+    runtime_options,
 )
 from center_embed.contract import DEFAULT_EXPORT_DISTANCE, DISTANCE_KINDS
 from center_embed.errors import UserError
@@ -197,8 +198,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     refuse_existing(args.json, args.overwrite)
     result: dict[str, Any] = split_accuracy(
-        args.model, args.data, args.split, args.threads,
-        runtime=args.runtime, precision=args.precision, progress=not args.no_progress,
+        args.model, args.data, args.split, runtime_options(args), progress=not args.no_progress,
     )  # fmt: skip
     runtime = result["runtime"]
     print(f"{result['split']} split of {result['data']} ({result['images']} images), "
@@ -369,11 +369,11 @@ def describe_file(path: str | Path) -> dict[str, Any]:
 
 
 def _open_model(path: str | Path) -> OnnxModel:
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     if not Path(path).is_file():
         raise UserError(f"model not found: {path}")
-    return OnnxModel(path, device="cpu")
+    return OnnxModel(path, RuntimeOptions(device="cpu"))
 
 
 def format_size(n_bytes: int) -> str:

@@ -21,13 +21,13 @@ from center_embed.cli.common import (
 from center_embed.errors import UserError
 
 if TYPE_CHECKING:  # the type only: the config module loads when a command runs
-    from center_embed.config import Config
+    from center_embed.training.config import Config
 
 # --------------------------------------------------------------------------- train
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from center_embed.config import PRESETS
+    from center_embed.training.config import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of options")
     p.add_argument("--config", metavar="TOML", help="a TOML file of options")
@@ -50,7 +50,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from center_embed.config import load_config
+    from center_embed.training.config import load_config
 
     cfg = load_config(args.preset, args.config, _config_overrides(args))
     out = Path(args.resume) if args.resume else Path(args.out)
@@ -58,11 +58,11 @@ def run_train(args: argparse.Namespace) -> int:
         out = out.parent
     is_reporter = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     if args.download:
-        from center_embed.download import download_cifar10
+        from center_embed.training.download import download_cifar10
 
         download_cifar10(cfg.data.path, log=print if is_reporter else (lambda _: None))
 
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     result = train(cfg, out, resume=bool(args.resume))
     if not is_reporter:
@@ -96,8 +96,8 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
 
 def _evaluate_and_record(checkpoint: Path, train_result: dict) -> None:
     """Evaluate on the test split; store the figures in the checkpoint and eval.json."""
-    from center_embed.checkpoint import load_checkpoint, save_checkpoint
-    from center_embed.evaluate import evaluate_checkpoint, format_table, write_json
+    from center_embed.training.checkpoint import load_checkpoint, save_checkpoint
+    from center_embed.training.evaluate import evaluate_checkpoint, format_table, write_json
 
     result = evaluate_checkpoint(checkpoint)
     print(format_table(result))
@@ -125,7 +125,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from center_embed.evaluate import evaluate_checkpoint, format_table, write_json
+    from center_embed.training.evaluate import evaluate_checkpoint, format_table, write_json
 
     refuse_existing(args.out, args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.tta)

@@ -16,8 +16,8 @@ ONNX model outputs no logits, so softmax accuracy is copied from the run's eval.
 (written by `center-embed train` / `eval` with the torch checkpoint) when --run is given,
 else from the training facts in the model's metadata.
 
-A development tool, not a serving one: the retrieval and ratio metrics come from the
-torch-based center_embed.metrics (the `train` extra); plots need matplotlib.
+Torch-free: every figure comes from center_embed.metrics on the ONNX outputs, so a serving
+install with the `score` extra (matplotlib for the plots) writes it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 from center_embed.contract import read_centers
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_path, atomic_write_text, sha256_file
+from center_embed.metrics import intra_inter_ratio, retrieval_metrics
 
 PLOTS = {
     "embedding_2d": "embedding_2d.png",
@@ -92,14 +93,9 @@ def embedding_metrics(
     unknown: np.ndarray,
 ) -> dict[str, Any]:
     """Every figure the ONNX outputs give on a labelled split."""
-    import torch
-
-    from center_embed.metrics import intra_inter_ratio, retrieval_metrics
-
     predicted = outputs["labels"]
     correct = predicted == labels
-    embeddings = torch.from_numpy(outputs["embeddings"])
-    truth = torch.from_numpy(labels.astype(np.int64))
+    embeddings = outputs["embeddings"]
     per_class = {
         name: float(correct[labels == j].mean()) if (labels == j).any() else None
         for j, name in enumerate(class_names)
@@ -108,8 +104,8 @@ def embedding_metrics(
     return {
         "nearest_center_accuracy": float(correct.mean()),
         "per_class_accuracy": per_class,
-        **retrieval_metrics(embeddings, truth),
-        "intra_inter_ratio": intra_inter_ratio(embeddings, truth, torch.from_numpy(centers)),
+        **retrieval_metrics(embeddings, labels),
+        "intra_inter_ratio": intra_inter_ratio(embeddings, labels, centers),
         "unknown_rate": float(unknown.mean()),
         "unknown_rate_correct": float(unknown[correct].mean()) if correct.any() else None,
         "unknown_rate_wrong": float(unknown[~correct].mean()) if (~correct).any() else None,
@@ -171,13 +167,13 @@ def build_report(
     failure leaves no folder; an existing one needs `overwrite`); return the metrics."""
     from center_embed.report import plots
     from center_embed.report.html import render_html
-    from center_embed.runtime import OnnxModel, describe
+    from center_embed.runtime import OnnxModel, RuntimeOptions, describe
 
     out = Path(out)
     _check_report_folder(out, overwrite)
     if split not in ("train", "test"):
         raise UserError(f"--split must be train or test, not {split!r}")
-    model = OnnxModel(model_path, device, threads)
+    model = OnnxModel(model_path, RuntimeOptions(device=device, threads=threads))
     info, meta = model.info, describe(model.info)
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     data = _dataset(data, training)

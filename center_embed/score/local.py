@@ -191,11 +191,15 @@ def open_scoring_model(path, device: str, threads: int, runtime: str, precision:
     """The model as the workers share it: each runs its own batch on `threads` threads
     (default 1; an onnxruntime session takes concurrent runs, OpenVINO gets one stream per
     core's worth of threads)."""
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     threads = threads or 1
     streams = max(1, (os.cpu_count() or 1) // threads)
-    return OnnxModel(path, device, threads, runtime=runtime, precision=precision, streams=streams)
+    return OnnxModel(
+        path,
+        RuntimeOptions(device=device, threads=threads, runtime=runtime, precision=precision),
+        streams=streams,
+    )
 
 
 def default_workers() -> int:

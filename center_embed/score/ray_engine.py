@@ -290,9 +290,9 @@ class ScoreBatches:
 
     def __init__(self, model: str | bytes, device: str = "cpu", threads: int = 1,
                  schema: Any = None, source: dict | None = None) -> None:  # fmt: skip
-        from center_embed.runtime import OnnxModel
+        from center_embed.runtime import OnnxModel, RuntimeOptions
 
-        self.model = OnnxModel(_local_model(model), device, threads)
+        self.model = OnnxModel(_local_model(model), RuntimeOptions(device=device, threads=threads))
         self.size = self.model.info.input_size[0]
         self.schema = schema if schema is not None else model_schema(self.model, source)
         self.batches = 0
@@ -518,9 +518,9 @@ def score_on_ray(
 def _open_driver_model(model: str | Path):
     """The model as the driver needs it (metadata and digest; actors open their own), and
     its square input size."""
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    driver_model = OnnxModel(model, "cpu", 1)
+    driver_model = OnnxModel(model, RuntimeOptions(device="cpu", threads=1))
     size = driver_model.info.input_size[0]
     if driver_model.info.input_size != (size, size):
         raise UserError(f"{model}: only square inputs are supported")

@@ -110,34 +110,24 @@ def test_train_then_eval_from_the_command_line(tiny_folder, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- layers
 #
-# The layers, along the flow: the core (center_embed minus the subpackages below) <- export
-# <- service, and the CLI on top of all. A dependency is an import statement, an
-# importlib.import_module / __import__ call, or any string naming a module (a registry of
-# import strings is a dependency too); the subprocess tests below also catch what the
-# static reading cannot.
+# The layers, along the flow: the core (center_embed minus the subpackages below) <- training
+# <- export <- service, and the CLI on top of all; the service never needs training (a serving
+# install has no torch). A dependency is an import statement, an importlib.import_module /
+# __import__ call, or any string naming a module (a registry of import strings is a
+# dependency too); the subprocess tests below also catch what the static reading cannot.
 
-LAYERS = ("center_embed.cli", "center_embed.service", "center_embed.export")
+TRAINING = "center_embed.training"
+LAYERS = ("center_embed.cli", "center_embed.service", "center_embed.export", TRAINING)
 FORBIDDEN = {  # layer -> the packages its modules must never name
-    "core": ("center_embed.cli", "center_embed.export", "center_embed.service"),
+    "core": ("center_embed.cli", "center_embed.export", "center_embed.service", TRAINING),
+    TRAINING: ("center_embed.cli", "center_embed.export", "center_embed.service"),
     "center_embed.export": ("center_embed.cli", "center_embed.service"),
-    "center_embed.service": ("center_embed.cli",),
+    "center_embed.service": ("center_embed.cli", TRAINING),
     "center_embed.cli": (),
 }
-# The modules that need torch; every other module must import without loading it. The CLI
-# adapters import torch modules only inside the commands that need them.
-TORCH_MODULES = (
-    "center_embed.center_loss",
-    "center_embed.checkpoint",
-    "center_embed.distributed",
-    "center_embed.evaluate",
-    "center_embed.inference",
-    "center_embed.metrics",
-    "center_embed.model",
-    "center_embed.loader",
-    "center_embed.train",
-    "center_embed.report.build",  # retrieval metrics come from center_embed.metrics
-    "center_embed.export",  # and every module in it
-)
+# The packages that need torch, and every module in them; every other module must import
+# without loading it. The CLI adapters import them only inside the commands that need them.
+TORCH_MODULES = (TRAINING, "center_embed.export")
 MODULE_NAME = re.compile(r"center_embed(\.[A-Za-z_]\w*)+")
 
 
@@ -239,9 +229,9 @@ def test_torch_free_modules_never_load_torch():
 def test_importing_a_layer_never_loads_a_layer_above_it():
     by_layer = {
         layer: [m for m in importable_modules() if layer_of(m) == layer]
-        for layer in ("core", "center_embed.export", "center_embed.service")
+        for layer in ("core", TRAINING, "center_embed.export", "center_embed.service")
     }
-    # core first, then export (service is not loaded yet), then service
+    # core first, then training, export (service is not loaded yet), then service
     modules = [m for layer in by_layer.values() for m in layer]
     loaded = import_one_by_one(modules, list(LAYERS))
     offences = [
@@ -282,7 +272,7 @@ def test_test_files_import_only_the_helpers():
     forms = {
         "from tests.conftest import x": ["tests.conftest"],
         "from tests import test_data": ["tests.test_data"],
-        "import tests.core.test_train": ["tests.core.test_train"],
+        "import tests.training.test_train": ["tests.training.test_train"],
         "from .helpers import y": ["tests..helpers"],
         "from tests.helpers import ROOT": ["tests.helpers"],
     }

@@ -26,9 +26,9 @@ def zebra_folder(tmp_path: Path) -> Path:
 
 
 def _embeddings(model_path: Path, files: list[Path]) -> np.ndarray:
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    model = OnnxModel(model_path, device="cpu")
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu"))
     return model.run(np.stack([model.decode(f) for f in files]))["embeddings"].astype(np.float64)
 
 
@@ -36,7 +36,7 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
     import onnx
 
     from center_embed.fileio import sha256_file
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     before = sha256_file(tiny_onnx)
     out = tmp_path / "v2.onnx"
@@ -45,8 +45,8 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
     assert main(argv) == 0
     assert sha256_file(tiny_onnx) == before  # the input is never modified
     onnx.checker.check_model(str(out), full_check=True)
-    model = OnnxModel(out, device="cpu")
-    original = OnnxModel(tiny_onnx, device="cpu").info.class_names
+    model = OnnxModel(out, RuntimeOptions(device="cpu"))
+    original = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")).info.class_names
     assert model.info.class_names == [*original, "zebra"] and model.info.num_classes == 4
     files = sorted((zebra_folder / "zebra").iterdir())
     e = _embeddings(tiny_onnx, files)
@@ -76,16 +76,16 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
 
 
 def test_enroll_from_folder_then_remove(tiny_onnx, zebra_folder, tmp_path):
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     v2, v3 = tmp_path / "v2.onnx", tmp_path / "v3.onnx"
     assert main(["enroll", str(tiny_onnx), "--from-folder", str(zebra_folder),
                  "--out", str(v2)]) == 0  # fmt: skip
-    names = OnnxModel(v2, device="cpu").info.class_names
+    names = OnnxModel(v2, RuntimeOptions(device="cpu")).info.class_names
     assert names[-2:] == ["okapi", "zebra"]
     assert main(["enroll", str(v2), "--remove", "okapi", "--remove", names[0],
                  "--out", str(v3)]) == 0  # fmt: skip
-    info = OnnxModel(v3, device="cpu").info
+    info = OnnxModel(v3, RuntimeOptions(device="cpu")).info
     assert info.class_names == [*names[1:-2], "zebra"]
     assert set(info.class_thresholds) <= set(info.class_names)
     assert info.metadata["center_embed.enrolment"].count('"action"') == 4  # 2 enrol, 2 remove
@@ -144,11 +144,11 @@ def test_enrolled_model_and_centers_file_are_scored_with_the_new_classes(
     from center_embed.contract import read_centers
     from center_embed.enrolment import CenterSet, CentersFile, centers_file_for
     from center_embed.fileio import sha256_file
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
     model_path = tmp_path / "m.onnx"
     shutil.copyfile(tiny_onnx, model_path)
-    model = OnnxModel(model_path, device="cpu")
+    model = OnnxModel(model_path, RuntimeOptions(device="cpu"))
     files = sorted((zebra_folder / "zebra").iterdir())
     e = _embeddings(model_path, files).astype(np.float32)
     base = CenterSet.from_model(model.info, read_centers(model_path), sha256_file(model_path))

@@ -3,6 +3,7 @@ the form that works from a clone (`pip install '.[score]'`), never a traceback."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -55,3 +56,14 @@ def test_no_hint_names_the_unpublished_package():
         if "center-embed[" in path.read_text()
     ]
     assert offenders == []
+
+
+def test_report_runs_without_torch(tiny_onnx, tiny_folder, tmp_path):
+    """The report reads the ONNX outputs with center_embed.metrics: a serving install with
+    the `score` extra writes it, with no torch at all."""
+    out = tmp_path / "report"
+    result = run_without("torch", "report", str(tiny_onnx), "--data", str(tiny_folder), "--out",
+                         str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["onnx"]["map_at_r"] <= 1.0

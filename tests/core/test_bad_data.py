@@ -32,7 +32,7 @@ def test_on_bad_image_fail_names_the_files(folder_with_corrupt_images, tmp_path)
 
 
 def test_training_says_what_it_skipped(folder_with_corrupt_images, tmp_path, monkeypatch):
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     monkeypatch.setenv("CENTER_EMBED_CACHE", str(tmp_path / "cache"))
     lines: list[str] = []
@@ -53,7 +53,7 @@ def test_an_empty_class_folder_is_an_error(tmp_path):
 
 
 def test_a_single_class_is_an_error_before_training(tmp_path, monkeypatch):
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     monkeypatch.setenv("CENTER_EMBED_CACHE", str(tmp_path / "cache"))
     root = write_image_folder(tmp_path / "d", {"train": 2, "test": 2}, ["only"])

@@ -20,7 +20,7 @@ from center_embed.data import (
     split_validation,
 )
 from center_embed.errors import UserError
-from center_embed.loader import BatchLoader
+from center_embed.training.loader import BatchLoader
 from tests.helpers import write_cifar, write_image_folder
 
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from center_embed.errors import UserError
-from center_embed.runtime import OnnxModel, choose_runtime, cpu_bf16_flags
+from center_embed.runtime import OnnxModel, RuntimeOptions, choose_runtime, cpu_bf16_flags
 from tests.helpers import ROOT
 
 ov = pytest.importorskip("openvino")
@@ -96,8 +96,8 @@ def test_impossible_choices_are_one_clear_error(kwargs, message):
 def parity_against_onnxruntime(path: Path, images: np.ndarray, labels: np.ndarray, **kw):
     from center_embed.export.verify import runtime_parity
 
-    model = OnnxModel(path, "cpu", **kw)
-    reference = OnnxModel(path, "cpu").run_batched(images, 16)
+    model = OnnxModel(path, RuntimeOptions(device="cpu", **kw))
+    reference = OnnxModel(path, RuntimeOptions(device="cpu")).run_batched(images, 16)
     return model, runtime_parity(model.run_batched(images, 16), reference, labels,
                                  model.info.unknown)  # fmt: skip
 
@@ -143,7 +143,7 @@ def test_bf16_distances_are_exact_fp32_of_its_embeddings(tiny_onnx):
     plus the images' atypicality (noise: far from 0)."""
     from center_embed.contract import distances, read_centers
 
-    model = OnnxModel(tiny_onnx, "cpu", runtime="openvino", precision="bf16")
+    model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", runtime="openvino", precision="bf16"))
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
     assert model.info.distance == "squared_euclidean_minus_norm"
@@ -158,12 +158,16 @@ def test_bf16_distances_are_exact_fp32_of_its_embeddings(tiny_onnx):
 def test_openvino_from_several_threads_and_empty_batches(tiny_onnx):
     from concurrent.futures import ThreadPoolExecutor
 
-    model = OnnxModel(tiny_onnx, "cpu", 1, runtime="openvino", precision="fp32", streams=2)
+    model = OnnxModel(
+        tiny_onnx,
+        RuntimeOptions(device="cpu", threads=1, runtime="openvino", precision="fp32"),
+        streams=2,
+    )
     rng = np.random.default_rng(2)
     batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 5, 9, 3)]
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(model.run, batches * 3))
-    reference = OnnxModel(tiny_onnx, "cpu")
+    reference = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
     for batch, out in zip(batches * 3, outs, strict=True):
         np.testing.assert_allclose(out["distances"], reference.run(batch)["distances"], rtol=1e-4)
     empty = model.run(batches[0][:0])
@@ -177,7 +181,7 @@ def test_openvino_says_a_non_model_file_is_unreadable(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07 this is not a protobuf model" * 10)
     with pytest.raises(UserError, match="not a readable ONNX model|no center_embed metadata"):
-        OnnxModel(bad, runtime="openvino", precision="fp32")
+        OnnxModel(bad, RuntimeOptions(runtime="openvino", precision="fp32"))
 
 
 @pytest.mark.slow
@@ -193,7 +197,7 @@ def test_cifar10_parity_holds_with_the_threshold(runtime, precision):
     from center_embed.export.verify import split_accuracy
 
     result = split_accuracy(os.environ["CENTER_EMBED_CIFAR_MODEL"], str(CIFAR), "test",
-                            runtime=runtime, precision=precision)  # fmt: skip
+                            RuntimeOptions(runtime=runtime, precision=precision))  # fmt: skip
     parity = result["parity"]
     assert parity["label_agreement"] >= 0.99
     assert parity["distances"] <= 0.05 and parity["atypicality"] <= 0.05

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from center_embed import contract
-from center_embed.checkpoint import Checkpoint
 from center_embed.cli import main
 from center_embed.export.atypicality import (
     LAYERS,
@@ -28,7 +27,8 @@ from center_embed.export.atypicality import (
 )
 from center_embed.export.calibrate import calibration_set
 from center_embed.export.onnx_export import export_checkpoint
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.training.checkpoint import Checkpoint
 
 
 def test_pooled_statistics_are_each_channels_mean_std_and_absolute_deviation():
@@ -125,7 +125,7 @@ def test_the_shipped_file_is_calibrated_on_its_own_activations(tiny_checkpoint, 
     instead of 1%."""
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", int8=precision == "int8",
                              atypicality_quantile=0.9)  # fmt: skip
-    model = OnnxModel(path, device="cpu")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
     images = norm_images(tiny_checkpoint)
     share = (model.run(images)["atypicality"] > 0).mean()
     assert abs(share - 0.1) <= 1 / len(images)  # the gate: their 90% quantile
@@ -158,7 +158,10 @@ def test_export_without_atypicality_keeps_the_four_outputs(tiny_checkpoint, tiny
     proto = onnx.load(str(out))
     assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
     assert "center_embed.atypicality" not in {p.key for p in proto.metadata_props}
-    plain, full = OnnxModel(out, device="cpu"), OnnxModel(tiny_onnx, device="cpu")
+    plain, full = (
+        OnnxModel(out, RuntimeOptions(device="cpu")),
+        OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")),
+    )
     assert not plain.has_atypicality and full.has_atypicality
     h, w = plain.info.input_size
     images = np.concatenate([

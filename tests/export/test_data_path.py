@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from center_embed.checkpoint import load_checkpoint
 from center_embed.errors import UserError
+from center_embed.training.checkpoint import load_checkpoint
 from tests.helpers import tiny_config, write_image_folder
 
 
 def test_export_from_another_directory_and_after_the_data_moved(tmp_path, monkeypatch):
     from center_embed.export.onnx_export import export_checkpoint
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     monkeypatch.setenv("CENTER_EMBED_CACHE", str(tmp_path / "cache"))
     write_image_folder(tmp_path / "work" / "data", {"train": 8, "test": 2})

@@ -21,16 +21,21 @@ import pytest
 import torch
 
 from center_embed import __version__, contract
-from center_embed.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from center_embed.cli import main
-from center_embed.config import Config
 from center_embed.data import load_dataset, split_validation
 from center_embed.errors import UserError
-from center_embed.evaluate import evaluate_checkpoint
 from center_embed.export.onnx_export import OPSET, export_checkpoint
 from center_embed.export.verify import split_accuracy
-from center_embed.inference import embed_images
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.training.checkpoint import (
+    Checkpoint,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from center_embed.training.config import Config
+from center_embed.training.evaluate import evaluate_checkpoint
+from center_embed.training.inference import embed_images
 from tests.helpers import write_image_folder
 
 
@@ -96,7 +101,7 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     _, test = splits(tiny_checkpoint)
     images = np.ascontiguousarray(test.images[:batch])
-    got = OnnxModel(tiny_onnx, device="cpu").run(images)
+    got = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")).run(images)
     want = torch_outputs(tiny_checkpoint, images)
     assert relative(got["embeddings"], want["embeddings"]) < 1e-4
     assert relative(got["distances"], want["distances"]) < 1e-4
@@ -114,7 +119,7 @@ def test_parity_of_the_atypicality_where_it_is_not_zero(tiny_checkpoint, tiny_on
         np.broadcast_to(rng.integers(0, 256, (3, 1, 1, 3), dtype=np.uint8), (3, 32, 32, 3)),
         rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
     ])  # fmt: skip
-    got = OnnxModel(tiny_onnx, device="cpu").run(images)
+    got = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")).run(images)
     want = torch_outputs(tiny_checkpoint, images)
     assert (want["atypicality"] > 1).all()
     assert relative(got["atypicality"], want["atypicality"]) < 1e-4
@@ -123,13 +128,13 @@ def test_parity_of_the_atypicality_where_it_is_not_zero(tiny_checkpoint, tiny_on
 
 @pytest.mark.parametrize("norm", ["batchnorm", "none"])  # rms: the tiny_checkpoint above
 def test_parity_with_torch_for_each_embedding_norm(tiny_folder, tmp_path, norm):
-    from center_embed.train import train
+    from center_embed.training.train import train
     from tests.helpers import tiny_config
 
     train(tiny_config(tiny_folder, model__embedding_norm=norm), tmp_path, log=lambda _: None)
     path = export_checkpoint(tmp_path / "best.pt", tmp_path / "m.onnx")
     _, test = splits(tmp_path / "best.pt")
-    got = OnnxModel(path, device="cpu").run(test.images)
+    got = OnnxModel(path, RuntimeOptions(device="cpu")).run(test.images)
     want = torch_outputs(tmp_path / "best.pt", test.images)
     assert relative(got["embeddings"], want["embeddings"]) < 1e-4
     assert relative(got["distances"], want["distances"]) < 1e-4
@@ -144,7 +149,7 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
     assert [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in proto.graph.output] == list(contract.ALL_OUTPUT_NAMES)
-    model = OnnxModel(tiny_onnx, device="cpu", threads=1)
+    model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", threads=1))
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 33):
         out = model.run(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
@@ -169,7 +174,7 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
 
 def test_contract_distances_are_the_graphs(tiny_onnx):
     """The numpy formula the service uses on vectors gives the graph's own outputs."""
-    model = OnnxModel(tiny_onnx, device="cpu", threads=1)
+    model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", threads=1))
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
     assert model.info.distance == "squared_euclidean_minus_norm"
@@ -191,7 +196,10 @@ def test_squared_euclidean_export_keeps_the_old_contract(tiny_checkpoint, tiny_o
     before the default changed holds), the same labels as the default kind, its own
     threshold; the service and the contract read either kind from the metadata."""
     old = export_checkpoint(tiny_checkpoint, tmp_path / "old.onnx", distance="squared_euclidean")
-    model, default = OnnxModel(old, device="cpu"), OnnxModel(tiny_onnx, device="cpu")
+    model, default = (
+        OnnxModel(old, RuntimeOptions(device="cpu")),
+        OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")),
+    )
     _, test = splits(tiny_checkpoint)
     images = np.ascontiguousarray(test.images[:20])
     got, new = model.run(images), default.run(images)
@@ -267,7 +275,7 @@ def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
 def test_threshold_matches_its_definition(tiny_checkpoint, tiny_onnx):
     """The global threshold is the 95% quantile of min distances of correctly classified
     validation images; each class's is the same over that class."""
-    model = OnnxModel(tiny_onnx, device="cpu")
+    model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
     val, _ = splits(tiny_checkpoint)
     out = model.run_batched(val.images)
     correct = out["labels"] == val.labels
@@ -304,7 +312,7 @@ def test_quantile_and_no_silent_test_split_fallback(tiny_checkpoint, tiny_folder
     path = export_checkpoint(
         tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5, calibration_data=str(tiny_folder)
     )
-    model = OnnxModel(path, device="cpu")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
     calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
     assert calibration["split"] == "test" and calibration["quantile"] == 0.5
     _, test = splits(tiny_checkpoint)
@@ -326,7 +334,10 @@ def test_verify_accuracy_equals_torch_eval(tiny_checkpoint, tiny_onnx):
 
 
 def test_int8_agrees_with_fp32(tiny_checkpoint, tiny_onnx, int8_model):
-    fp32, int8 = OnnxModel(tiny_onnx, device="cpu"), OnnxModel(int8_model, device="cpu")
+    fp32, int8 = (
+        OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")),
+        OnnxModel(int8_model, RuntimeOptions(device="cpu")),
+    )
     assert int8.info.precision == "int8"
     proto = onnx.load(str(int8_model))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
@@ -352,7 +363,10 @@ def test_int8_agrees_with_fp32(tiny_checkpoint, tiny_onnx, int8_model):
 
 def test_fp16_outputs_stay_float32(tiny_checkpoint, tiny_onnx, tmp_path):
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m16.onnx", fp16=True)
-    fp16, fp32 = OnnxModel(path, device="cpu"), OnnxModel(tiny_onnx, device="cpu")
+    fp16, fp32 = (
+        OnnxModel(path, RuntimeOptions(device="cpu")),
+        OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")),
+    )
     assert fp16.info.precision == "fp16"
     kinds = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
     assert onnx.TensorProto.FLOAT16 in kinds.values()
@@ -467,7 +481,7 @@ def test_calibration_data_with_an_extra_class(tiny_checkpoint, tiny_folder, tmp_
     for split in ("train", "test"):
         shutil.copytree(tiny_folder / split / "red", other / split / "extra")
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", calibration_data=str(other))
-    model = OnnxModel(path, device="cpu")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
     calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
     assert calibration["split"] == "test" and calibration["images"] == 48
     assert calibration["source"] == str(other)

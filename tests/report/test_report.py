@@ -206,7 +206,7 @@ def test_read_run_keeps_the_last_record_of_a_repeated_epoch(tmp_path):
 def test_a_2d_model_is_drawn_without_projection(tiny_folder, tmp_path, monkeypatch):
     from center_embed.export.onnx_export import export_checkpoint
     from center_embed.report import plots as report_plots
-    from center_embed.train import train
+    from center_embed.training.train import train
 
     cfg = tiny_config(tiny_folder, model__embedding_dim="2", train__epochs="1")
     train(cfg, tmp_path / "run", log=lambda _: None)

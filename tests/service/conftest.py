@@ -14,9 +14,9 @@ from tests.helpers import API_KEY, Live, serve_in_thread
 @pytest.fixture(scope="session")
 def reference(tiny_onnx: Path):
     """The shared tiny model opened directly: what every answer is compared with."""
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    return OnnxModel(tiny_onnx, device="cpu")
+    return OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
 
 
 @pytest.fixture(scope="session")

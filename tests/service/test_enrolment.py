@@ -55,9 +55,9 @@ def files(*images: bytes) -> list[tuple]:
 
 
 def embeddings_of(model: Path, images: list[bytes]) -> np.ndarray:
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    reference = OnnxModel(model, device="cpu")
+    reference = OnnxModel(model, RuntimeOptions(device="cpu"))
     return reference.run(np.stack([reference.decode(d) for d in images]))["embeddings"]
 
 
@@ -230,9 +230,11 @@ def test_add_images_and_replace_a_trained_class(model_copy, pictures):
 
 
 def test_v2_infer_answers_with_the_enrolled_classes(model_copy, pictures):
-    from center_embed.runtime import OnnxModel
+    from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    pixels = np.stack([OnnxModel(model_copy, device="cpu").decode(p) for p in pictures[:2]])
+    pixels = np.stack(
+        [OnnxModel(model_copy, RuntimeOptions(device="cpu")).decode(p) for p in pictures[:2]]
+    )
     body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(pixels.shape),
                         "data": pixels.ravel().tolist()}],
             "outputs": [{"name": "distances"}, {"name": "labels"}]}  # fmt: skip

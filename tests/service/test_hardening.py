@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import attacks
+from center_embed.runtime import RuntimeOptions
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -236,7 +237,7 @@ def running(model: Path, served: ServedModel | None = None, **settings) -> Itera
 
 def test_non_finite_model_outputs_are_a_422_naming_the_input(tiny_onnx):
     """A model that answers NaN must not make the JSON encoder raise (a 500)."""
-    served = ServedModel.open(tiny_onnx, "cpu", 1)
+    served = ServedModel.open(tiny_onnx, RuntimeOptions("cpu", 1))
     inner = served.run
     poisoned = {"on": False}
 

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from center_embed import contract
 from center_embed.errors import UserError
-from center_embed.runtime import OnnxModel, describe
+from center_embed.runtime import OnnxModel, RuntimeOptions, describe
 from center_embed.service.app import create_app
 from center_embed.service.batcher import BatchTimeout, MicroBatcher, QueueFull
 from center_embed.service.served_model import ServedModel
@@ -239,7 +239,7 @@ def test_distances_agree_with_onnxruntime(client, reference, images):
 def test_a_file_without_atypicality_is_served_as_before(tiny_plain_onnx, images):
     """Four outputs (every file exported before the atypicality): /v1 answers with an
     atypicality of 0, /v2 declares and serves the four outputs only."""
-    reference = OnnxModel(tiny_plain_onnx, device="cpu")
+    reference = OnnxModel(tiny_plain_onnx, RuntimeOptions(device="cpu"))
     ref = expected(reference, images[:3])
     with running(tiny_plain_onnx) as client:
         results = client.post("/v1/classify", files=multipart(*images[:3])).json()["results"]
@@ -548,7 +548,7 @@ def test_cors_off_unless_configured(tiny_onnx):
 
 
 def test_readyz_before_and_after_warm_up(tiny_onnx, images):
-    served = ServedModel.open(tiny_onnx, "cpu")
+    served = ServedModel.open(tiny_onnx, RuntimeOptions("cpu"))
     gate = Gate(served, is_open=False)  # warm-up blocks until the test opens the gate
     with running(tiny_onnx, served, wait_ready=False) as client:
         assert gate.entered.wait(10)
@@ -568,7 +568,7 @@ def test_readyz_before_and_after_warm_up(tiny_onnx, images):
 
 
 def test_warm_up_failure_stays_not_ready(tiny_onnx):
-    good = ServedModel.open(tiny_onnx, "cpu")
+    good = ServedModel.open(tiny_onnx, RuntimeOptions("cpu"))
     wrong = ServedModel(good.model, good.centers + 1.0, good.sha256)  # not the graph's centers
     with running(tiny_onnx, wrong, wait_ready=False) as client:
         deadline = time.monotonic() + 10
@@ -619,7 +619,7 @@ def test_dependencies_can_be_overridden(tiny_onnx, reference, images):
 
 
 def test_queue_full_answers_429_and_timeout_504(tiny_onnx, images):
-    served = ServedModel.open(tiny_onnx, "cpu")
+    served = ServedModel.open(tiny_onnx, RuntimeOptions("cpu"))
     gate = Gate(served)
     settings = {"max_queue": 2, "max_images": 2, "max_batch": 2, "timeout_s": 5}
     with running(tiny_onnx, served, **settings) as client, ThreadPoolExecutor(2) as pool:
@@ -785,7 +785,7 @@ def test_batch_waits_for_requests_on_the_way():
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_onnx, images):
-    served = ServedModel.open(tiny_onnx, "cpu")
+    served = ServedModel.open(tiny_onnx, RuntimeOptions("cpu"))
     gate = Gate(served)
     app = create_app(Settings(model=tiny_onnx), model=served)
     with serve_in_thread(app) as server, ThreadPoolExecutor(3) as pool:

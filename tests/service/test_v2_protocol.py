@@ -16,6 +16,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from center_embed.contract import ALL_OUTPUT_NAMES, OUTPUT_NAMES, PROTOCOL_MODEL_NAME
+from center_embed.runtime import RuntimeOptions
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
@@ -295,7 +296,7 @@ def test_unknown_routes_metrics_and_open_health(live, pixels):
 
 def test_not_ready_answers(tiny_onnx):
     """Health answers 400 while not ready (the spec's "4xx is false"); infer 503 {"error"}."""
-    good = ServedModel.open(tiny_onnx, "cpu")
+    good = ServedModel.open(tiny_onnx, RuntimeOptions("cpu"))
     wrong = ServedModel(good.model, good.centers + 1.0, good.sha256)  # fails its warm-up
     with TestClient(create_app(Settings(model=tiny_onnx), model=wrong)) as client:
         deadline = time.monotonic() + 10

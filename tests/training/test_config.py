@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from center_embed.config import PRESETS, Config, load_config
 from center_embed.errors import UserError
+from center_embed.training.config import PRESETS, Config, load_config
 
 
 def test_layers_apply_in_order(tmp_path):

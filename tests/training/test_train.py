@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from center_embed.checkpoint import (
+from center_embed.errors import UserError
+from center_embed.training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from center_embed.errors import UserError
-from center_embed.evaluate import evaluate_checkpoint
-from center_embed.train import train
+from center_embed.training.evaluate import evaluate_checkpoint
+from center_embed.training.train import train
 from tests.helpers import tiny_config
 
 
@@ -95,7 +95,7 @@ def test_sgd_rule_with_center_loss_off(tiny_folder, tmp_path):
 
 def test_lookahead_decay_follows_ema_every():
     """0.95 per step, compounded over the `ema_every` steps between updates; ramped in."""
-    from center_embed.train import Lookahead
+    from center_embed.training.train import Lookahead
 
     net = torch.nn.Linear(2, 2)
     assert Lookahead(net, 100, every=5).decay(100) == pytest.approx(0.95**5)
@@ -105,8 +105,8 @@ def test_lookahead_decay_follows_ema_every():
 
 def test_compile_is_for_cuda_only():
     """train.compile leaves the CPU forward as it is (inductor there needs a C++ toolchain)."""
-    from center_embed.distributed import Context
-    from center_embed.train import training_forward
+    from center_embed.training.distributed import Context
+    from center_embed.training.train import training_forward
 
     net = torch.nn.Linear(2, 2)
     assert training_forward(net, Context(), True, torch.device("cpu")) is net
@@ -114,8 +114,8 @@ def test_compile_is_for_cuda_only():
 
 @pytest.mark.gpu
 def test_compiled_training_on_cuda_learns(tiny_folder, tmp_path):
-    from center_embed.distributed import Context
-    from center_embed.train import training_forward
+    from center_embed.training.distributed import Context
+    from center_embed.training.train import training_forward
 
     cuda = torch.device("cuda")
     assert hasattr(
@@ -127,7 +127,7 @@ def test_compiled_training_on_cuda_learns(tiny_folder, tmp_path):
 
 
 def test_jigsaw_shuffles_each_images_own_patches():
-    from center_embed.train import jigsaw
+    from center_embed.training.train import jigsaw
 
     torch.manual_seed(0)
     x = torch.randn(3, 3, 34, 33)  # not a multiple of the grid: the rest is left as it is
@@ -159,7 +159,7 @@ def test_outlier_exposure_trains(tiny_folder, tmp_path):
 
 
 def test_a_run_stuck_at_chance_is_called_out():
-    from center_embed.train import not_learning
+    from center_embed.training.train import not_learning
 
     assert not_learning(1.80, 6, 1) is None  # the first epoch may still be at chance
     assert not_learning(1.70, 6, 4) is None  # below ln 6 = 1.792: learning

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from center_embed.config import Config
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write
+from center_embed.training.config import Config
 
 CHECKPOINT_FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -138,8 +138,8 @@ class Checkpoint:
 
     def build_model(self):
         """(EmbeddingNet, CenterLoss) with the stored weights, in eval mode."""
-        from center_embed.center_loss import CenterLoss
-        from center_embed.model import EmbeddingNet
+        from center_embed.training.center_loss import CenterLoss
+        from center_embed.training.model import EmbeddingNet
 
         cfg = self.config
         model = EmbeddingNet(cfg.model, self.num_classes)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from center_embed.data import Split
 from center_embed.errors import UserError
 from center_embed.metrics import accuracy, intra_inter_ratio, nearest_center
-from center_embed.model import EmbeddingNet
+from center_embed.training.model import EmbeddingNet
 
 # --------------------------------------------------------------------------- device
 
@@ -105,13 +105,12 @@ def split_metrics(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Softmax and nearest-center accuracy and the intra/inter ratio on one split."""
     e = embed_images(model, split.images, preprocess["mean"], preprocess["std"], device, bf16, tta)
-    labels = torch.as_tensor(split.labels)
-    centers = centers.detach().float().cpu()
     with torch.no_grad():
-        logits = model.head(e.to(device)).float().cpu()
+        predicted = model.head(e.to(device)).argmax(1).cpu().numpy()
+    e_np, c_np = e.numpy(), centers.detach().float().cpu().numpy()
     metrics = {
-        "softmax_accuracy": accuracy(logits.argmax(1), labels),
-        "nearest_center_accuracy": accuracy(nearest_center(e, centers), labels),
-        "intra_inter_ratio": intra_inter_ratio(e, labels, centers),
+        "softmax_accuracy": accuracy(predicted, split.labels),
+        "nearest_center_accuracy": accuracy(nearest_center(e_np, c_np), split.labels),
+        "intra_inter_ratio": intra_inter_ratio(e_np, split.labels, c_np),
     }
     return metrics, e

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from center_embed import download
 from center_embed.cli import main
 from center_embed.data import CIFAR_ARCHIVE, CIFAR_FOLDER, load_dataset
-from center_embed.download import CIFAR_FILES, download_cifar10
 from center_embed.errors import UserError
+from center_embed.training import download
+from center_embed.training.download import CIFAR_FILES, download_cifar10
 
 CIFAR_NAMES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",

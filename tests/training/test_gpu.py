@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from center_embed.center_loss import DENSE_MAX_CLASSES, CenterLoss
-from center_embed.config import ModelConfig, load_config
-from center_embed.model import EmbeddingNet
+from center_embed.training.center_loss import DENSE_MAX_CLASSES, CenterLoss
+from center_embed.training.config import ModelConfig, load_config
+from center_embed.training.model import EmbeddingNet
 from tests.helpers import tiny_config
 
 pytestmark = [
@@ -102,7 +102,7 @@ def test_center_loss_on_cuda_equals_cpu(num_classes, path, update, options):
 def test_training_step_without_the_loader_never_syncs():
     """Model forward in bf16 autocast, CE + λ·center, backward, Nesterov SGD: no host sync.
     (The data loader is left out: BatchLoader copies its augmentation grid from the CPU.)"""
-    from center_embed.train import Lookahead, make_optimizer
+    from center_embed.training.train import Lookahead, make_optimizer
 
     cfg = load_config("gpu")
     device = DEVICE
@@ -141,8 +141,8 @@ def test_training_step_without_the_loader_never_syncs():
 
 
 def test_tiny_training_run_on_cuda(tiny_folder, tmp_path):
-    from center_embed.checkpoint import build_model, load_checkpoint
-    from center_embed.train import train
+    from center_embed.training.checkpoint import build_model, load_checkpoint
+    from center_embed.training.train import train
 
     cfg = tiny_config(tiny_folder, train__device=DEVICE.type)
     result = train(cfg, tmp_path, log=lambda _: None)

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from center_embed import CenterLoss
-from center_embed.center_loss import DENSE_MAX_CLASSES
+from center_embed.training import CenterLoss
+from center_embed.training.center_loss import DENSE_MAX_CLASSES
 from tests.helpers import free_port
 
 PATHS = ["dense", "sparse"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from center_embed.config import ModelConfig
-from center_embed.model import BatchRMSNorm, EmbeddingNet
+from center_embed.training.config import ModelConfig
+from center_embed.training.model import BatchRMSNorm, EmbeddingNet
 
 
 def _net(norm: str) -> EmbeddingNet:

@@ -3,9 +3,9 @@ run 2 steps and stay at chance, or refuse data smaller than its batch)."""
 
 from __future__ import annotations
 
-from center_embed.config import load_config
-from center_embed.evaluate import evaluate_checkpoint
-from center_embed.train import train
+from center_embed.training.config import load_config
+from center_embed.training.evaluate import evaluate_checkpoint
+from center_embed.training.train import train
 from tests.helpers import write_image_folder
 
 

@@ -23,10 +23,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from center_embed import distributed
-from center_embed.center_loss import CenterLoss
-from center_embed.checkpoint import load_checkpoint
 from center_embed.errors import UserError
+from center_embed.training import distributed
+from center_embed.training.center_loss import CenterLoss
+from center_embed.training.checkpoint import load_checkpoint
 from tests.helpers import ROOT, free_port, tiny_config
 
 WORLD = 2
@@ -153,8 +153,8 @@ def _train_worker(rank: int, port: int, data: str, out: str) -> None:
     """Runs in one process group: straight, interrupted (signal on rank 1 only), resumed,
     and one whose loss is NaN on rank 1 only. Records each rank's final parameters and
     centers, who saved what, and the messages."""
-    from center_embed import train as train_module
-    from center_embed.train import TrainingInterrupted, train
+    from center_embed.training import train as train_module
+    from center_embed.training.train import TrainingInterrupted, train
 
     join_group(rank, port)
     out_dir, cfg = Path(out), tiny_config(Path(data))

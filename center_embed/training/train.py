@@ -22,10 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from center_embed import __version__, distributed
-from center_embed.center_loss import CenterLoss
-from center_embed.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint, save_checkpoint
-from center_embed.config import Config
+from center_embed import __version__
 from center_embed.data import (
     Split,
     channel_stats,
@@ -37,9 +34,22 @@ from center_embed.data import (
 )
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_copy
-from center_embed.inference import resolve_device, split_metrics, use_bf16, use_channels_last
-from center_embed.loader import BatchLoader
-from center_embed.model import EmbeddingNet
+from center_embed.training import distributed
+from center_embed.training.center_loss import CenterLoss
+from center_embed.training.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+)
+from center_embed.training.config import Config
+from center_embed.training.inference import (
+    resolve_device,
+    split_metrics,
+    use_bf16,
+    use_channels_last,
+)
+from center_embed.training.loader import BatchLoader
+from center_embed.training.model import EmbeddingNet
 
 # --------------------------------------------------------------------------- optimiser
 

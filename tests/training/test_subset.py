@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from center_embed.checkpoint import build_model, load_checkpoint
 from center_embed.cli import main
 from center_embed.data import load_dataset, select_classes
 from center_embed.errors import UserError
-from center_embed.evaluate import evaluate_checkpoint
-from center_embed.inference import embed_images
-from center_embed.train import train
+from center_embed.training.checkpoint import build_model, load_checkpoint
+from center_embed.training.evaluate import evaluate_checkpoint
+from center_embed.training.inference import embed_images
+from center_embed.training.train import train
 from tests.helpers import tiny_config, write_image_folder
 
 

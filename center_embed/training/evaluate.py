@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from center_embed.checkpoint import build_model, load_checkpoint
 from center_embed.data import load_for_classes, require_test_split
 from center_embed.fileio import atomic_write_text
-from center_embed.inference import resolve_device, split_metrics, use_bf16
 from center_embed.metrics import retrieval_metrics
+from center_embed.training.checkpoint import build_model, load_checkpoint
+from center_embed.training.inference import resolve_device, split_metrics, use_bf16
 
 
 def evaluate_checkpoint(
@@ -37,7 +35,7 @@ def evaluate_checkpoint(
     require_test_split(dataset, "eval")
     use16 = use_bf16(bf16, dev)
     plain, e = split_metrics(model, criterion.centers, dataset.test, ckpt["preprocess"], dev, use16)
-    plain.update(retrieval_metrics(e, torch.as_tensor(dataset.test.labels)))
+    plain.update(retrieval_metrics(e.numpy(), dataset.test.labels))
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "data": dataset.source,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from center_embed import train as train_module
-from center_embed.checkpoint import load_checkpoint
 from center_embed.errors import UserError
-from center_embed.train import TrainingInterrupted, train
+from center_embed.training import train as train_module
+from center_embed.training.checkpoint import load_checkpoint
+from center_embed.training.train import TrainingInterrupted, train
 from tests.helpers import ROOT, tiny_config
 
 STEPS_PER_EPOCH = 4  # tiny_config: 144 training images, batches of 32

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from center_embed.config import ModelConfig
+from center_embed.training.config import ModelConfig
 
 
 class BatchNorm(nn.BatchNorm2d):
