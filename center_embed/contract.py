@@ -1,6 +1,6 @@
 """The ONNX file contract: what a center-embed model file holds, and how to read it.
 
-An exported model (DESIGN.md, "ONNX model") is one ONNX file with
+An exported model (docs/export.md, "The ONNX contract") is one ONNX file with
 
     input   `images`        uint8 (N, H, W, 3) RGB
     outputs `embeddings`    float32 (N, D)
@@ -37,6 +37,9 @@ MODEL_FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")  # every model has these
 ATYPICALITY = "atypicality"  # the optional fifth output; absent, it reads as 0
+# The share of training images whose atypicality is 0, unless export is told otherwise
+# (why this value: export/atypicality.py).
+DEFAULT_ATYPICALITY_QUANTILE = 0.98
 ALL_OUTPUT_NAMES = (*OUTPUT_NAMES, ATYPICALITY)
 
 

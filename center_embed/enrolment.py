@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import os
@@ -448,30 +449,71 @@ def fsync_folder(folder: Path) -> None:
 # --------------------------------------------------------------------------- scoring with it
 
 
+@dataclass(frozen=True)
+class CentersSnapshot:
+    """The classes a model answers with, as one immutable value: a `CenterSet` and the
+    model's metadata with these classes and thresholds. The service swaps one in per
+    enrolment; the scorer answers with one read from a centers file."""
+
+    centers: CenterSet
+    info: ModelInfo  # the model's metadata with these classes and thresholds
+
+    @classmethod
+    def of(cls, centers: CenterSet, base: ModelInfo) -> CentersSnapshot:
+        return cls(centers, centers.model_info(base))
+
+    @property
+    def names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def version(self) -> int:
+        return self.centers.version
+
+    @functools.cached_property
+    def max_embedding_norm(self) -> float:
+        """The largest embedding norm scored against these centers without overflow:
+        ‖e‖² − 2·e·c + ‖c‖² stays below float32's max/4 when ‖e‖ + ‖c‖ is below half its
+        square root (what /v1/distances accepts)."""
+        c = self.centers.centers.astype(np.float64)
+        largest = float(np.sqrt((c**2).sum(1).max(initial=0.0)))
+        return 0.5 * float(np.sqrt(np.finfo(np.float32).max)) - largest
+
+    def scores(
+        self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,); the images'
+        `atypicality` (N,) is part of each distance (None, for bare vectors: none)."""
+        return self.centers.scores(embeddings, atypicality)
+
+    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """True where an image's min distance exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+
+
 class ModelWithCenters:
-    """An opened model (runtime.OnnxModel) that answers against `centers` instead of its
-    file's own: the graph gives the embeddings, and distances, labels and min distances
-    are recomputed from them (`CenterSet.scores`); `info` lists these classes and
-    thresholds. Everything else (decode, provider, path) is the model's."""
+    """An opened model (runtime.OnnxModel) that answers with a `CentersSnapshot` instead
+    of its file's own centers: the graph gives the embeddings (and atypicality); distances,
+    labels and min distances are recomputed from them. What the scorer reads of a model:
+    `path`, `info`, `image_size`, `decode`, `run`, `run_batched`, `unknown`."""
 
     def __init__(self, model: Any, centers: CenterSet) -> None:
-        self._model = model
-        self.centers = centers
-        self.info = centers.model_info(model.info)
+        self.model = model
+        self.snapshot = CentersSnapshot.of(centers, model.info)
+        self.info = self.snapshot.info
         self.path = model.path
+        self.image_size = model.image_size
+        self.decode = model.decode
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self._model.run(images)
-        return {**out, **self.centers.scores(out["embeddings"], out["atypicality"])}
+        out = self.model.run(images)
+        return {**out, **self.snapshot.scores(out["embeddings"], out["atypicality"])}
 
     def run_batched(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         return run_batched(self.run, images, batch_size)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.info.unknown(outputs["min_distances"], outputs["labels"])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        return self.snapshot.unknown(outputs)
 
 
 def apply_centers_file(model: Any, path: str | Path) -> ModelWithCenters:

@@ -242,12 +242,18 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0, spi
     options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime's own exception types for a file it cannot load (not a protobuf, an empty
+    # or broken graph, an operator or opset it does not have)
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    unreadable = (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument,
+                  state.NotImplemented, state.Fail)  # fmt: skip
     try:
         return ort.InferenceSession(str(path), options, providers=choose_providers(device))
-    except Exception as e:  # onnxruntime raises its own untyped errors for bad files
-        if "InvalidProtobuf" in type(e).__name__ or "Load model" in str(e) or "protobuf" in str(e):
-            raise UserError(f"{path} is not a readable ONNX model") from None
-        raise
+    except unreadable as e:
+        lines = str(e).split("failed:")[-1].strip().splitlines()  # the reason, without the path
+        reason = f" ({lines[0][:200]})" if lines else ""
+        raise UserError(f"{path} is not a readable ONNX model{reason}") from None
 
 
 class OnnxRuntimeBackend:
@@ -326,6 +332,10 @@ class OnnxModel:
                 f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (and {ATYPICALITY!r})"
             )
         self.output_names = tuple(outputs)  # what the file itself computes
+        h, w = self.info.input_size
+        if h != w:  # every reader here (decoding, scoring, serving) resizes to a square
+            raise UserError(f"{self.path}: only square inputs are supported, got {h}x{w}")
+        self.image_size = h  # the side of the square uint8 images the graph takes
 
     @property
     def provider(self) -> str:
@@ -361,10 +371,7 @@ class OnnxModel:
 
     def decode(self, data: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
         """One image (bytes or a path) as uint8 (H, W, 3), by the model's resize policy."""
-        h, w = self.info.input_size
-        if h != w:
-            raise UserError(f"{self.path}: only square inputs are supported, got {h}x{w}")
-        return decode_image(data, h, max_pixels)
+        return decode_image(data, self.image_size, max_pixels)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """True where an image's min distance exceeds its nearest class's threshold."""

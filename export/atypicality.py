@@ -39,6 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from center_embed.contract import DEFAULT_ATYPICALITY_QUANTILE
+from center_embed.training.checkpoint import Preprocess
+
 LAYERS = (0, 1, 2)  # indices into EmbeddingNet.feature_maps: whitened input, groups 1 and 2
 LAYER_NAMES = ("whitened input", "conv group 1", "conv group 2")  # of LAYERS, for metadata
 FIT_IMAGES = 10_000  # training images the Gaussians are fitted on
@@ -49,7 +52,7 @@ SHRINKAGE = 1e-3
 # "Quality of the distances"): 0.98 against 0.99 caught more of the far-OOD sets (glyphs
 # AUROC 0.981 -> 0.990, blurred 0.949 -> 0.965, ten classes, 3 seeds) at no open-set cost
 # (0.7428 -> 0.7423 over 3 splits); the unknown threshold is calibrated after it either way.
-DEFAULT_QUANTILE = 0.98
+DEFAULT_QUANTILE = DEFAULT_ATYPICALITY_QUANTILE
 DEFAULT_WEIGHT = 1.0
 
 
@@ -117,7 +120,7 @@ Statistics = Callable[[np.ndarray], tuple[list[torch.Tensor], torch.Tensor]]
 def fit_atypicality(
     model,
     images: np.ndarray,
-    preprocess: dict[str, Any],
+    preprocess: Preprocess,
     min_distances: Callable[[np.ndarray], np.ndarray],
     quantile: float = DEFAULT_QUANTILE,
     weight: float = DEFAULT_WEIGHT,
@@ -192,10 +195,10 @@ def _gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), (vectors / values.clamp_min(1e-30).sqrt()).float()
 
 
-def torch_statistics(model, preprocess: dict[str, Any], batch: int = 500) -> Statistics:
+def torch_statistics(model, preprocess: Preprocess, batch: int = 500) -> Statistics:
     """The pooled statistics and embeddings of an EmbeddingNet in torch fp32."""
-    mean = torch.tensor(preprocess["mean"]).view(1, 3, 1, 1) * 255
-    std = torch.tensor(preprocess["std"]).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255
 
     @torch.no_grad()
     def run(images: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -1,7 +1,7 @@
 """Checkpoint -> one self-describing ONNX file: uint8 pixels in; embeddings, distances to
 every center, the nearest center and the minimum distance out.
 
-The graph (DESIGN.md, "ONNX model"):
+The graph (docs/export.md, "The ONNX contract"):
 
     images uint8 (N, H, W, 3) -> float (N, 3, H, W), (x − 255·mean) / (255·std)
       -> EmbeddingNet.embed                                   = embeddings     (N, D)
@@ -72,7 +72,7 @@ from center_embed.export.calibrate import calibration_set, unknown_thresholds
 from center_embed.export.verify import PARITY_BATCHES, check_file, check_parity
 from center_embed.fileio import atomic_path
 from center_embed.runtime import OnnxModel, RuntimeOptions
-from center_embed.training.checkpoint import Checkpoint
+from center_embed.training.checkpoint import Checkpoint, Preprocess
 
 # Opset 20 has a native Gelu: onnxruntime runs it as one kernel between the int8 convs,
 # where opset 18's Erf expression cost the int8 model about a quarter of its time.
@@ -259,10 +259,10 @@ def compare_with_fp32(fp32, held_out: dict[str, np.ndarray], calib, folder: Path
 # --------------------------------------------------------------------------- the graph
 
 
-def to_onnx(graph: Graph, preprocess: dict[str, Any], fp16: bool = False):
+def to_onnx(graph: Graph, preprocess: Preprocess, fp16: bool = False):
     """The exported graph as an onnx.ModelProto, centers as the initializer `centers`."""
-    wrapper = ExportGraph(graph, preprocess["mean"], preprocess["std"], fp16).eval()
-    h, w = preprocess["input_size"]
+    wrapper = ExportGraph(graph, preprocess.mean, preprocess.std, fp16).eval()
+    h, w = preprocess.input_size
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
     centers = graph.centers.detach().float().cpu().contiguous()  # (C, D)
     buffer = io.BytesIO()
@@ -321,9 +321,9 @@ class ExportGraph(nn.Module):
         return e, d, d.argmin(1), d.amin(1), a
 
 
-def torch_reference(graph: Graph, preprocess: dict[str, Any]):
+def torch_reference(graph: Graph, preprocess: Preprocess):
     """The same graph run by torch in fp32: uint8 (N, H, W, 3) numpy -> numpy outputs."""
-    module = ExportGraph(graph, preprocess["mean"], preprocess["std"]).eval()
+    module = ExportGraph(graph, preprocess.mean, preprocess.std).eval()
     centers = graph.centers.detach().float().cpu()
     names = graph.output_names
 
@@ -363,11 +363,11 @@ def static_metadata(ckpt: Checkpoint, precision: str, graph: Graph) -> dict[str,
         "embedding_dim": ckpt.embedding_dim,
         "num_classes": ckpt.num_classes,
         "distance": graph.distance,
-        "input_layout": pre.get("layout", "NHWC uint8 RGB"),
-        "input_size": list(pre["input_size"]),
-        "resize": pre.get("resize", ""),
-        "mean": list(pre["mean"]),
-        "std": list(pre["std"]),
+        "input_layout": pre.layout,
+        "input_size": list(pre.input_size),
+        "resize": pre.resize,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
         "precision": precision,
         "training": training_facts(ckpt),
         "exporter": {"torch": torch.__version__, "mode": EXPORTER, "opset": OPSET},

@@ -166,9 +166,7 @@ def split_accuracy(
     model = OnnxModel(model_path, options)
     info = model.info
     source = data or _training_source(model)
-    if info.input_size[0] != info.input_size[1]:
-        raise UserError(f"{model_path}: only square inputs are supported")
-    dataset = load_for_classes(source, info.class_names, info.input_size[0])
+    dataset = load_for_classes(source, info.class_names, model.image_size)
     images = getattr(dataset, split)
     if not len(images):
         raise UserError(f"the {split} split of {dataset.source} has no images; verify needs one")

@@ -20,13 +20,14 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
 
+from center_embed.enrolment import CentersSnapshot
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.prometheus import Metrics
 from center_embed.service.security import CHALLENGE, KeyChecker, bearer
-from center_embed.service.served_model import ServedCenters, ServedModel
+from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
 
 # --------------------------------------------------------------------------- what the app holds
@@ -61,7 +62,7 @@ async def get_admin_key_checker(request: Request) -> KeyChecker:
     return request.app.state.admin_keys
 
 
-async def get_centers(model: Annotated[ServedModel, Depends(get_model)]) -> ServedCenters:
+async def get_centers(model: Annotated[ServedModel, Depends(get_model)]) -> CentersSnapshot:
     """The centers snapshot of a request, taken once when it starts: it answers from these
     to the end, whatever enrolment happens meanwhile (service/served_model.py)."""
     try:
@@ -77,7 +78,7 @@ BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 DecoderDep = Annotated[Executor, Depends(get_decoder)]
 KeyCheckerDep = Annotated[KeyChecker, Depends(get_key_checker)]
 AdminKeyCheckerDep = Annotated[KeyChecker, Depends(get_admin_key_checker)]
-CentersDep = Annotated[ServedCenters, Depends(get_centers)]
+CentersDep = Annotated[CentersSnapshot, Depends(get_centers)]
 
 
 # --------------------------------------------------------------------------- guards

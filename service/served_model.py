@@ -2,7 +2,7 @@
 
 Images go through the runtime chosen (onnxruntime or OpenVINO) for their embeddings; the
 distances, nearest center, min distance and unknown flag of every answer are computed in
-numpy from those embeddings against a `ServedCenters` snapshot (the contract's formula for
+numpy from those embeddings against a `CentersSnapshot` (the contract's formula for
 the model's distance kind, which the warm-up checks against the graph's own outputs).
 
 The snapshot is the model file's classes plus what was enrolled (center_embed/enrolment.py,
@@ -16,58 +16,18 @@ answers from it to the end, so an enrolment never tears a request's answer. Each
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from center_embed.contract import ModelInfo, distances, nearest_centers, read_centers
-from center_embed.enrolment import CenterSet, CentersFile
+from center_embed.contract import distances, nearest_centers, read_centers
+from center_embed.enrolment import CenterSet, CentersFile, CentersSnapshot
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
 from center_embed.runtime import OnnxModel, RuntimeOptions, describe
 
 WARMUP_SEED = 0
-
-
-@dataclass(frozen=True)
-class ServedCenters:
-    """One immutable snapshot of the classes the service answers with."""
-
-    centers: CenterSet
-    info: ModelInfo  # the model's metadata with these classes and thresholds
-    max_embedding_norm: float  # the largest /v1/distances vector norm accepted
-
-    @classmethod
-    def of(cls, centers: CenterSet, base: ModelInfo) -> ServedCenters:
-        return cls(centers, centers.model_info(base), max_embedding_norm(centers.centers))
-
-    @property
-    def names(self) -> list[str]:
-        return self.info.class_names
-
-    @property
-    def version(self) -> int:
-        return self.centers.version
-
-    def scores(
-        self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,); the images'
-        `atypicality` (N,) is part of each distance (None, for bare vectors: none)."""
-        return self.centers.scores(embeddings, atypicality)
-
-    def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """True where an image's min distance exceeds its nearest class's threshold."""
-        return self.info.unknown(outputs["min_distances"], outputs["labels"])
-
-
-def max_embedding_norm(centers: np.ndarray) -> float:
-    """‖e‖² − 2·e·c + ‖c‖² stays below float32's max/4 when ‖e‖ + ‖c‖ is below half its
-    square root: the embedding norm /v1/distances accepts."""
-    largest = float(np.sqrt((centers.astype(np.float64) ** 2).sum(1).max(initial=0.0)))
-    return 0.5 * float(np.sqrt(np.finfo(np.float32).max)) - largest
 
 
 class ServedModel:
@@ -79,9 +39,6 @@ class ServedModel:
         self.output_names = model.output_names  # the file's: four, or five with atypicality
         self.centers = centers  # (C, D) float32: the file's own, which the graph uses
         self.sha256 = sha256
-        h, w = self.info.input_size
-        if h != w:
-            raise UserError(f"{model.path}: only square inputs are served, not {h}x{w}")
         if centers.shape != (self.info.num_classes, self.info.embedding_dim):
             raise ValueError(
                 f"centers have shape {centers.shape}; metadata says "
@@ -90,8 +47,8 @@ class ServedModel:
         self.base_centers = CenterSet.from_model(self.info, centers, sha256)
         self.store: CentersFile | None = None
         # (snapshot, the centers file's signature it was read at): replaced as one value
-        self._state: tuple[ServedCenters, Any] = (
-            ServedCenters.of(self.base_centers, self.info),
+        self._state: tuple[CentersSnapshot, Any] = (
+            CentersSnapshot.of(self.base_centers, self.info),
             None,
         )
 
@@ -128,7 +85,7 @@ class ServedModel:
         self._state = (self._state[0], object())  # unlike any signature: read at first use
         self.current_centers()
 
-    def current_centers(self) -> ServedCenters:
+    def current_centers(self) -> CentersSnapshot:
         """The snapshot a request starting now answers with (reloaded when the file changed)."""
         snapshot, seen = self._state
         if self.store is None:
@@ -136,11 +93,11 @@ class ServedModel:
         signature = self.store.signature()
         if signature != seen:
             stored = self.store.read() or self.base_centers  # no file: the model's own
-            snapshot = ServedCenters.of(stored, self.info)
+            snapshot = CentersSnapshot.of(stored, self.info)
             self._state = (snapshot, signature)
         return snapshot
 
-    def change_centers(self, change: Callable[[CenterSet], CenterSet]) -> ServedCenters:
+    def change_centers(self, change: Callable[[CenterSet], CenterSet]) -> CentersSnapshot:
         """Apply `change` to the latest centers under the file's lock, persist, and swap the
         snapshot in; returns it. A refused change (EnrolmentError) changes nothing. Blocking
         (a file lock and an fsync): run it in a thread."""
@@ -150,19 +107,19 @@ class ServedModel:
             current = self.store.read() or self.base_centers
             changed = change(current)
             self.store.write(changed)
-            snapshot = ServedCenters.of(changed, self.info)
+            snapshot = CentersSnapshot.of(changed, self.info)
             self._state = (snapshot, self.store.signature())
         return snapshot
 
     def distances(
-        self, embeddings: np.ndarray, centers: ServedCenters | None = None
+        self, embeddings: np.ndarray, centers: CentersSnapshot | None = None
     ) -> dict[str, np.ndarray]:
         """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,) against
         `centers` (default: the current snapshot)."""
         return (centers or self.current_centers()).scores(embeddings)
 
     def unknown(
-        self, outputs: dict[str, np.ndarray], centers: ServedCenters | None = None
+        self, outputs: dict[str, np.ndarray], centers: CentersSnapshot | None = None
     ) -> np.ndarray:
         """True where an image's min distance exceeds its nearest class's threshold."""
         return (centers or self.current_centers()).unknown(outputs)
@@ -194,7 +151,7 @@ class ServedModel:
                 "(relative): the centers initializer is not what the graph uses"
             )
 
-    def summary(self, centers: ServedCenters | None = None) -> dict[str, Any]:
+    def summary(self, centers: CentersSnapshot | None = None) -> dict[str, Any]:
         """The short description every classify / distances answer carries."""
         centers = centers or self.current_centers()
         return {

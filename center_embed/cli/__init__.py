@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return parse_and_run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 130 if type(e).__name__ == "TrainingInterrupted" else 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,11 @@ from center_embed.cli.common import (
     refuse_existing,
     runtime_options,
 )
-from center_embed.contract import DEFAULT_EXPORT_DISTANCE, DISTANCE_KINDS
+from center_embed.contract import (
+    DEFAULT_ATYPICALITY_QUANTILE,
+    DEFAULT_EXPORT_DISTANCE,
+    DISTANCE_KINDS,
+)
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write_text
 
@@ -59,7 +63,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     atypicality = p.add_mutually_exclusive_group()
     atypicality.add_argument(
         "--atypicality-quantile", type=float, metavar="Q",
-        help="the share of training images whose atypicality is 0 (default 0.98): the "
+        help=f"the share of training images whose atypicality is 0 (default "
+        f"{DEFAULT_ATYPICALITY_QUANTILE}): the "
         "`atypicality` output, part of every distance, grows for images whose low-level "
         "feature statistics lie beyond the training images' (README, 'Quality of the "
         "distances')",

@@ -71,13 +71,46 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     return ckpt
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """What inference does to an image before the network, fixed by the training data:
+    stored in every checkpoint (as `to_dict()`) and written into the ONNX graph and its
+    metadata, so training and serving can never disagree."""
+
+    input_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]  # per RGB channel, of pixels scaled to [0, 1]
+    std: tuple[float, float, float]
+    layout: str = "NHWC uint8 RGB"
+    resize: str = "shorter side to input size (bilinear), centre crop"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocess:
+        return cls(
+            input_size=tuple(int(v) for v in values["input_size"]),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            layout=values.get("layout", cls.layout),
+            resize=values.get("resize", cls.resize),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's plain form (lists, so `weights_only` loading reads it)."""
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": self.layout,
+            "resize": self.resize,
+        }
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint loaded and checked once; what export and its checks read from it."""
 
     config: Config
     class_names: list[str]  # index = label
-    preprocess: dict[str, Any]  # input_size, mean, std, layout, resize
+    preprocess: Preprocess
     embedding_dim: int
     model_state: dict[str, Any]  # EmbeddingNet state_dict
     center_loss_state: dict[str, Any]  # CenterLoss state_dict (centers, counts, sums)
@@ -100,7 +133,7 @@ class Checkpoint:
         return cls(
             config=Config.from_dict(ckpt["config"]),
             class_names=list(ckpt["class_names"]),
-            preprocess=ckpt["preprocess"],
+            preprocess=Preprocess.from_dict(ckpt["preprocess"]),
             embedding_dim=int(ckpt["embedding_dim"]),
             model_state=ckpt["model"],
             center_loss_state=ckpt["center_loss"],
@@ -120,7 +153,7 @@ class Checkpoint:
             "package_version": self.package_version,
             "config": self.config.to_dict(),
             "class_names": list(self.class_names),
-            "preprocess": self.preprocess,
+            "preprocess": self.preprocess.to_dict(),
             "embedding_dim": self.embedding_dim,
             "model": self.model_state,
             "center_loss": self.center_loss_state,

@@ -9,7 +9,7 @@ from typing import Any
 from center_embed.data import load_for_classes, require_test_split
 from center_embed.fileio import atomic_write_text
 from center_embed.metrics import retrieval_metrics
-from center_embed.training.checkpoint import build_model, load_checkpoint
+from center_embed.training.checkpoint import Preprocess, build_model, load_checkpoint
 from center_embed.training.inference import resolve_device, split_metrics, use_bf16
 
 
@@ -34,7 +34,8 @@ def evaluate_checkpoint(
     )
     require_test_split(dataset, "eval")
     use16 = use_bf16(bf16, dev)
-    plain, e = split_metrics(model, criterion.centers, dataset.test, ckpt["preprocess"], dev, use16)
+    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    plain, e = split_metrics(model, criterion.centers, dataset.test, preprocess, dev, use16)
     plain.update(retrieval_metrics(e.numpy(), dataset.test.labels))
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -46,7 +47,7 @@ def evaluate_checkpoint(
     tta = cfg.train.tta if tta is None else tta
     if tta:
         with_tta, _ = split_metrics(
-            model, criterion.centers, dataset.test, ckpt["preprocess"], dev, use16, tta
+            model, criterion.centers, dataset.test, preprocess, dev, use16, tta
         )
         result["tta"] = {"level": tta, **with_tta}
     return result

@@ -6,8 +6,6 @@ through here, so a figure measured during training is the figure eval reports.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from center_embed.data import Split
 from center_embed.errors import UserError
 from center_embed.metrics import accuracy, intra_inter_ratio, nearest_center
+from center_embed.training.checkpoint import Preprocess
 from center_embed.training.model import EmbeddingNet
 
 # --------------------------------------------------------------------------- device
@@ -98,13 +97,13 @@ def split_metrics(
     model: EmbeddingNet,
     centers: torch.Tensor,
     split: Split,
-    preprocess: dict[str, Any],
+    preprocess: Preprocess,
     device: torch.device,
     bf16: bool,
     tta: int = 0,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Softmax and nearest-center accuracy and the intra/inter ratio on one split."""
-    e = embed_images(model, split.images, preprocess["mean"], preprocess["std"], device, bf16, tta)
+    e = embed_images(model, split.images, preprocess.mean, preprocess.std, device, bf16, tta)
     with torch.no_grad():
         predicted = model.head(e.to(device)).argmax(1).cpu().numpy()
     e_np, c_np = e.numpy(), centers.detach().float().cpu().numpy()

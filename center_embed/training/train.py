@@ -32,12 +32,13 @@ from center_embed.data import (
     split_validation,
     spread_sample,
 )
-from center_embed.errors import UserError
+from center_embed.errors import Interrupted, UserError
 from center_embed.fileio import atomic_copy
 from center_embed.training import distributed
 from center_embed.training.center_loss import CenterLoss
 from center_embed.training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
+    Preprocess,
     load_checkpoint,
     save_checkpoint,
 )
@@ -141,7 +142,7 @@ class TrainingData:
 
     class_names: list[str]
     source: str  # where the dataset was read from, for provenance
-    preprocess: dict[str, Any]  # what inference must do to an image; stored in checkpoints
+    preprocess: Preprocess  # what inference must do to an image; stored in checkpoints
     loader: BatchLoader
     val: Split
 
@@ -193,7 +194,7 @@ class Run:
                 "package_version": __version__,
                 "config": self.cfg.to_dict(),
                 "class_names": list(self.data.class_names),
-                "preprocess": self.data.preprocess,
+                "preprocess": self.data.preprocess.to_dict(),
                 "embedding_dim": self.cfg.model.embedding_dim,
                 "model": self.model.state_dict(),
                 "center_loss": self.criterion.state_dict(),
@@ -285,13 +286,7 @@ def _load_data(
     train_split, val_split = split_validation(dataset.train, cfg.data.val_size, cfg.data.seed)
     mean, std = channel_stats(train_split.images)
     size = cfg.data.image_size
-    preprocess = {
-        "input_size": [size, size],
-        "mean": mean,
-        "std": std,
-        "layout": "NHWC uint8 RGB",
-        "resize": "shorter side to input size (bilinear), centre crop",
-    }
+    preprocess = Preprocess(input_size=(size, size), mean=tuple(mean), std=tuple(std))
     images = torch.from_numpy(np.ascontiguousarray(train_split.images)).to(device)
     labels = torch.from_numpy(train_split.labels).to(device)
     loader = BatchLoader(
@@ -541,7 +536,7 @@ def _log_epoch(record: dict[str, Any], out: Path, log: Callable[[str], None]) ->
 # --------------------------------------------------------------------------- stopping
 
 
-class TrainingInterrupted(UserError):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 

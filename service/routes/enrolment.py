@@ -27,7 +27,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from center_embed.enrolment import CenterSet, EnrolmentError, check_class_name
+from center_embed.enrolment import CenterSet, CentersSnapshot, EnrolmentError, check_class_name
 from center_embed.errors import UserError
 from center_embed.service.deps import ADMIN_GUARDS, MetricsDep, ModelDep
 from center_embed.service.error_codes import ErrorCode
@@ -36,7 +36,7 @@ from center_embed.service.prometheus import Metrics
 from center_embed.service.routes.common import errors, ok
 from center_embed.service.routes.inference import ImagePipelineDep
 from center_embed.service.schemas import EnrolmentResponse, images_body
-from center_embed.service.served_model import ServedCenters, ServedModel
+from center_embed.service.served_model import ServedModel
 
 router = APIRouter(prefix="/v1", tags=["enrolment"], dependencies=ADMIN_GUARDS)
 
@@ -126,7 +126,7 @@ def refusal(e: EnrolmentError) -> ApiError:
     return ApiError(code, str(e))
 
 
-async def apply(model: ServedModel, change: Callable[[CenterSet], CenterSet]) -> ServedCenters:
+async def apply(model: ServedModel, change: Callable[[CenterSet], CenterSet]) -> CentersSnapshot:
     """`change` under the file's lock, in a thread (a lock wait and an fsync); refusals as
     their 4xx, a centers file that cannot be read or written as a 503."""
     try:
@@ -140,7 +140,7 @@ async def apply(model: ServedModel, change: Callable[[CenterSet], CenterSet]) ->
         raise ApiError(ErrorCode.CENTERS_UNAVAILABLE, message) from None
 
 
-def answer(snapshot: ServedCenters, name: str, metrics: Metrics) -> JSONResponse:
+def answer(snapshot: CentersSnapshot, name: str, metrics: Metrics) -> JSONResponse:
     entry = snapshot.centers.log[-1]
     metrics.enrolments.labels(entry["action"]).inc()
     metrics.centers_version.set(snapshot.version)

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from center_embed.enrolment import CentersSnapshot
 from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, MicroBatcher, QueueFull
 from center_embed.service.deps import (
     BatcherDep,
@@ -53,7 +54,7 @@ from center_embed.service.schemas import (
     images_body,
     vectors_body,
 )
-from center_embed.service.served_model import ServedCenters, ServedModel
+from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
 
 # --------------------------------------------------------------------------- images in
@@ -207,7 +208,7 @@ async def classify(
     )
 
 
-def scored(outputs: dict[str, np.ndarray], centers: ServedCenters) -> dict[str, np.ndarray]:
+def scored(outputs: dict[str, np.ndarray], centers: CentersSnapshot) -> dict[str, np.ndarray]:
     """The graph's outputs with distances, labels and min distances against `centers`."""
     out = {**outputs, **centers.scores(outputs["embeddings"], outputs["atypicality"])}
     require_finite(out, [f"images[{i}]" for i in range(len(outputs["embeddings"]))])
@@ -251,7 +252,7 @@ async def distances(
 
 
 def classifications(
-    centers: ServedCenters,
+    centers: CentersSnapshot,
     out: dict[str, np.ndarray],
     top_k: int | None,
     embeddings: np.ndarray | None,

@@ -275,3 +275,18 @@ def test_inspect_says_what_auto_would_pick(tiny_onnx, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if "runtime auto" in x]
     expected = "openvino bf16" if cpu_bf16_flags() else "openvino fp32"
     assert len(line) == 1 and expected in line[0]
+
+
+def test_a_model_with_non_square_inputs_is_refused_at_open(tiny_onnx, tmp_path):
+    """Decoding, scoring and serving all resize to a square: one check, when the file opens."""
+    import onnx
+
+    proto = onnx.load(str(tiny_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == "center_embed.input_size":
+            prop.value = "[32, 16]"
+    path = tmp_path / "oblong.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(UserError, match="only square inputs are supported, got 32x16"):
+        OnnxModel(path, RuntimeOptions(device="cpu"))
+    assert OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")).image_size == 32

@@ -83,8 +83,8 @@ def torch_atypicality(checkpoint: Path, images: np.ndarray, kind: str = "") -> t
     kind = kind or contract.DEFAULT_EXPORT_DISTANCE
     fitted = fit_atypicality(model, calibration_set(ckpt).train.images, ckpt.preprocess,
                              lambda e: contract.distances(e, c, kind).min(1))  # fmt: skip
-    mean = torch.tensor(ckpt.preprocess["mean"]).view(1, 3, 1, 1) * 255
-    std = torch.tensor(ckpt.preprocess["std"]).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(ckpt.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(ckpt.preprocess.std).view(1, 3, 1, 1) * 255
     x = (torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() - mean) / std
     with torch.no_grad():
         return fitted.module(model.feature_maps(x)).double()

@@ -152,7 +152,7 @@ def test_tiny_training_run_on_cuda(tiny_folder, tmp_path):
     # A checkpoint written on the GPU rebuilds on the CPU (what export and eval do).
     model, criterion, _ = build_model(load_checkpoint(tmp_path / "best.pt"))
     assert criterion.centers.device.type == "cpu"
-    # And with plain torch.load, as DESIGN.md promises: every tensor was saved on the CPU.
+    # And with plain torch.load, as docs/training.md promises: every tensor was saved on the CPU.
     raw = torch.load(tmp_path / "best.pt", weights_only=True)
     devices = {t.device.type for t in _tensors(raw)}
     assert devices == {"cpu"}
