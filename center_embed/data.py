@@ -404,12 +404,25 @@ def load_for_classes(
     return select_classes(dataset, list(class_names))
 
 
-def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    """Hold `val_size` images out of train, chosen by a seeded permutation."""
-    if val_size < 0 or val_size >= len(train):
-        raise UserError(f"data.val_size={val_size} must lie in [0, {len(train) - 1}]")
+def validation_count(val_size: float, num_train: int) -> int:
+    """How many training images `data.val_size` holds out: a count when >= 1, a share of
+    the training images when below 1 (at least one image for a share above 0)."""
+    if 0 < val_size < 1:
+        return min(max(1, round(val_size * num_train)), max(num_train - 1, 0))
+    if val_size != int(val_size) or val_size < 0 or val_size >= max(num_train, 1):
+        raise UserError(
+            f"data.val_size={val_size:g} must be a share in (0, 1) or a whole count in "
+            f"[0, {num_train - 1}] (the dataset has {num_train} training images)"
+        )
+    return int(val_size)
+
+
+def split_validation(train: Split, val_size: float, seed: int) -> tuple[Split, Split]:
+    """Hold `val_size` (a count, or a share below 1) of the training images out, chosen by a
+    seeded permutation."""
+    count = validation_count(val_size, len(train))
     order = np.random.default_rng(seed).permutation(len(train))
-    val_index, train_index = np.sort(order[:val_size]), np.sort(order[val_size:])
+    val_index, train_index = np.sort(order[:count]), np.sort(order[count:])
     return train.subset(train_index), train.subset(val_index)
 
 

@@ -5,13 +5,17 @@ the correctly classified held-out images fall. It is taken on the held-out valid
 split the checkpoint's own run set aside (rebuilt from the config it stores), so it is
 never tuned on the test split (the test split is only measured). A run that held nothing
 out (val_size 0) cannot be calibrated from its own data: export refuses, naming the two
-ways out (retrain with data.val_size=N, or --calibration-data with a separate dataset).
+ways out (retrain with data.val_size, or --calibration-data with a separate dataset). A
+--calibration-data that is the run's own dataset, or whose test images are largely the
+run's training images, is refused too: it would calibrate on what the run measures or
+learnt from.
 
 Imports numpy and center_embed's torch-free data readers only.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +73,7 @@ def calibration_set(
     if calibration_data:
         other = load_for_classes(calibration_data, ckpt.class_names, cfg.image_size, cfg.cache_dir)
         held_out = require_test_split(other, "--calibration-data")
+        refuse_the_runs_own_images(other, dataset, train)
         where = {"split": "test", "source": other.source}
     elif len(val):
         held_out = val
@@ -78,10 +83,37 @@ def calibration_set(
         raise UserError(
             "the run held out no validation images (data.val_size=0), and the unknown "
             "threshold is never calibrated on the test split: retrain with "
-            "--set data.val_size=N (e.g. a tenth of the training images), or pass "
+            "--set data.val_size=N (a count, or a share such as 0.1), or pass "
             "--calibration-data DIR (a separate dataset whose test split calibrates it)"
         )
     return CalibrationSet(held_out, train, where)
+
+
+MAX_SHARED_SHARE = 0.1  # of calibration images that may also be training images of the run
+
+
+def refuse_the_runs_own_images(other: Dataset, run: Dataset, train: Split) -> None:
+    """UserError when --calibration-data is the run's own dataset (its test split is what
+    the run is measured on) or when more than MAX_SHARED_SHARE of its test images are, pixel
+    for pixel, training images of the run (a copy of the training folder)."""
+    if Path(other.source).resolve() == Path(run.source).resolve():
+        raise UserError(
+            f"--calibration-data {other.source} is the run's own dataset: its test split is "
+            "what the run is measured on, and calibrating on it would bias that measure; "
+            "pass a separate dataset"
+        )
+    seen = {_digest(image) for image in train.images}
+    shared = sum(_digest(image) in seen for image in other.test.images)
+    if shared > MAX_SHARED_SHARE * len(other.test):
+        raise UserError(
+            f"{shared} of the {len(other.test)} test images of --calibration-data "
+            f"{other.source} are training images of the run: a threshold calibrated on images "
+            "the model learnt from flags too little; pass images it has not seen"
+        )
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
 
 def unknown_thresholds(

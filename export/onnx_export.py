@@ -127,8 +127,8 @@ def export_checkpoint(
         meta = {"verification": verified(tmp, shipped, graph, ckpt, calib, say)} if verify else {}
         held_out = shipped.run_batched(calib.held_out.images)
         meta |= threshold_metadata(held_out, calib, shipped.info, quantile)
-        say(f"unknown threshold {meta['unknown_threshold'] or 'none'} "
-            f"({meta['unknown_threshold_calibration']['split']} split, q={quantile})")  # fmt: skip
+        where = calibration_source(meta["unknown_threshold_calibration"])
+        say(f"unknown threshold {meta['unknown_threshold'] or 'none'} ({where}, q={quantile})")
         if precision != "fp32":
             meta["precision_loss"] = compare_with_fp32(fp32, held_out, calib, tmp.parent)
             say(f"{precision} against fp32: {meta['precision_loss']['summary']}")
@@ -400,6 +400,15 @@ def training_facts(ckpt: Checkpoint) -> dict[str, Any]:
 def _accuracies(split: dict[str, Any]) -> dict[str, float]:
     keys = ("nearest_center_accuracy", "softmax_accuracy", "precision_at_1", "map_at_r")
     return {k: float(split[k]) for k in keys if k in split}
+
+
+def calibration_source(facts: dict[str, Any]) -> str:
+    """Where the threshold was calibrated, in words: the run's validation split or the test
+    split of the --calibration-data folder, with its image count."""
+    images = f"{facts['images']} images" if "images" in facts else "no images"
+    if facts.get("split") == "validation":
+        return f"the run's validation split of {facts.get('source')}, {images}"
+    return f"the {facts.get('split')} split of {facts.get('source')}, {images}"
 
 
 def threshold_metadata(

@@ -64,7 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from center_embed.training.train import train
 
-    result = train(cfg, out, resume=bool(args.resume))
+    result = train(cfg, out, resume=bool(args.resume), preset=args.preset)
     if not is_reporter:
         return 0
     print(f"saved {out / 'best.pt'} and {out / 'last.pt'}")

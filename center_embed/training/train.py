@@ -42,7 +42,7 @@ from center_embed.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from center_embed.training.config import Config
+from center_embed.training.config import PRESET_MAX_TRAIN_IMAGES, Config, DataConfig
 from center_embed.training.inference import (
     resolve_device,
     split_metrics,
@@ -145,6 +145,7 @@ class TrainingData:
     preprocess: Preprocess  # what inference must do to an image; stored in checkpoints
     loader: BatchLoader
     val: Split
+    test_images: int  # the test split's size (evaluated after training, not here)
 
 
 @dataclass
@@ -170,6 +171,8 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: float = -1.0  # best validation nearest-center accuracy so far
     bad_loss: torch.Tensor | None = None  # () bool on the device: a loss was not finite
+    # (step, time) the time estimate counts from; None once it was logged
+    estimate_from: tuple[int, float] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -297,7 +300,9 @@ def _load_data(
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {len(labels)} training images"
         )
-    return TrainingData(dataset.class_names, dataset.source, preprocess, loader, val_split)
+    return TrainingData(
+        dataset.class_names, dataset.source, preprocess, loader, val_split, len(dataset.test)
+    )
 
 
 def _build_model(
@@ -435,6 +440,7 @@ def train_epoch(run: Run, stop: _StopFlag) -> EpochTotals:
         run.bad_loss |= ~torch.isfinite(loss.detach())
         if bar is not None:
             bar.advance(totals.sums)
+        _estimate(run)
         if run.device.type == "cpu" or run.step % 50 == 0:  # a host sync: rare on GPU
             _check_finite(run, epoch)
         if run.step >= run.total_steps or run.step % spe == 0:
@@ -586,6 +592,68 @@ class _StopFlag:
                 signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------- what it does
+
+ESTIMATE_AFTER_STEPS = 20  # steps timed (a tenth of a short run's) before the estimate
+
+
+def banner(run: Run, preset: str | None = None) -> list[str]:
+    """What the run is about to do, before its first step: the data (and whether its path
+    came from the user), the split sizes, the schedule, the device, where it writes."""
+    cfg, data = run.cfg, run.data
+    n_train, n_val = len(data.loader.labels), len(data.val)
+    default = cfg.data.path == DataConfig().path
+    steps, spe = run.total_steps, run.steps_per_epoch
+    processes = f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""
+    lines = [
+        f"data      {data.source}"
+        + (" (the default data.path, relative to this folder; --data names another)"
+           if default else ""),
+        f"images    {n_train:,} train, {n_val:,} validation, {data.test_images:,} test; "
+        f"{len(data.class_names)} classes",
+        f"schedule  {cfg.train.epochs:g} epochs x {spe:,} steps of {cfg.train.batch_size} "
+        f"images = {steps:,} steps",
+        f"device    {run.device} ({'bf16 autocast' if run.bf16 else 'fp32'}{processes})",
+        f"output    {run.out}",
+    ]  # fmt: skip
+    limit = PRESET_MAX_TRAIN_IMAGES.get(preset or "")
+    if limit is not None and n_train > limit:
+        lines.append(
+            f"note      the {preset} preset is meant for small data (up to {limit:,} training "
+            f"images), not {n_train:,}: its tiny network will not learn this set well; "
+            "--preset cpu (or gpu) fits a dataset this size"
+        )
+    return lines
+
+
+def _estimate(run: Run) -> None:
+    """Once, after ESTIMATE_AFTER_STEPS steps: how long the rest of training will take."""
+    if run.estimate_from is None:
+        return
+    first_step, started = run.estimate_from
+    done = run.step - first_step
+    enough = max(1, min(ESTIMATE_AFTER_STEPS, run.total_steps // 10))
+    if done < enough and run.step < run.total_steps:
+        return
+    seconds = time.perf_counter() - started
+    left = (run.total_steps - run.step) * seconds / max(done, 1)
+    run.log(
+        f"about {format_duration(left)} of training to go ({done / max(seconds, 1e-9):.1f} "
+        f"steps/s over {done} steps; each validation adds to it)"
+    )
+    run.estimate_from = None
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 10 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -637,12 +705,17 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    preset: str | None = None,
 ) -> dict[str, Any]:
     """Train, writing last.pt, best.pt and metrics.jsonl under out_dir. Returns the
-    final validation metrics. Under torchrun every process calls this; rank 0 writes."""
+    final validation metrics. Under torchrun every process calls this; rank 0 writes.
+    `preset`: the preset the config came from, for the banner's warnings."""
     ctx = distributed.setup(cfg.train.device)
     try:
         run = setup(cfg, Path(out_dir), resume, log if ctx.is_main else _silent, ctx)
+        for line in banner(run, preset):
+            run.log(line)
+        run.estimate_from = (run.step, time.perf_counter())
         stop = _StopFlag()
         with stop.installed():
             while run.step < run.total_steps:

@@ -22,7 +22,7 @@ import torch
 
 from center_embed import __version__, contract
 from center_embed.cli import main
-from center_embed.data import load_dataset, split_validation
+from center_embed.data import load_dataset, load_for_classes, split_validation
 from center_embed.errors import UserError
 from center_embed.export.onnx_export import OPSET, export_checkpoint
 from center_embed.export.verify import split_accuracy
@@ -309,13 +309,26 @@ def test_quantile_and_no_silent_test_split_fallback(tiny_checkpoint, tiny_folder
     with pytest.raises(UserError, match=r"data\.val_size=0.*--set data\.val_size=N.*--calibration"):
         export_checkpoint(tmp_path / "noval.pt", tmp_path / "refused.onnx")
     assert not (tmp_path / "refused.onnx").exists()
+    # The run's own dataset, or a copy of its training images, never calibrates.
+    with pytest.raises(UserError, match="is the run's own dataset"):
+        export_checkpoint(
+            tmp_path / "noval.pt", tmp_path / "r.onnx", calibration_data=str(tiny_folder)
+        )
+    copy = tmp_path / "copy"
+    for split in ("train", "test"):  # the training images again, as another folder's test
+        shutil.copytree(tiny_folder / "train", copy / split)
+    with pytest.raises(UserError, match="are training images of the run"):
+        export_checkpoint(tmp_path / "noval.pt", tmp_path / "r.onnx", calibration_data=str(copy))
+    assert not (tmp_path / "r.onnx").exists()
+    other = write_image_folder(tmp_path / "other", {"train": 1, "test": 12}, seed=11)
     path = export_checkpoint(
-        tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5, calibration_data=str(tiny_folder)
+        tmp_path / "noval.pt", tmp_path / "m.onnx", quantile=0.5, calibration_data=str(other)
     )
     model = OnnxModel(path, RuntimeOptions(device="cpu"))
     calibration = json.loads(model.info.metadata["center_embed.unknown_threshold_calibration"])
     assert calibration["split"] == "test" and calibration["quantile"] == 0.5
-    _, test = splits(tiny_checkpoint)
+    assert calibration["source"] == str(other) and calibration["images"] == 36
+    test = load_for_classes(str(other), model.info.class_names, 32).test
     out = model.run_batched(test.images)
     correct = out["labels"] == test.labels
     expected = np.quantile(out["min_distances"][correct], 0.5, method="inverted_cdf")
