@@ -23,15 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from center_embed.training.center_loss import CenterLoss
-from center_embed.training.config import load_config
-from center_embed.training.inference import use_bf16
-from center_embed.training.model import EmbeddingNet
-from center_embed.training.train import make_optimizer
+from _common import add_json_argument, write_results
 
 
 def interleaved(
@@ -64,7 +56,16 @@ def median(times: dict[str, list[float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------- 1. overhead
 
 
-def overhead(batch: int, rounds: int) -> None:
+def overhead(batch: int, rounds: int) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from center_embed.training.center_loss import CenterLoss
+    from center_embed.training.config import load_config
+    from center_embed.training.inference import use_bf16
+    from center_embed.training.model import EmbeddingNet
+    from center_embed.training.train import make_optimizer
+
     cfg = load_config("cpu", None, [f"train.batch_size={batch}"])
     device = torch.device("cpu")
     bf16 = use_bf16(cfg.train.bf16, device)
@@ -107,10 +108,15 @@ def overhead(batch: int, rounds: int) -> None:
         (cfg.loss.center_weight * criterion(e, labels)).backward()
 
     alone = median(interleaved({"center": center_only}, rounds, {"center": 50}))["center"]
-    print(
-        f"overhead  EmbeddingNet widths {cfg.model.widths}, D={cfg.model.embedding_dim}, "
-        f"B={batch}, bf16={bf16}, channels_last, {torch.get_num_threads()} threads"
-    )
+    facts = f"widths {cfg.model.widths}, D={cfg.model.embedding_dim}, B={batch}, bf16={bf16}"
+    return print_overhead(facts, t, fastest, alone)
+
+
+def print_overhead(facts: str, t: dict, fastest: dict, alone: float) -> dict[str, float]:
+    """Print the overhead figures (median and fastest step times); them for the file."""
+    import torch
+
+    print(f"overhead  EmbeddingNet {facts}, channels_last, {torch.get_num_threads()} threads")
     print(f"  step without center loss  {t['ce'] * 1e3:9.1f} ms")
     print(f"  step with center loss     {t['ce+center'] * 1e3:9.1f} ms")
     ratio, best = t["ce+center"] / t["ce"], fastest["ce+center"] / fastest["ce"]
@@ -121,38 +127,50 @@ def overhead(batch: int, rounds: int) -> None:
         f"  center loss alone         {alone * 1e3:9.3f} ms = {alone / t['ce']:.2%} of the step "
         f"(ratio 1 + that: {1 + alone / t['ce']:.4f})"
     )
+    return {"step_ms": {k: v * 1e3 for k, v in t.items()}, "ratio": ratio,
+            "ratio_of_fastest": best, "control_ratio": t["ce again"] / t["ce"],
+            "center_loss_alone_ms": alone * 1e3, "target": 1.03, "setup": facts}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 2. scaling
 
 
-class DistanceMatrixCenterLoss(nn.Module):
+def distance_matrix_center_loss(num_classes: int, dim: int):
     """The classic implementation (KaiyangZhou/pytorch-center-loss, center_loss.py)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, num_classes: int, dim: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.centers = nn.Parameter(torch.randn(num_classes, dim))
+    class DistanceMatrixCenterLoss(nn.Module):
+        def __init__(self, num_classes: int, dim: int) -> None:
+            super().__init__()
+            self.num_classes = num_classes
+            self.centers = nn.Parameter(torch.randn(num_classes, dim))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        batch = x.size(0)
-        distmat = (
-            x.pow(2).sum(dim=1, keepdim=True).expand(batch, self.num_classes)
-            + self.centers.pow(2).sum(dim=1, keepdim=True).expand(self.num_classes, batch).t()
-        )  # (B, C)
-        distmat = distmat.addmm(x, self.centers.t(), beta=1, alpha=-2)
-        classes = torch.arange(self.num_classes, device=x.device)
-        mask = labels.unsqueeze(1).expand(batch, self.num_classes).eq(classes.expand(batch, -1))
-        dist = distmat * mask.float()
-        return dist.clamp(min=1e-12, max=1e12).sum() / batch
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            batch = x.size(0)
+            distmat = (
+                x.pow(2).sum(dim=1, keepdim=True).expand(batch, self.num_classes)
+                + self.centers.pow(2).sum(dim=1, keepdim=True).expand(self.num_classes, batch).t()
+            )  # (B, C)
+            distmat = distmat.addmm(x, self.centers.t(), beta=1, alpha=-2)
+            classes = torch.arange(self.num_classes, device=x.device)
+            mask = labels.unsqueeze(1).expand(batch, self.num_classes).eq(classes.expand(batch, -1))
+            dist = distmat * mask.float()
+            return dist.clamp(min=1e-12, max=1e12).sum() / batch
+
+    return DistanceMatrixCenterLoss(num_classes, dim)
 
 
 def scaling_steps(c: int, dim: int, batch: int) -> dict[str, Callable[[], None]]:
+    import torch
+
+    from center_embed.training.center_loss import CenterLoss
+
     g = torch.Generator().manual_seed(c)
     x = torch.randn(batch, dim, generator=g, requires_grad=True)  # (B, D) features
     labels = torch.randint(0, c, (batch,), generator=g)
     ours = CenterLoss(c, dim, "paper").train()
-    theirs = DistanceMatrixCenterLoss(c, dim)
+    theirs = distance_matrix_center_loss(c, dim)
     opt = torch.optim.SGD(theirs.parameters(), lr=0.5)  # their centers' optimiser
 
     def ours_step() -> None:
@@ -168,9 +186,10 @@ def scaling_steps(c: int, dim: int, batch: int) -> dict[str, Callable[[], None]]
     return {"ours": ours_step, "theirs": theirs_step}
 
 
-def scaling(classes: list[int], dim: int, batch: int, rounds: int) -> None:
+def scaling(classes: list[int], dim: int, batch: int, rounds: int) -> dict[int, dict]:
     print(f"scaling  D={dim}, B={batch}; step = forward, backward, center update")
     print(f"  {'C':>8}  {'ours (paper)':>13}  {'distance matrix':>16}  {'speed-up':>9}")
+    results = {}
     for c in classes:
         repeats = {"ours": 20, "theirs": max(1, min(20, 2000 // c))}
         t = median(interleaved(scaling_steps(c, dim, batch), rounds, repeats))
@@ -178,8 +197,11 @@ def scaling(classes: list[int], dim: int, batch: int, rounds: int) -> None:
             f"  {c:>8,}  {t['ours'] * 1e3:10.3f} ms  {t['theirs'] * 1e3:13.3f} ms  "
             f"{t['theirs'] / t['ours']:8.1f}x"
         )
+        results[c] = {"ours_ms": t["ours"] * 1e3, "theirs_ms": t["theirs"] * 1e3,
+                      "speed_up": t["theirs"] / t["ours"]}  # fmt: skip
     print("  target: >= 50x at C = 100,000")
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return results
 
 
 def main() -> None:
@@ -188,7 +210,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_json_argument(p)
     args = p.parse_args()
+    import torch  # after the arguments: --help needs no torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 4 if args.quick else 20
@@ -196,9 +221,12 @@ def main() -> None:
     # the load average says how much of it there was.
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}")
+    results = {"rounds": rounds, "threads": torch.get_num_threads()}
     if not args.skip_overhead:
-        overhead(args.batch, rounds)
-    scaling([10, 1_000, 100_000], 512, args.batch, rounds)
+        results["overhead"] = overhead(args.batch, rounds)
+    results["scaling"] = scaling([10, 1_000, 100_000], 512, args.batch, rounds)
+    results["scaling_target"] = "speed_up >= 50 at C = 100,000"
+    write_results("center-loss", results, args.json)
 
 
 if __name__ == "__main__":

@@ -16,42 +16,67 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
-
-from center_embed.training import distributed
-from center_embed.training.center_loss import CenterLoss
-from center_embed.training.config import load_config
-from center_embed.training.inference import use_bf16
-from center_embed.training.model import EmbeddingNet
-from center_embed.training.train import make_optimizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import add_json_argument, free_port, write_results
 
 
 def worker(rank: int, world: int, port: int, batch: int, steps: int, out: str) -> None:
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // world))
+    import torch
+    import torch.distributed as dist
+
+    from center_embed.training import distributed
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = distributed.Context(rank, rank, world)
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
+    step, model, bf16 = training_step(rank, world, batch, ctx)
+    times = []
+    for _ in range(2):
+        step()
+    for _ in range(steps):
+        distributed.barrier(ctx)
+        start = time.perf_counter()
+        step()
+        distributed.barrier(ctx)
+        times.append(time.perf_counter() - start)
+    # The communication alone: one all-reduce of as many floats as DDP averages per step.
+    grads = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    comm = []
+    for _ in range(steps if world > 1 else 0):
+        distributed.barrier(ctx)
+        start = time.perf_counter()
+        dist.all_reduce(grads)
+        comm.append(time.perf_counter() - start)
+    if rank == 0:
+        result = {"times": times, "comm": comm, "floats": grads.numel()}
+        torch.save(result | {"threads": torch.get_num_threads(), "bf16": bf16}, out)
+    step = model = None  # drop DDP before its process group goes
+    gc.collect()  # DDP sits in reference cycles: collect them now
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def training_step(rank: int, world: int, batch: int, ctx):
+    """(one train.py step on this rank's shard of the global batch, the model, bf16)."""
+    import torch
+    import torch.nn.functional as F
+
+    from center_embed.training import distributed
+    from center_embed.training.center_loss import CenterLoss
+    from center_embed.training.config import load_config
+    from center_embed.training.inference import use_bf16
+    from center_embed.training.model import EmbeddingNet
+    from center_embed.training.train import make_optimizer
+
     cfg = load_config("cpu", None, [f"train.batch_size={batch}"])
-    device = torch.device("cpu")
-    bf16 = use_bf16(cfg.train.bf16, device)
+    bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, generator=g)  # the global batch
     labels = torch.randint(0, 10, (batch,), generator=g)
@@ -76,33 +101,13 @@ def worker(rank: int, world: int, port: int, batch: int, steps: int, out: str) -
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        distributed.barrier(ctx)
-        start = time.perf_counter()
-        step()
-        distributed.barrier(ctx)
-        times.append(time.perf_counter() - start)
-    # The communication alone: one all-reduce of as many floats as DDP averages per step.
-    grads = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    comm = []
-    for _ in range(steps if world > 1 else 0):
-        distributed.barrier(ctx)
-        start = time.perf_counter()
-        dist.all_reduce(grads)
-        comm.append(time.perf_counter() - start)
-    if rank == 0:
-        result = {"times": times, "comm": comm, "floats": grads.numel()}
-        torch.save(result | {"threads": torch.get_num_threads(), "bf16": bf16}, out)
-    forward = model = optimizer = None  # drop DDP before its process group goes
-    gc.collect()  # DDP sits in reference cycles: collect them now
-    if world > 1:
-        dist.destroy_process_group()
+    return step, model, bf16
 
 
 def measure(world: int, batch: int, steps: int) -> dict:
+    import torch
+    import torch.multiprocessing as mp
+
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "times.pt")
         mp.spawn(worker, args=(world, free_port(), batch, steps, out), nprocs=world, join=True)
@@ -114,7 +119,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024, help="global batch (cpu preset: 1024)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    add_json_argument(p)
     args = p.parse_args()
+    import torch  # after the arguments: --help needs no torch
+
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     times: dict[int, list[float]] = {1: [], 2: []}
     comm: list[float] = []
@@ -143,6 +151,12 @@ def main() -> None:
         f"  of which the gradients' all-reduce ({info[2]['floats'] * 4 / 1e6:.1f} MB, gloo): "
         f"{reduce * 1e3:.1f} ms = {reduce / two:.1%} of the 2-process step"
     )
+    results = {"global_batch": args.batch, "bf16": info[1]["bf16"], "rounds": args.rounds,
+               "steps": args.steps, "one_process_ms": one * 1e3, "two_processes_ms": two * 1e3,
+               "threads": {w: info[w]["threads"] for w in (1, 2)}, "ratio": two / one,
+               "all_reduce_ms": reduce * 1e3,
+               "all_reduce_mb": info[2]["floats"] * 4 / 1e6}  # fmt: skip
+    write_results("ddp", results, args.json)
 
 
 if __name__ == "__main__":

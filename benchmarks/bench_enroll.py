@@ -18,7 +18,7 @@
    median ratio (target: at most a 10% drop, ratio >= 0.9).
 
 A .pt is exported first (`center-embed export`, into --work); an .onnx is used as it is.
-Prints the command's results; --json FILE also writes them.
+Prints the results and writes them (benchmarks/results/enroll-<date>.json, or --json FILE).
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_service import free_port, load, multipart, start_server, wait_ready
+from _common import add_json_argument, load, multipart, serve, write_results
 
 from center_embed.contract import read_centers
 from center_embed.data import load_for_classes
@@ -65,7 +63,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="one throughput round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--enrol-interval", type=float, default=0.5, help="s between enrolments")
-    p.add_argument("--json", help="also write the results here")
+    add_json_argument(p)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -80,8 +78,7 @@ def main() -> int:
     if not args.no_http:
         results["http"] = measure_http(as_onnx(args.base[0], work, args.data), dataset, args)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_results("enroll", results, args.json)
     return 0
 
 
@@ -197,13 +194,11 @@ def summarise(bases: list[dict]) -> dict:
 
 def measure_http(model: Path, dataset, args) -> dict:
     """PUT latency with 20 images, and classify throughput with and without enrolments."""
-    port = free_port()
     centers_file = Path(args.work) / "http.centers.npz"
     centers_file.unlink(missing_ok=True)
     env = {"CENTER_EMBED_ADMIN_KEYS": ADMIN, "CENTER_EMBED_CENTERS_FILE": str(centers_file)}
-    server = start_server(model, port, env)
-    try:
-        wait_ready(port, server)
+    with serve(model, env) as server:
+        port = server.port
         enrolment = [png(image) for image in dataset.train.images[:20]]
         bodies = [multipart(png(image)) for image in dataset.test.images[:256]]
         asyncio.run(load(port, bodies[:8], 4, 1.0))  # warm the connections
@@ -220,13 +215,10 @@ def measure_http(model: Path, dataset, args) -> dict:
             ratios.append(rate_busy / rate_quiet)
             print(f"  round {r + 1}: classify {rate_quiet:.1f} images/s alone, {rate_busy:.1f} "
                   f"while {enrolled} enrolments ran; ratio {ratios[-1]:.2f}")  # fmt: skip
-        ratio = statistics.median(ratios)
-        print(f"  median ratio {ratio:.2f} (target >= {TARGET_RATIO})")
-        return {"put_p50_ms": p50, "put_ms": latencies, "throughput_ratios": ratios,
-                "median_ratio": ratio}  # fmt: skip
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+    ratio = statistics.median(ratios)
+    print(f"  median ratio {ratio:.2f} (target >= {TARGET_RATIO})")
+    return {"put_p50_ms": p50, "put_ms": latencies, "throughput_ratios": ratios,
+            "median_ratio": ratio}  # fmt: skip
 
 
 def under_enrolment(port: int, bodies: list[bytes], enrolment: list[bytes], args):

@@ -29,7 +29,6 @@ accuracy within 0.5 points of fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,20 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import add_json_argument, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from center_embed.export.calibrate import calibration_set, load_run_dataset  # noqa: E402
-from center_embed.export.onnx_export import (  # noqa: E402
-    export_checkpoint,
-    prepare_graph,
-    torch_reference,
-)
-from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
-from center_embed.training.checkpoint import Checkpoint  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 BATCHES = (1, 64)
 TARGETS = {"fp32_over_torch": 1.5, "int8_over_fp32": 2.0, "int8_accuracy_drop_points": 0.5}
@@ -74,6 +62,12 @@ def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, b
 def engines(
     checkpoint: str, files: dict[str, Path], threads: int, bf16: bool, data: str | None
 ) -> dict[str, Callable]:
+    import torch
+
+    from center_embed.export.calibrate import calibration_set
+    from center_embed.export.onnx_export import prepare_graph, torch_reference
+    from center_embed.training.checkpoint import Checkpoint
+
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
     distance = OnnxModel(files["fp32"], RuntimeOptions(device="cpu")).info.distance
@@ -109,11 +103,12 @@ def main() -> int:
         "--threads", type=int, default=os.cpu_count() or 1,
         help="threads for torch and onnxruntime alike (default: one per core)",
     )  # fmt: skip
-    p.add_argument("--json", help="also write the figures here")
+    add_json_argument(p)
     p.add_argument(
         "--torch-bf16", action="store_true", help="also time torch under bf16 autocast (info)"
     )
     args = p.parse_args()
+    import torch  # after the arguments: --help needs no torch
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -122,13 +117,16 @@ def main() -> int:
     result["load_average_before"] = load_before
     result["load_average_after"] = os.getloadavg()
     print(report(result, rate))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_results("onnx", result, args.json)
     return 0
 
 
 def measure(args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
     """Export, time every engine round by round, and measure test accuracy."""
+    from center_embed.export.calibrate import load_run_dataset
+    from center_embed.export.onnx_export import export_checkpoint
+    from center_embed.training.checkpoint import Checkpoint
+
     files = {
         "fp32": export_checkpoint(args.checkpoint, folder / "fp32.onnx", data=args.data),
         "int8": export_checkpoint(

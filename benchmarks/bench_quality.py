@@ -29,7 +29,8 @@ on the same networks.
 
 Runs already in --work (eval.json, the --model-name file) are reused, so a table can be rebuilt, or
 extended with more seeds, without retraining. Training overrides go through --set.
-Prints one table and writes every figure, the command and the commit, as JSON.
+Prints one table and writes every figure as JSON (benchmarks/_common.py's record: the
+command, the commit, the machine), to benchmarks/results/quality-<tag>-<date>.json or --json.
 """
 
 from __future__ import annotations
@@ -42,14 +43,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, add_json_argument, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from center_embed import metrics, ood_sets  # noqa: E402
-from center_embed.contract import distances, read_centers  # noqa: E402
-from center_embed.data import load_dataset, select_classes, split_validation  # noqa: E402
-from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
+from center_embed import metrics, ood_sets
+from center_embed.contract import distances, read_centers
+from center_embed.data import load_dataset, select_classes, split_validation
+from center_embed.runtime import OnnxModel, RuntimeOptions
 
 CLI = [sys.executable, "-m", "center_embed.cli"]
 
@@ -79,15 +78,7 @@ def main() -> None:
         print(f"{name}: measured in {time.perf_counter() - started:.0f} s", flush=True)
     summary = summarise(results)
     print(format_table(summary))
-    report = {
-        "command": " ".join(sys.argv),
-        "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "summary": summary,
-        "runs": results,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"wrote {args.out}")
+    write_results(f"quality-{args.tag}", {"summary": summary, "runs": results}, args.json)
 
 
 def parse_args() -> argparse.Namespace:
@@ -113,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-name", default="model.onnx", help="the exported file in each run")
     p.add_argument("--ood-images", type=int, default=1000, help="images per far-OOD set")
     p.add_argument("--candidates", action="store_true", help="also score other scores")
-    p.add_argument("--out", default="quality.json")
+    add_json_argument(p)  # default: benchmarks/results/quality-<tag>-<date>.json
     return p.parse_args()
 
 
@@ -441,14 +432,6 @@ def format_table(s: dict) -> str:
             for name, v in s[group].items():
                 lines.append(f"{name} | {v['mean_auroc']:.4f} | {v['worst_auroc']:.4f}")
     return "\n".join(lines)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         --images ../shared/data/cifar10/test [--rounds 2]
 
 Side by side, alternating (so a load that comes and goes weighs on both): the local scorer
-(center_embed.score.local, its defaults) and Ray Data (center_embed.score.ray_engine) on a
+(center_embed.score.local, its defaults) and Ray Data (center_embed.score.ray) on a
 local Ray started here with num_cpus=2, both reading the same JPEG folder and writing
 Parquet. The Ray time includes starting the actors and the listing, not starting Ray itself
 (a cluster is already up when a user submits); that start is printed apart. Both outputs
@@ -25,13 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_json_argument, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
-from center_embed.score.local import score  # noqa: E402
-from center_embed.score.ray_engine import decode_paths, score_on_ray  # noqa: E402
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.score.local import score
+from center_embed.score.ray import decode_paths, score_on_ray
 
 TARGET = 0.8
 IMAGES = 50_000_000
@@ -68,7 +66,7 @@ def pieces(model_path: str, images: Path, ray_out: Path) -> dict[str, float]:
     start = time.process_time()
     array, _ = decode_paths(paths, size)
     decode_ms = (time.process_time() - start) / len(paths) * 1000
-    pixels = np.frombuffer(array.buffers()[1], np.uint8).reshape(-1, size, size, 3)[:2048]
+    pixels = array[:2048]  # uint8 (n, size, size, 3)
     model.run(pixels[:256])  # warm-up
     start = time.process_time()
     for i in range(0, len(pixels), 256):
@@ -82,7 +80,7 @@ def pieces(model_path: str, images: Path, ray_out: Path) -> dict[str, float]:
     return {"decode_ms": decode_ms, "infer_ms": infer_ms, "bytes_per_row": written / rows}
 
 
-def projection(p: dict[str, float]) -> None:
+def projection(p: dict[str, float]) -> dict[str, float]:
     per_core = 1000 / (p["decode_ms"] + p["infer_ms"])  # one CPU actor: decode + infer
     decode_per_core = 1000 / p["decode_ms"]
     print(f"\none CPU actor (1 core: decode + inference): {per_core:,.0f} images/s")
@@ -103,6 +101,7 @@ def projection(p: dict[str, float]) -> None:
         cost = hours * nodes * GPU_NODE_PRICE
         print(f"{nodes} GPU node(s), {GPU_NODE_CORES} vCPU each | <= {rate:,.0f} | "
               f">= {hours:.2f} | ${cost:,.2f} | decoding CPUs")  # fmt: skip
+    return p | {"actor_images_per_second": per_core, "decode_images_per_second": decode_per_core}
 
 
 def main() -> int:
@@ -110,6 +109,7 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", required=True, type=Path)
     parser.add_argument("--rounds", type=int, default=2)
+    add_json_argument(parser)
     args = parser.parse_args()
     import ray
 
@@ -124,7 +124,8 @@ def main() -> int:
                                                                progress=False))  # fmt: skip
             local_s.append(seconds)
             seconds, summary = timed(lambda o=ray_out: score_on_ray(
-                args.model, str(args.images), str(o), device="cpu", progress=False))  # fmt: skip
+                args.model, str(args.images), str(o), options=RuntimeOptions(device="cpu"),
+                progress=False))  # fmt: skip
             ray_s.append(seconds)
             n = summary.rows
             print(f"round {r}: local {n / local_s[-1]:,.0f} images/s, "
@@ -133,8 +134,12 @@ def main() -> int:
         ratio = ray_rate / local_rate
         print(f"\nmedian: local {local_rate:,.0f} images/s, ray (2 CPUs) {ray_rate:,.0f} "
               f"images/s; ratio {ratio:.2f} (target >= {TARGET})")  # fmt: skip
-        projection(pieces(args.model, args.images, ray_out))
+        pieces_ = projection(pieces(args.model, args.images, ray_out))
     ray.shutdown()
+    results = {"images": n, "local_seconds": local_s, "ray_seconds": ray_s,
+               "local_images_per_second": local_rate, "ray_images_per_second": ray_rate,
+               "ratio": ratio, "target": TARGET, "projection": pieces_}  # fmt: skip
+    write_results("ray", results, args.json)
     return 0
 
 

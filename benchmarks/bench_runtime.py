@@ -24,7 +24,6 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,14 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, add_json_argument, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from center_embed import imageio  # noqa: E402
-from center_embed.data import load_dataset  # noqa: E402
-from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
-from center_embed.runtime_bench import time_model  # noqa: E402
+from center_embed import imageio
+from center_embed.data import load_dataset
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.runtime_bench import time_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,13 +49,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3.0, help="per config per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--parts", default="runtimes,decoders,score")
+    add_json_argument(p)
     return p.parse_args()
 
 
 # --------------------------------------------------------------------------- 1. runtimes
 
 
-def runtimes_part(args: argparse.Namespace) -> None:
+def runtimes_part(args: argparse.Namespace) -> dict:
     images = np.ascontiguousarray(load_dataset(args.data).test.images[: args.batch_size])
     configs = {
         "onnxruntime fp32": (args.model, "onnxruntime", "auto"),
@@ -97,6 +95,9 @@ def runtimes_part(args: argparse.Namespace) -> None:
               f"(rounds: {rounds})")  # fmt: skip
     ratio = median["auto"] / median[fastest]
     print(f"   auto / fastest ({fastest}) = {ratio:.2f} (target >= 0.9)")
+    return {"batch": len(images), "threads": args.threads, "auto_picked": models["auto"].runtime,
+            "images_per_second": speeds, "cpu_ms_per_image": cpu_ms, "fastest": fastest,
+            "auto_over_fastest": ratio, "target": 0.9}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 2. decoders
@@ -162,11 +163,12 @@ def decode_speed(decode: Callable, files: list[bytes], threads: int) -> float:
     return len(files) / best
 
 
-def decoders_part(args: argparse.Namespace) -> None:
+def decoders_part(args: argparse.Namespace) -> dict:
     files = sorted(Path(args.data, "test").rglob("*.jpg"))[:3000]
     small = [f.read_bytes() for f in files]
     print("\n2. JPEG decoding to uint8 32x32, images/s (best of 3)")
     found = decoders()
+    results: dict[str, dict] = {}
     for label, data in (("CIFAR 32x32", small), ("512x384", larger_jpegs(small, 200))):
         reference = [found["Pillow"](d) for d in data[:200]]
         speeds = {name: [decode_speed(decode, data, t) for t in (1, args.threads)]
@@ -178,6 +180,9 @@ def decoders_part(args: argparse.Namespace) -> None:
             print(f"   {label:<12} {name:<12} 1 thread {one:7.0f} ({one / base[0]:4.2f}x Pillow)"
                   f"  {args.threads} threads {many:7.0f} ({many / base[1]:4.2f}x)  "
                   f"{many / one:4.2f}x from threads  pixels = Pillow's: {same}")  # fmt: skip
+            results.setdefault(label, {})[name] = {"one_thread": one, "threads": many,
+                                                   "pixels_equal_pillow": same}  # fmt: skip
+    return results
 
 
 # --------------------------------------------------------------------------- 3. score
@@ -193,8 +198,8 @@ def score_once(model: str, folder: Path, out: Path, new: bool) -> tuple[float, f
     try:
         runtime = ("auto", "auto") if new else ("onnxruntime", "auto")
         cpu = time.process_time()
-        summary = score(model, folder, out, progress=False, overwrite=True,
-                        runtime=runtime[0], precision=runtime[1])  # fmt: skip
+        options = RuntimeOptions(runtime=runtime[0], precision=runtime[1])
+        summary = score(model, folder, out, progress=False, overwrite=True, options=options)
         cpu_ms = 1000 * (time.process_time() - cpu) / max(summary.scored, 1)
     finally:
         imageio.simplejpeg = saved
@@ -205,7 +210,7 @@ def score_once(model: str, folder: Path, out: Path, new: bool) -> tuple[float, f
     return summary.images_per_second, cpu_ms, dict(zip(ids, labels, strict=True))
 
 
-def score_part(args: argparse.Namespace) -> None:
+def score_part(args: argparse.Namespace) -> dict:
     folder = Path(args.data, "test")
     print(f"\n3. score {folder} to Parquet (default batch, workers and threads), images/s")
     old_speeds, new_speeds = [], []
@@ -222,15 +227,18 @@ def score_part(args: argparse.Namespace) -> None:
     ratio = statistics.median(new_speeds) / statistics.median(old_speeds)
     print(f"   median ratio new/old = {ratio:.2f} (target >= 3); identical labels "
           f"{same:.4f} of {len(old_labels)} (target >= 0.99)")  # fmt: skip
+    return {"old_images_per_second": old_speeds, "new_images_per_second": new_speeds,
+            "median_ratio": ratio, "identical_labels": same, "images": len(old_labels),
+            "targets": {"median_ratio": 3, "identical_labels": 0.99}}  # fmt: skip
 
 
 def main() -> None:
     args = parse_args()
     print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start")
     parts = {"runtimes": runtimes_part, "decoders": decoders_part, "score": score_part}
-    for name in args.parts.split(","):
-        parts[name](args)
+    results = {name: parts[name](args) for name in args.parts.split(",")}
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    write_results("runtime", results, args.json)
 
 
 if __name__ == "__main__":

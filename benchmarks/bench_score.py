@@ -34,13 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _common import add_json_argument, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from center_embed.data import load_dataset  # noqa: E402
-from center_embed.runtime import OnnxModel, RuntimeOptions  # noqa: E402
-from center_embed.score.local import default_workers, score  # noqa: E402
+from center_embed.data import load_dataset
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from center_embed.score.local import default_workers, score
 
 TARGET = 0.9
 
@@ -114,7 +112,7 @@ def pairs(args, images: np.ndarray, labels: np.ndarray, class_names: list[str]):
     return [(images[labels == j], test / name) for j, name in enumerate(class_names)]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="an exported ONNX model")
     p.add_argument("--checkpoint", default="/tmp/bench/cpu1/best.pt", help="used without --model")
@@ -131,7 +129,34 @@ def main() -> int:
         "class folder by class folder (1,000 images), which cancels a load that changes "
         "within a round, at the price of ten scoring jobs' start-up and merge",
     )
-    args = p.parse_args()
+    add_json_argument(p)
+    return p.parse_args()
+
+
+def rounds(model, scorer_model, work, workers: int, tmp: Path, args):
+    """Per round, the scorer against the faster onnxruntime baseline: (wall, CPU) ratios."""
+    ratios, cpu_ratios = [], []
+    for r in range(args.rounds):
+        default, same, scoring, rows = Clock.zero(), Clock.zero(), Clock.zero(), 0
+        for arrays, folder in work:
+            default += onnxruntime_pass(model, arrays, args.batch_size, 1)
+            same += onnxruntime_pass(scorer_model, arrays, args.batch_size, workers)
+            timed, n = scoring_pass(scorer_model, folder, tmp / "s.parquet", args)
+            scoring, rows = scoring + timed, rows + n
+        assert rows == sum(len(arrays) for arrays, _ in work), rows
+        best = min(default, same, key=lambda c: c.wall)
+        ratios.append(best.wall / scoring.wall)
+        cpu_ratios.append(best.cpu / scoring.cpu)
+        print(
+            f"round {r + 1}: onnxruntime on decoded arrays, default threads "
+            f"{show(default, rows)}, scorer's threads {show(same, rows)}; scoring {rows} "
+            f"files to Parquet {show(scoring, rows)}; ratio to the faster {ratios[-1]:.3f}"
+        )
+    return ratios, cpu_ratios
+
+
+def main() -> int:
+    args = parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(args.model) if args.model else Path(tmp) / "model.onnx"
@@ -158,29 +183,18 @@ def main() -> int:
         )
         for m in (model, scorer_model):
             m.run(images[: args.batch_size])  # warm-up: first-run allocations
-        ratios, cpu_ratios = [], []
-        for r in range(args.rounds):
-            default, same, scoring, rows = Clock.zero(), Clock.zero(), Clock.zero(), 0
-            for arrays, folder in work:
-                default += onnxruntime_pass(model, arrays, args.batch_size, 1)
-                same += onnxruntime_pass(scorer_model, arrays, args.batch_size, workers)
-                timed, n = scoring_pass(scorer_model, folder, Path(tmp) / "s.parquet", args)
-                scoring, rows = scoring + timed, rows + n
-            assert rows == len(images), (rows, len(images))
-            best = min(default, same, key=lambda c: c.wall)
-            ratios.append(best.wall / scoring.wall)
-            cpu_ratios.append(best.cpu / scoring.cpu)
-            print(
-                f"round {r + 1}: onnxruntime on decoded arrays, default threads "
-                f"{show(default, rows)}, scorer's threads {show(same, rows)}; scoring {rows} "
-                f"files to Parquet {show(scoring, rows)}; ratio to the faster {ratios[-1]:.3f}"
-            )
-        overall = statistics.median(ratios)
-        print(
-            f"median ratio {overall:.3f} (target >= {TARGET}); median CPU-time ratio "
-            f"{statistics.median(cpu_ratios):.3f}; load average {os.getloadavg()[0]:.1f} "
-            f"at end"
-        )
+        ratios, cpu_ratios = rounds(model, scorer_model, work, workers, Path(tmp), args)
+    overall = statistics.median(ratios)
+    print(
+        f"median ratio {overall:.3f} (target >= {TARGET}); median CPU-time ratio "
+        f"{statistics.median(cpu_ratios):.3f}; load average {os.getloadavg()[0]:.1f} "
+        f"at end"
+    )
+    results = {"model": str(model_path), "images": len(images), "batch_size": args.batch_size,
+               "workers": workers, "threads": args.threads, "pairing": args.pairing,
+               "ratios": ratios, "cpu_ratios": cpu_ratios, "median_ratio": overall,
+               "median_cpu_ratio": statistics.median(cpu_ratios), "target": TARGET}  # fmt: skip
+    write_results("score", results, args.json)
     return 0 if overall >= TARGET else 1
 
 

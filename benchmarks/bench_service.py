@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +29,16 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from _common import (
+    add_json_argument,
+    http_get,
+    load,
+    load_files,
+    multipart,
+    request,
+    serve,
+    write_results,
+)
 
 TARGET_RATIO = 0.7
 TARGET_P50_MS = 10.0
@@ -50,6 +56,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="baseline/service rounds (median)")
     p.add_argument("--single", type=int, default=500, help="requests at concurrency 1")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    add_json_argument(p)
     args = p.parse_args()
     model = Path(args.model) if args.model else None
     if args.checkpoint:
@@ -64,81 +71,61 @@ def main() -> int:
           f"concurrency {args.concurrency}; {args.rounds} rounds of {args.seconds:g} s load; "
           f"load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
     baseline = Baseline(model, files, args.concurrency, args.threads)
-
-    port = free_port()
-    server = start_server(model, port, {"CENTER_EMBED_THREADS": str(args.threads)})
-    try:
-        wait_ready(port, server)
+    with serve(model, {"CENTER_EMBED_THREADS": str(args.threads)}) as server:
         body = [multipart(data) for data in files]
-        asyncio.run(load(port, body[:8], 8, 1.0, server.pid))  # warm the connections and caches
-        ratios, cpu_ratios, rss, statuses = [], [], [], Counter()
-        before = batch_histogram(port)
-        for r in range(args.rounds):
-            # Interleaved, so both sides see the same machine (it may be shared).
-            base_rate, base_cpu = baseline.measure(2.0)
-            cpu_before = cpu_seconds(server.pid)
-            result = asyncio.run(load(port, body, args.concurrency, args.seconds, server.pid))
-            cpu = (cpu_seconds(server.pid) - cpu_before) / max(result["ok"], 1) * 1000
-            rate = result["ok"] / result["seconds"]
-            ratios.append(rate / base_rate)
-            cpu_ratios.append(base_cpu / cpu)
-            rss += result["rss_mb"]
-            statuses.update(result["statuses"])
-            print(f"round {r + 1}: onnxruntime alone at batch {args.concurrency} "
-                  f"{base_rate:6.1f} images/s ({base_cpu:.2f} CPU ms/image); service "
-                  f"{rate:6.1f} images/s ({cpu:.2f} server CPU ms/image); ratio "
-                  f"{ratios[-1]:.2f}")  # fmt: skip
-        after = batch_histogram(port)
-        print(f"service / onnxruntime throughput, median of {args.rounds}: "
-              f"{statistics.median(ratios):.2f} (target >= {TARGET_RATIO}); CPU-time ratio "
-              f"{statistics.median(cpu_ratios):.2f}")  # fmt: skip
-        errors = sum(n for status, n in statuses.items() if status not in (200, 429))
-        print(f"  statuses {dict(statuses)}; errors other than 429: {errors}")
-        runs = after["count"] - before["count"]
-        images = after["sum"] - before["sum"]
-        print(f"  {runs:.0f} onnxruntime runs, mean batch {images / max(runs, 1):.1f} images")
-        half = len(rss) // 2
-        print(f"  server RSS MB over the load: start {rss[0]:.0f}, max {max(rss):.0f}, end "
-              f"{rss[-1]:.0f}; first half mean {statistics.mean(rss[:half]):.1f}, second half "
-              f"{statistics.mean(rss[half:]):.1f}")  # fmt: skip
-        latencies = asyncio.run(sequential(port, body, args.single))
-        p50, p99 = np.percentile(latencies, [50, 99])
-        print(f"concurrency 1, single image, {len(latencies)} requests: p50 {p50:.2f} ms, "
-              f"p99 {p99:.2f} ms (target p50 <= {TARGET_P50_MS:g} ms); load average after: "
-              f"{os.getloadavg()[0]:.2f}")  # fmt: skip
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = server.wait()
-        stderr = server.stderr.read().decode(errors="replace") if server.stderr else ""
-        print(f"server stopped with exit status {code}")
-        if code != 0:
-            print(stderr[-3000:])
+        asyncio.run(load(server.port, body[:8], 8, 1.0, server.pid))  # warm the connections
+        results = {"model": str(model), "concurrency": args.concurrency}
+        results["load"] = rounds(server, baseline, body, args)
+        latencies = asyncio.run(sequential(server.port, body, args.single))
+    p50, p99 = np.percentile(latencies, [50, 99])
+    print(f"concurrency 1, single image, {len(latencies)} requests: p50 {p50:.2f} ms, "
+          f"p99 {p99:.2f} ms (target p50 <= {TARGET_P50_MS:g} ms); load average after: "
+          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    results["single"] = {"requests": len(latencies), "p50_ms": p50, "p99_ms": p99,
+                         "target_p50_ms": TARGET_P50_MS}  # fmt: skip
+    results["server_exit_status"] = server.exit_code
+    write_results("service", results, args.json)
     return 0
 
 
+def rounds(server, baseline: Baseline, body: list[bytes], args) -> dict:
+    """Interleaved rounds of onnxruntime alone and the service under load: the ratios."""
+    ratios, cpu_ratios, rss, statuses = [], [], [], Counter()
+    before = batch_histogram(server.port)
+    for r in range(args.rounds):
+        # Interleaved, so both sides see the same machine (it may be shared).
+        base_rate, base_cpu = baseline.measure(2.0)
+        cpu_before = cpu_seconds(server.pid)
+        result = asyncio.run(load(server.port, body, args.concurrency, args.seconds, server.pid))
+        cpu = (cpu_seconds(server.pid) - cpu_before) / max(result["ok"], 1) * 1000
+        rate = result["ok"] / result["seconds"]
+        ratios.append(rate / base_rate)
+        cpu_ratios.append(base_cpu / cpu)
+        rss += result["rss_mb"]
+        statuses.update(result["statuses"])
+        print(f"round {r + 1}: onnxruntime alone at batch {args.concurrency} "
+              f"{base_rate:6.1f} images/s ({base_cpu:.2f} CPU ms/image); service "
+              f"{rate:6.1f} images/s ({cpu:.2f} server CPU ms/image); ratio "
+              f"{ratios[-1]:.2f}")  # fmt: skip
+    after = batch_histogram(server.port)
+    ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
+    print(f"service / onnxruntime throughput, median of {args.rounds}: {ratio:.2f} (target >= "
+          f"{TARGET_RATIO}); CPU-time ratio {cpu_ratio:.2f}")  # fmt: skip
+    errors = sum(n for status, n in statuses.items() if status not in (200, 429))
+    print(f"  statuses {dict(statuses)}; errors other than 429: {errors}")
+    runs, images = after["count"] - before["count"], after["sum"] - before["sum"]
+    print(f"  {runs:.0f} onnxruntime runs, mean batch {images / max(runs, 1):.1f} images")
+    half = len(rss) // 2
+    print(f"  server RSS MB over the load: start {rss[0]:.0f}, max {max(rss):.0f}, end "
+          f"{rss[-1]:.0f}; first half mean {statistics.mean(rss[:half]):.1f}, second half "
+          f"{statistics.mean(rss[half:]):.1f}")  # fmt: skip
+    return {"ratios": ratios, "median_ratio": ratio, "cpu_ratios": cpu_ratios,
+            "median_cpu_ratio": cpu_ratio, "target_ratio": TARGET_RATIO, "statuses": statuses,
+            "errors_other_than_429": errors, "mean_batch": images / max(runs, 1),
+            "rss_mb": {"start": rss[0], "max": max(rss), "end": rss[-1]}}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- inputs
-
-
-def load_files(folder: str | None, limit: int) -> list[bytes]:
-    if folder:
-        paths = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-        step = max(1, len(paths) // limit)
-        return [p.read_bytes() for p in paths[::step][:limit]]
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    files = []
-    for _ in range(limit):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
-        files.append(buffer.getvalue())
-    return files
 
 
 class Baseline:
@@ -164,65 +151,7 @@ class Baseline:
         return images / (time.perf_counter() - started), cpu_ms
 
 
-BOUNDARY = "benchboundary7d1f"
-
-
-def multipart(data: bytes) -> bytes:
-    body = (
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
-# --------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def start_server(model, port: int, env: dict[str, str]) -> subprocess.Popen:
-    """`center-embed serve model` on 127.0.0.1:port in another process, `env` added."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "center_embed.cli", "serve", str(model), "--port", str(port),
-         "--log-level", "warning"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-
-def wait_ready(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        with contextlib.suppress(OSError):
-            if http_get(port, "/readyz")[0] == 200:
-                return
-        time.sleep(0.1)
-    raise SystemExit("the server did not become ready")
+# --------------------------------------------------------------------------- the server's figures
 
 
 def batch_histogram(port: int) -> dict[str, float]:
@@ -239,66 +168,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-# --------------------------------------------------------------------------- load
-
-
-async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> int:
-    """One request on a keep-alive connection; the status code (the body is read whole)."""
-    writer.write(data)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    return status
-
-
-async def load(
-    port: int, bodies: list[bytes], clients: int, seconds: float, pid: int | None = None
-) -> dict:
-    """`clients` keep-alive connections sending `bodies` in turn for `seconds`: the status of
-    every answer, each request's latency (ms) and, given the server's `pid`, its memory."""
-    statuses: Counter[int] = Counter()
-    latencies: list[float] = []
-    rss: list[float] = [] if pid is None else [rss_mb(pid)]
-    started = time.perf_counter()
-    stop = started + seconds
-
-    async def client(k: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        i = k
-        try:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                statuses[await request(reader, writer, bodies[i % len(bodies)])] += 1
-                latencies.append((time.perf_counter() - t) * 1000)
-                i += clients
-        finally:
-            writer.close()
-
-    async def sample_memory() -> None:
-        while pid is not None and time.perf_counter() < stop:
-            await asyncio.sleep(0.5)
-            rss.append(rss_mb(pid))
-
-    everyone = asyncio.gather(sample_memory(), *(client(k) for k in range(clients)))
-    await asyncio.wait_for(everyone, seconds + 60)
-    elapsed = time.perf_counter() - started
-    if pid is not None:
-        rss.append(rss_mb(pid))
-    return {"ok": statuses[200], "statuses": statuses, "latencies": latencies,
-            "seconds": elapsed, "rss_mb": rss}  # fmt: skip
 
 
 async def sequential(port: int, bodies: list[bytes], n: int) -> list[float]:

@@ -17,23 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.attacks
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks import attacks  # noqa: E402
+import attacks
+import numpy as np
+from _common import add_json_argument, http_get, rss_mb, serve, write_results
+from PIL import Image
 
 READ_TIMEOUT = 60.0
 
@@ -46,29 +40,15 @@ def main() -> int:
     p.add_argument("--quiet-seconds", type=float, default=10.0, help="good traffic only, first")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--rss-bound-mb", type=float, default=1024.0)
+    add_json_argument(p)
     args = p.parse_args()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "center_embed.cli", "serve", args.model, "--port", str(port),
-         "--log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_ready(port, server)
-        payloads = Payloads(dim=int(model_dim(port)))
-        quiet = asyncio.run(soak(port, payloads, 8, args.quiet_seconds, server.pid, attack=False))
-        loud = asyncio.run(
-            soak(port, payloads, args.clients, args.seconds, server.pid, attack=True)
-        )
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = "killed after 60 s"
-        stderr = server.stderr.read()
-    return report(quiet, loud, code, stderr, args.rss_bound_mb)
+    with serve(args.model, log_level="error", ready_timeout=120, stop_timeout=60) as server:
+        payloads = Payloads(dim=int(model_dim(server.port)))
+        quiet = asyncio.run(soak(server, payloads, 8, args.quiet_seconds, attack=False))
+        loud = asyncio.run(soak(server, payloads, args.clients, args.seconds, attack=True))
+    ok, results = report(quiet, loud, server.exit_code, server.stderr, args.rss_bound_mb)
+    write_results("soak", results, args.json)
+    return 0 if ok else 1
 
 
 class Payloads:
@@ -148,7 +128,8 @@ async def exchange(port: int, data: bytes | str) -> tuple[str, float]:
             await writer.wait_closed()
 
 
-async def soak(port, payloads, clients, seconds, pid, attack: bool) -> dict:
+async def soak(server, payloads, clients, seconds, attack: bool) -> dict:
+    port, pid = server.port, server.pid
     deadline = time.monotonic() + seconds
     statuses: Counter = Counter()
     good_latency: list[float] = []
@@ -178,7 +159,8 @@ async def soak(port, payloads, clients, seconds, pid, attack: bool) -> dict:
     return {"statuses": statuses, "good": good_latency, "rss": rss, "seconds": seconds}
 
 
-def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> int:
+def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> tuple[bool, dict]:
+    """Print the soak's figures; (passed, the figures for the results file)."""
     print(f"{'kind':<16} status counts (soak: {loud['seconds']:g} s, quiet round "
           f"{quiet['seconds']:g} s)")  # fmt: skip
     by_kind: dict[str, Counter] = {}
@@ -193,20 +175,35 @@ def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> 
     timeline = [f"{t:.0f}s:{m:.0f}" for t, m in loud["rss"][:: max(1, len(rss) // 10)]]
     print(f"server RSS MB: start {rss[0]:.0f}, max {max(rss):.0f}, end {rss[-1]:.0f} "
           f"(bound {bound_mb:g}); over time: {' '.join(timeline)}")  # fmt: skip
-    for name, run in (("quiet", quiet), ("under attack", loud)):
-        lat = sorted(run["good"])
-        if lat:
-            p50_ms, p99_ms = statistics.median(lat) * 1000, p99(lat) * 1000
-            print(f"good requests {name}: {len(lat)} answered 200, p50 {p50_ms:.1f} ms, "
-                  f"p99 {p99_ms:.1f} ms")  # fmt: skip
+    good = {name: latency(name, run) for name, run in (("quiet", quiet), ("under attack", loud))}
     if quiet["good"] and loud["good"]:
-        ratio = p99(loud["good"]) / p99(quiet["good"])
-        print(f"good requests' p99 under attack / quiet: {ratio:.2f}")
+        good["p99_ratio"] = p99(loud["good"]) / p99(quiet["good"])
+        print(f"good requests' p99 under attack / quiet: {good['p99_ratio']:.2f}")
+    asgi = "Exception in ASGI" in stderr
     print(f"5xx: {dict(fives) or 'none'}; server exit status after SIGTERM: {exit_code}")
-    print(f"'Exception in ASGI application' in the server log: {'Exception in ASGI' in stderr}")
-    ok = not bad and max(rss) <= bound_mb and exit_code == 0 and "Exception in ASGI" not in stderr
+    print(f"'Exception in ASGI application' in the server log: {asgi}")
+    ok = not bad and max(rss) <= bound_mb and exit_code == 0 and not asgi
     print("PASS" if ok else f"FAIL: {bad or ''}")
-    return 0 if ok else 1
+    results = {
+        "seconds": loud["seconds"], "quiet_seconds": quiet["seconds"],
+        "statuses": {kind: dict(counts) for kind, counts in sorted(by_kind.items())},
+        "bad_5xx": {f"{k[0]} {k[1]}": c for k, c in bad.items()},
+        "rss_mb": {"start": rss[0], "max": max(rss), "end": rss[-1], "bound": bound_mb,
+                   "timeline": loud["rss"]},
+        "good_requests": good, "exit_status": exit_code, "exception_in_asgi": asgi, "passed": ok,
+    }  # fmt: skip
+    return ok, results
+
+
+def latency(name: str, run: dict) -> dict:
+    """The good requests' count, p50 and p99 (ms) of one round, printed."""
+    lat = sorted(run["good"])
+    if not lat:
+        return {"answered": 0}
+    p50_ms, p99_ms = statistics.median(lat) * 1000, p99(lat) * 1000
+    print(f"good requests {name}: {len(lat)} answered 200, p50 {p50_ms:.1f} ms, "
+          f"p99 {p99_ms:.1f} ms")  # fmt: skip
+    return {"answered": len(lat), "p50_ms": p50_ms, "p99_ms": p99_ms}
 
 
 def p99(values: list[float]) -> float:
@@ -214,37 +211,8 @@ def p99(values: list[float]) -> float:
     return ordered[int(0.99 * (len(ordered) - 1))]
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready")
-
-
 def model_dim(port: int) -> int:
-    import httpx
-
-    info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
+    info = json.loads(http_get(port, "/v1/model", timeout=10)[1])
     return next(v for k, v in find_items(info) if k.endswith("embedding_dim"))
 
 

@@ -12,7 +12,7 @@ onnxruntime in process: the same images, 1 and 32 concurrent clients, images/s a
    Rounds interleave the three, so that each sees the same (possibly shared) machine.
 
 Targets: v2 binary at concurrency 32 >= 0.85x onnxruntime at batch 32; v2 p50 <= 5 ms at
-concurrency 1. The load generator and the request bytes come from bench_service.py (bytes
+concurrency 1. The load generator and the request bytes come from _common.py (bytes
 prepared once, a minimal keep-alive HTTP/1.1 client), so both routes pay the same client.
 """
 
@@ -22,15 +22,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 
 import numpy as np
-from bench_service import free_port, load, load_files, multipart, wait_ready
+from _common import add_json_argument, load, load_files, multipart, serve, write_results
 
 from center_embed.contract import PROTOCOL_MODEL_NAME
 from center_embed.runtime import OnnxModel, RuntimeOptions
@@ -49,6 +47,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="length of one load round")
     p.add_argument("--rounds", type=int, default=3, help="rounds per concurrency (median)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    add_json_argument(p)
     args = p.parse_args()
 
     files = load_files(args.images, 256)
@@ -59,29 +58,14 @@ def main() -> int:
     print(f"model {args.model}; {len(files)} distinct images {pixels.shape[1:]}; "
           f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
 
-    port = free_port()
-    env = {**os.environ, "CENTER_EMBED_THREADS": str(args.threads)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "center_embed.cli", "serve", args.model, "--port", str(port),
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        wait_ready(port, server)
-        check_answer(port, bodies["v2 binary"][0], onnx.run(pixels[:1]))
+    with serve(args.model, {"CENTER_EMBED_THREADS": str(args.threads)}) as server:
+        check_answer(server.port, bodies["v2 binary"][0], onnx.run(pixels[:1]))
         for name in bodies:  # warm the connections and caches
-            asyncio.run(load(port, bodies[name][:8], 8, 1.0))
-        results = {c: measure(onnx, pixels, bodies, port, c, args) for c in (1, 32)}
-        report(results)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = server.wait()
-        print(f"server stopped with exit status {code}; load average after: "
-              f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+            asyncio.run(load(server.port, bodies[name][:8], 8, 1.0))
+        results = {c: measure(onnx, pixels, bodies, server.port, c, args) for c in (1, 32)}
+    summary = report(results)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    write_results("v2", {"model": args.model, "by_clients": results, **summary}, args.json)
     return 0
 
 
@@ -165,7 +149,7 @@ def in_process(onnx, batches: list[np.ndarray], seconds: float) -> tuple[float, 
     return n * len(batches[0]) / (time.perf_counter() - started), times
 
 
-def report(results: dict[int, dict[str, dict]]) -> None:
+def report(results: dict[int, dict[str, dict]]) -> dict[str, float]:
     print(f"\n{'':14}{'clients':>8}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}  rounds (images/s)")
     for clients, sides in results.items():
         for name, r in sides.items():
@@ -180,6 +164,8 @@ def report(results: dict[int, dict[str, dict]]) -> None:
     print(f"concurrency 1: v2 binary p50 {low['v2 binary']['p50']:.2f} ms (target <= "
           f"{TARGET_P50_MS:g} ms); v1 multipart p50 {low['v1 multipart']['p50']:.2f} ms; "
           f"onnxruntime batch 1 p50 {low['onnxruntime']['p50']:.2f} ms")  # fmt: skip
+    return {"v2_over_onnxruntime_at_32": ratio, "v1_over_onnxruntime_at_32": v1,
+            "target_ratio": TARGET_RATIO, "target_p50_ms": TARGET_P50_MS}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ else
 fi
 # shellcheck disable=SC2086
 timeout -k 15 "$((B + 20))" python3 "$REPO/benchmarks/bench_gpu.py" "$@" --data "$DATA" \
-  --out "$OUT/results.json" --budget "$B" --work /tmp/bench-work ${BENCH_ARGS:-} \
+  --json "$OUT/results.json" --budget "$B" --work /tmp/bench-work ${BENCH_ARGS:-} \
   2>&1 | tee "$OUT/bench.log"
 BENCH_STATUS="exit ${PIPESTATUS[0]}"
 
