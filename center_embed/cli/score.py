@@ -19,6 +19,7 @@ from center_embed.cli.common import (
     add_model_argument,
     add_runtime_arguments,
     add_threads_argument,
+    runtime_options,
 )
 from center_embed.errors import UserError, install_hint
 
@@ -113,10 +114,7 @@ def run_score(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             row_group_size=args.row_group_size or LOCAL_ROW_GROUP_SIZE,
             progress=not args.no_progress,
-            device=args.device,
-            threads=args.threads,
-            runtime=args.runtime,
-            precision=args.precision,
+            options=runtime_options(args),
             centers=args.centers,
         )
     except KeyboardInterrupt:
@@ -134,7 +132,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def _run_score_on_ray(args: argparse.Namespace) -> int:
-    """--engine ray: the same rows, as a Parquet dataset folder (score/ray_engine.py)."""
+    """--engine ray: the same rows, as a Parquet dataset folder (center_embed/score/ray/)."""
     if args.fmt != "parquet" or args.split:
         raise UserError("--engine ray writes Parquet from image files: no --format npy, --split")
     if args.centers:
@@ -142,7 +140,7 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
             "--centers works with --engine local; or bake the file into a model with "
             "`center-embed enroll MODEL --centers FILE --out NEW.onnx`"
         )
-    from center_embed.score.ray_engine import score_on_ray
+    from center_embed.score.ray import score_on_ray
 
     try:
         import ray  # noqa: F401  (the optional extra; main() names it when missing)
@@ -153,11 +151,10 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
         args.input,
         args.out,
         address=args.address,
+        options=runtime_options(args),
         actors=args.actors,
-        device=args.device,
         batch_size=args.batch_size,
         rows_per_block=args.row_group_size or RAY_ROWS_PER_BLOCK,
-        threads=args.threads or 1,
         resume=args.resume,
         overwrite=args.overwrite,
         all_files=args.all_files,

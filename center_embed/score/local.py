@@ -36,13 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from center_embed.contract import empty_outputs
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
+
+if TYPE_CHECKING:
+    from center_embed.runtime import RuntimeOptions
 
 MAX_FAILURES_SHOWN = 10
 
@@ -75,19 +78,18 @@ def score(
     overwrite: bool = False,
     row_group_size: int = 8192,
     progress: bool = True,
-    device: str = "auto",
-    threads: int = 0,
-    runtime: str = "onnxruntime",
-    precision: str = "auto",
+    options: RuntimeOptions | None = None,
     centers: str | Path | None = None,
 ) -> ScoreSummary:
-    """Score every image of `source` into `out`; see the module docstring. `centers`: a
-    service's centers file (enrolled classes) to score against instead of the model's own."""
+    """Score every image of `source` into `out`; see the module docstring. `options`: how
+    to run a model given as a path (default RuntimeOptions(): auto device, 1 thread per
+    batch, onnxruntime). `centers`: a service's centers file (enrolled classes) to score
+    against instead of the model's own."""
     from center_embed.score.output import count_rows
 
     if batch_size < 1 or row_group_size < 1 or workers < 0:
         raise UserError("--batch-size and --row-group-size must be positive, --workers >= 0")
-    model = _open_model(model, centers, device, threads, runtime, precision)
+    model = _open_model(model, centers, options)
     source = _open_source(source)
     out = Path(out)
     if not resume and source.count() == 0:
@@ -120,13 +122,13 @@ def score(
     return summary
 
 
-def _open_model(model, centers, device: str, threads: int, runtime: str, precision: str):
+def _open_model(model, centers, options: RuntimeOptions | None):
     """The model to score with: opened from a path, with a centers file's classes applied,
     square inputs only."""
     from center_embed.enrolment import apply_centers_file
 
     if isinstance(model, str | Path):  # else an OnnxModel, or one with enrolled centers
-        model = open_scoring_model(model, device, threads, runtime, precision)
+        model = open_scoring_model(model, options)
     if centers is not None:
         model = apply_centers_file(model, centers)
     h, w = model.info.input_size
@@ -187,19 +189,18 @@ def _pipeline(model, schema, items: Iterator, batch_size: int, workers: int) -> 
                 future.cancel()
 
 
-def open_scoring_model(path, device: str, threads: int, runtime: str, precision: str):
-    """The model as the workers share it: each runs its own batch on `threads` threads
-    (default 1; an onnxruntime session takes concurrent runs, OpenVINO gets one stream per
-    core's worth of threads)."""
+def open_scoring_model(path, options: RuntimeOptions | None = None):
+    """The model as the workers share it: each runs its own batch on `options.threads`
+    threads (0, the default: 1; an onnxruntime session takes concurrent runs, OpenVINO gets
+    one stream per core's worth of threads)."""
+    from dataclasses import replace
+
     from center_embed.runtime import OnnxModel, RuntimeOptions
 
-    threads = threads or 1
+    options = options or RuntimeOptions()
+    threads = options.threads or 1
     streams = max(1, (os.cpu_count() or 1) // threads)
-    return OnnxModel(
-        path,
-        RuntimeOptions(device=device, threads=threads, runtime=runtime, precision=precision),
-        streams=streams,
-    )
+    return OnnxModel(path, replace(options, threads=threads), streams=streams)
 
 
 def default_workers() -> int:
@@ -208,7 +209,7 @@ def default_workers() -> int:
 
 
 def _process(model, schema, batch: list) -> tuple[list, list[str | None], Any]:
-    batch, images, errors = _decode(model, batch)
+    images, errors = _decode(model, batch)
     return batch, errors, _score_batch(model, schema, batch, images, errors)
 
 
@@ -230,34 +231,24 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _decode(model, batch: list) -> tuple[list, np.ndarray, list[str | None]]:
-    """(items, uint8 (k, H, W, 3) of the k images that decoded, error or None per item)."""
+def _decode(model, batch: list) -> tuple[np.ndarray, list[str | None]]:
+    """(uint8 (k, H, W, 3) of the k images that decoded, error or None per item)."""
     from PIL import Image
 
-    from center_embed.imageio import ImageDecodeError, fit_image
+    from center_embed.imageio import fit_image
+    from center_embed.score.decode import decode_batch, read_image_file
 
     size = model.info.input_size[0]
-    images = np.empty((len(batch), size, size, 3), np.uint8)
-    errors: list[str | None] = [None] * len(batch)
-    k = 0
-    for i, item in enumerate(batch):
-        try:
-            if item.pixels is None:
-                with open(item.path, "rb", buffering=0) as f:  # cheaper than Path.read_bytes
-                    data = f.read()
-                if not data:
-                    raise ImageDecodeError("empty file (0 bytes)")
-                images[k] = model.decode(data)
-            elif item.pixels.shape == (size, size, 3):
-                images[k] = item.pixels
-            else:  # a dataset stored at another size than the model's input
-                images[k] = fit_image(Image.fromarray(np.asarray(item.pixels)), size)
-            k += 1
-        except ImageDecodeError as e:
-            errors[i] = str(e)
-        except OSError as e:
-            errors[i] = f"cannot read file: {e.strerror or e}"
-    return batch, images[:k], errors
+
+    def pixels(item) -> np.ndarray:
+        if item.pixels is None:
+            return model.decode(read_image_file(item.path))
+        if item.pixels.shape == (size, size, 3):
+            return item.pixels
+        # a dataset stored at another size than the model's input
+        return fit_image(Image.fromarray(np.asarray(item.pixels)), size)
+
+    return decode_batch(batch, size, pixels)
 
 
 def _score_batch(model, schema, batch: list, images: np.ndarray, errors: list[str | None]):

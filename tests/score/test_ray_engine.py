@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,41 +19,30 @@ import pyarrow.parquet as pq
 import pytest
 
 from center_embed.cli import main
+from center_embed.runtime import RuntimeOptions
 from center_embed.score.local import score
-from center_embed.score.ray_engine import (
-    KILL_HOOK_ENV,
-    SUCCESS_FILE,
-    parse_part_name,
-    score_on_ray,
-)
+from center_embed.score.ray import SUCCESS_FILE, ScoreBatches, parse_part_name, score_on_ray
+from center_embed.score.ray import driver as ray_driver
 from tests.helpers import ROOT
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def kill_trigger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the kill test puts its trigger file; actors see the path from their start."""
-    return tmp_path_factory.mktemp("kill") / "kill-after"
-
-
-@pytest.fixture(scope="module")
-def local_ray(kill_trigger: Path):
-    # Workers inherit the environment of the Ray started here: the hook's path, and this
-    # checkout on the import path (CI installs it too; a bare checkout needs this).
-    saved = {k: os.environ.get(k) for k in (KILL_HOOK_ENV, "PYTHONPATH")}
-    os.environ[KILL_HOOK_ENV] = str(kill_trigger)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
+def local_ray():
+    # Workers inherit the environment of the Ray started here: this checkout on the import
+    # path (CI installs it too; a bare checkout needs this).
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture()
@@ -67,8 +57,33 @@ def images(tiny_folder: Path, tmp_path: Path) -> Path:
     return root
 
 
+def killing_actor(trigger: Path, after: int) -> type:
+    """ScoreBatches whose first instance to claim `trigger` (by renaming it) SIGKILLs its
+    own process after `after` batches: once, however often Ray restarts the actor.
+
+    Defined in a function, so Ray pickles the class by value: its workers need not import
+    the tests."""
+
+    class KillingScoreBatches(ScoreBatches):
+        batches = 0
+
+        def __call__(self, batch):
+            rows = super().__call__(batch)
+            self.batches += 1
+            if self.batches >= after:
+                try:
+                    os.rename(trigger, f"{trigger}.claimed")  # one actor only, once
+                except OSError:
+                    return rows
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rows
+
+    return KillingScoreBatches
+
+
 def run_ray(model, images, out, **kwargs):
-    options = {"batch_size": 8, "rows_per_block": 16, "progress": False, "device": "cpu"}
+    options = {"batch_size": 8, "rows_per_block": 16, "progress": False,
+               "options": RuntimeOptions(device="cpu")}  # fmt: skip
     return score_on_ray(str(model), str(images), str(out), **{**options, **kwargs})
 
 
@@ -117,11 +132,14 @@ def test_ray_engine_gives_the_local_rows(local_ray, tiny_onnx, images, tmp_path,
 
 @pytest.mark.slow
 def test_killed_actor_is_retried_without_loss_or_duplicates(
-    local_ray, tiny_onnx, images, kill_trigger, tmp_path
+    local_ray, tiny_onnx, images, tmp_path, monkeypatch
 ):
     reference = tmp_path / "reference"
     run_ray(tiny_onnx, images, reference)
-    kill_trigger.write_text("2")  # the first actor to finish 2 batches SIGKILLs itself
+    kill_trigger = tmp_path / "kill-trigger"
+    kill_trigger.touch()
+    # the first actor to finish 2 batches SIGKILLs itself
+    monkeypatch.setattr(ray_driver, "ScoreBatches", killing_actor(kill_trigger, after=2))
     killed = tmp_path / "killed"
     summary = run_ray(tiny_onnx, images, killed)
     assert not kill_trigger.exists()
@@ -154,8 +172,6 @@ def test_resume_scores_only_the_missing_parts(local_ray, tiny_onnx, images, tmp_
 
 @pytest.mark.slow
 def test_score_batches_in_a_users_pipeline(local_ray, tiny_onnx, images, tmp_path):
-    from center_embed.score.ray_engine import ScoreBatches
-
     ds = ray.data.read_binary_files(str(images / "green"), include_paths=True)
     ds = ds.map_batches(ScoreBatches, fn_constructor_kwargs={"model": str(tiny_onnx)},
                         batch_format="pyarrow", batch_size=8, concurrency=1)  # fmt: skip
@@ -185,7 +201,7 @@ def test_ray_flags_refused_with_npy_and_a_missing_ray_names_the_extra(
 def test_package_imports_without_ray():
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "import center_embed, center_embed.cli.score, center_embed.score.ray_engine\n"
+        "import center_embed, center_embed.cli.score, center_embed.score.ray\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -14,7 +14,7 @@ import pytest
 
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
-from center_embed.runtime import OnnxModel
+from center_embed.runtime import OnnxModel, RuntimeOptions
 from center_embed.score.local import score
 from center_embed.score.output import SCORES_FORMAT_VERSION, PartWriter, read_scores_metadata
 from center_embed.score.sources import absolute_path, open_source
@@ -56,10 +56,10 @@ def test_true_class_is_the_class_folder_in_both_engines(tiny_onnx, class_tree, t
     assert true_classes(local) == EXPECTED_TRUE_CLASS
     assert local.column("error").to_pylist().count(None) == len(EXPECTED_TRUE_CLASS) - 1
 
-    # The Ray engine's row builder (ray_engine.ScoreBatches; no cluster needed to call it)
+    # The Ray engine's row builder (ray.ScoreBatches; no cluster needed to call it)
     # on the same paths gives the same column; a `true_class` an input gives is kept even
     # when the model has no such class.
-    from center_embed.score.ray_engine import ScoreBatches
+    from center_embed.score.ray import ScoreBatches
 
     given = ["class9"] + [None] * (local.num_rows - 1)
     batch = pa.table({"id": local.column("id"), "path": local.column("path"),
@@ -181,7 +181,7 @@ def test_resume_of_a_partial_run_from_before_the_rule(tiny_onnx, class_tree, tmp
 def test_ray_resume_of_a_run_of_the_previous_format(tiny_onnx, class_tree, tmp_path, monkeypatch):
     """Format 1 had no atypicality column: its parts must not be mixed with version 2's."""
     ray = pytest.importorskip("ray")
-    from center_embed.score import ray_engine
+    from center_embed.score import ray as ray_engine
     from center_embed.score.output import TRUE_CLASS_RULE
 
     out = tmp_path / "scores"
@@ -194,13 +194,14 @@ def test_ray_resume_of_a_run_of_the_previous_format(tiny_onnx, class_tree, tmp_p
     assert SCORES_FORMAT_VERSION == 2
     with pytest.raises(UserError, match="the run differs: format_version: was 1, now 2"):
         ray_engine.score_on_ray(str(tiny_onnx), str(class_tree), str(out), resume=True,
-                                device="cpu", rows_per_block=16, progress=False)  # fmt: skip
+                                options=RuntimeOptions(device="cpu"), rows_per_block=16,
+                                progress=False)  # fmt: skip
 
 
 def test_ray_resume_of_a_run_from_before_the_rule(tiny_onnx, class_tree, tmp_path, monkeypatch):
     """score_on_ray refuses before it uses the cluster, so no Ray is started here."""
     ray = pytest.importorskip("ray")
-    from center_embed.score import ray_engine
+    from center_embed.score import ray as ray_engine
 
     out = tmp_path / "scores"
     out.mkdir()
@@ -210,4 +211,5 @@ def test_ray_resume_of_a_run_from_before_the_rule(tiny_onnx, class_tree, tmp_pat
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     with pytest.raises(UserError, match="the run differs: true_class: was None"):
         ray_engine.score_on_ray(str(tiny_onnx), str(class_tree), str(out), resume=True,
-                                device="cpu", rows_per_block=16, progress=False)  # fmt: skip
+                                options=RuntimeOptions(device="cpu"), rows_per_block=16,
+                                progress=False)  # fmt: skip
