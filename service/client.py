@@ -13,8 +13,11 @@
 
 Images may be paths, bytes (an encoded file), PIL images or numpy arrays (see
 `Client` for the rules on arrays and image modes). Files and bytes are sent as they are;
-pixels are sent as PNG (lossless). A server error names an image by the name the caller
-gave: its path as given, or `image[i]` (its place in the call) for in-memory inputs.
+pixels are sent as PNG (lossless). More images than the service takes in one request
+(its max_images and max_body_bytes, read once from /v1/model) are sent as several
+requests, and the answers come back in the order the images were given. A server error
+names an image by the name the caller gave: its path as given, or `image[i]` (its place
+in the call) for in-memory inputs.
 A server error is raised as a `ServiceError` subclass (one per HTTP
 status) carrying the server's code (an `ErrorCode`, service/error_codes.py) and message.
 """
@@ -179,6 +182,7 @@ class Client:
         self._http = httpx.Client(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout, **httpx_options
         )
+        self._limits: dict[str, Any] | None = None  # the service's, read at first need
 
     def __enter__(self) -> Client:
         return self
@@ -193,8 +197,11 @@ class Client:
 
     def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """float32 (N, D) embeddings of the images."""
-        body = self._post("/v1/embed", files=_files(images))
-        return np.asarray(body["embeddings"], np.float32).reshape(-1, body["dim"])
+        parts = []
+        for batch in self._batches(_encode_all(images)):
+            body = self._post("/v1/embed", files=_files(batch))
+            parts.append(np.asarray(body["embeddings"], np.float32).reshape(-1, body["dim"]))
+        return np.concatenate(parts)
 
     def classify(
         self,
@@ -205,8 +212,11 @@ class Client:
         params: dict[str, Any] = {"return_embeddings": str(return_embeddings).lower()}
         if top_k is not None:
             params["top_k"] = top_k
-        body = self._post("/v1/classify", files=_files(images), params=params)
-        return [Classification.from_json(row) for row in body["results"]]
+        results = []
+        for batch in self._batches(_encode_all(images)):
+            body = self._post("/v1/classify", files=_files(batch), params=params)
+            results += [Classification.from_json(row) for row in body["results"]]
+        return results
 
     def distances(self, embeddings: Any, top_k: int | None = None) -> list[Classification]:
         """Nearest center and distances for embedding vectors, (N, D) or (D,)."""
@@ -244,9 +254,8 @@ class Client:
         are answered with the new class, by every worker of the service."""
         path = f"/v1/centers/{quote(name, safe='')}"
         params = {"mode": mode} if mode != "replace" else {}
-        response = self._send(
-            "PUT", path, files=_files(images), params=params, headers=_auth(admin_key)
-        )
+        parts = _files(_encode_all(images))  # one request: a class comes from one set
+        response = self._send("PUT", path, files=parts, params=params, headers=_auth(admin_key))
         return self._answer(response)
 
     def remove(self, name: str, admin_key: str | None = None) -> dict[str, Any]:
@@ -262,6 +271,33 @@ class Client:
             return False
 
     # ------------------------------------------------------------------ transport
+
+    def _batches(self, parts: list[EncodedImage]) -> list[list[EncodedImage]]:
+        """`parts` in order, cut into requests the service accepts: at most its max_images
+        each, and bodies under its max_body_bytes (one image over it still goes alone, and
+        the service's 413 names it)."""
+        if len(parts) <= 1:
+            return [parts]
+        limits = self._service_limits()
+        max_images = int(limits.get("max_images") or len(parts))
+        max_bytes = int(limits.get("max_body_bytes") or 0) or None
+        batches: list[list[EncodedImage]] = [[]]
+        size = 0
+        for part in parts:
+            cost = len(part[1]) + MULTIPART_OVERHEAD + len(part[0].encode())
+            full = len(batches[-1]) >= max_images or (max_bytes and size + cost > max_bytes)
+            if batches[-1] and full:
+                batches.append([])
+                size = 0
+            batches[-1].append(part)
+            size += cost
+        return batches
+
+    def _service_limits(self) -> dict[str, Any]:
+        """The service's request limits (GET /v1/model), read once per client."""
+        if self._limits is None:
+            self._limits = dict(self.model().get("limits") or {})
+        return self._limits
 
     def _get(self, path: str) -> Any:
         return self._answer(self._send("GET", path))
@@ -297,19 +333,28 @@ def _auth(key: str | None) -> dict[str, str]:
 # --------------------------------------------------------------------------- images
 
 
-def _files(images: ImageLike | Sequence[ImageLike]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", part) for part in _encode_all(images)]
+EncodedImage = tuple[str, bytes, str]  # (name, bytes, media type)
+# Bytes a multipart part adds to its file (boundary and headers, less the file name).
+MULTIPART_OVERHEAD = 160
 
 
-def _encode_all(images: Any) -> list[tuple[str, bytes, str]]:
+def _files(parts: list[EncodedImage]) -> list[tuple[str, EncodedImage]]:
+    return [("files", part) for part in parts]
+
+
+def _encode_all(images: Any) -> list[EncodedImage]:
     """(name, bytes, media type) of each image; the name is the path as given, or
-    `image[i]` (the image's place in the call) for in-memory inputs."""
-    if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch (N, H, W, C)
-        items = list(images)
-    elif isinstance(images, str | Path | bytes | bytearray | np.ndarray) or _is_pil(images):
-        items = [images]
-    else:
-        items = list(images)
+    `image[i]` (the image's place in the call) for in-memory inputs. A (N, H, W, C) array
+    is N images, alone or as an item of a list. No image at all is a ValueError."""
+    single = isinstance(images, str | Path | bytes | bytearray | np.ndarray) or _is_pil(images)
+    items: list[Any] = []
+    for item in [images] if single else list(images):
+        if isinstance(item, np.ndarray) and item.ndim == 4:  # a batch (N, H, W, C)
+            items.extend(item)
+        else:
+            items.append(item)
+    if not items:
+        raise ValueError("no images given: pass a path, bytes, a PIL image or an array")
     return [_encode(image, f"image[{i}]") for i, image in enumerate(items)]
 
 

@@ -50,6 +50,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 # A missing import of these top-level packages means an optional extra is not installed.
+# Where a command needs a package for less than its usual extra: enrolment writes ONNX with
+# the onnx package alone (`enrol`), which spares a serving box torch.
+EXTRA_FOR_COMMAND_PACKAGE = {("enroll", "onnx"): "enrol"}
 EXTRA_FOR_PACKAGE = {
     "torch": "train",
     "onnx": "train",
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         name = (e.name or "").split(".")[0]
         if name not in EXTRA_FOR_PACKAGE:
             raise
-        extra = EXTRA_FOR_PACKAGE[name]
+        command = next((a for a in argv if not a.startswith("-")), None)
+        extra = EXTRA_FOR_COMMAND_PACKAGE.get((command, name), EXTRA_FOR_PACKAGE[name])
         message = f"{name} is not installed; {install_hint(extra)}"
         print(f"error: {message}", file=sys.stderr)
         return 1

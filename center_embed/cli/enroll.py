@@ -8,7 +8,7 @@
 The input model is never modified. Changes apply in this order: a service's centers file
 (--centers: what PUT/DELETE /v1/centers did), then --remove, then --class and
 --from-folder. Centers and thresholds: center_embed/enrolment.py; the writer:
-center_embed/export/enrolled_model.py (needs the onnx package, extra `train`).
+center_embed/export/enrolled_model.py (needs the onnx package: extra `enrol`, no torch).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run_enroll(args: argparse.Namespace) -> int:
     if not (args.classes or args.from_folder or args.remove or args.centers):
         raise UserError("nothing to change: give --class, --from-folder, --remove or --centers")
     refuse_existing(args.out, args.overwrite)
-    from center_embed.export.enrolled_model import write_enrolled_model  # onnx: extra train
+    from center_embed.export.enrolled_model import write_enrolled_model  # onnx: extra enrol
 
     model = OnnxModel(args.model, RuntimeOptions(device="cpu"))
     sha256 = sha256_file(args.model)

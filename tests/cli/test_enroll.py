@@ -5,6 +5,7 @@ its new classes; and `score --centers` with a service's centers file."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from center_embed.cli import main
-from tests.helpers import encode, tiny_images
+from center_embed.runtime import OnnxModel, RuntimeOptions
+from tests.helpers import ROOT, encode, tiny_images
 
 
 @pytest.fixture
@@ -130,8 +132,23 @@ def test_enroll_without_onnx_names_the_extra(
         str(out),
     ]
     assert main(argv) == 1
-    assert "onnx is not installed; pip install '.[train]'" in capsys.readouterr().err
+    assert "onnx is not installed; pip install '.[enrol]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_enroll_needs_no_torch(tiny_onnx, zebra_folder, tmp_path):
+    """A serving box enrols with the `enrol` extra (onnx) and no torch at all."""
+    out = tmp_path / "v2.onnx"
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from center_embed.cli import main\n"
+        f"sys.exit(main(['enroll', {str(tiny_onnx)!r}, '--class', 'z', "
+        f"{str(zebra_folder / 'zebra')!r}, '--out', {str(out)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert OnnxModel(out, RuntimeOptions(device="cpu")).info.class_names[-1] == "z"
 
 
 def test_enrolled_model_and_centers_file_are_scored_with_the_new_classes(

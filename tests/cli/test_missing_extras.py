@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from center_embed.cli import EXTRA_FOR_PACKAGE
+from center_embed.cli import EXTRA_FOR_COMMAND_PACKAGE, EXTRA_FOR_PACKAGE
 from tests.helpers import ROOT, write_image_folder
 
 
@@ -45,6 +45,7 @@ def test_every_named_extra_exists_in_pyproject():
         "optional-dependencies"
     ]
     assert set(EXTRA_FOR_PACKAGE.values()) <= set(extras)
+    assert set(EXTRA_FOR_COMMAND_PACKAGE.values()) <= set(extras)
 
 
 def test_no_hint_names_the_unpublished_package():

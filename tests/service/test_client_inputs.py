@@ -70,3 +70,30 @@ def test_junk_is_reported_under_the_callers_name(live, pixels, tmp_path, monkeyp
 
 def test_client_has_a_docstring_with_an_example():
     assert "with Client(" in Client.__doc__ and "client.embed(" in Client.__doc__
+
+
+def test_a_batch_in_a_list_and_more_images_than_one_request_takes(tiny_onnx, reference):
+    """A (N, H, W, C) array inside a list is N images; more images than the service's
+    max_images (or max_body_bytes) go as several requests, answered in the given order."""
+    from center_embed.service.app import create_app
+    from center_embed.service.settings import Settings
+    from tests.helpers import serve_in_thread
+
+    images = np.stack(tiny_images(11, seed=12))
+    expected = reference.run(images)
+    app = create_app(Settings(model=tiny_onnx, max_images=4, max_wait_ms=5))
+    with serve_in_thread(app) as server, Client(server.url) as client:
+        calls = []
+        original = client._send
+        client._send = lambda method, path, **kw: calls.append(path) or original(method, path, **kw)
+        close(client.embed([images[:2], images[2]]), expected["embeddings"][:3])
+        got = client.classify(list(images))
+        assert [c.label for c in got] == expected["labels"].tolist()
+        np.testing.assert_allclose([c.min_distance for c in got], expected["min_distances"],
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        # /v1/model once, then 1 + 3 requests of at most 4 images
+        assert calls == ["/v1/model", "/v1/embed", *["/v1/classify"] * 3]
+        client._limits["max_body_bytes"] = 2 * len(encode(images[0])) + 400
+        assert len(client._batches([("a", encode(images[0]), "image/png")] * 5)) == 3
+        with pytest.raises(ValueError, match="no images given"):
+            client.classify([])
