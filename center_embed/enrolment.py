@@ -495,7 +495,7 @@ class ModelWithCenters:
     """An opened model (runtime.OnnxModel) that answers with a `CentersSnapshot` instead
     of its file's own centers: the graph gives the embeddings (and atypicality); distances,
     labels and min distances are recomputed from them. What the scorer reads of a model:
-    `path`, `info`, `image_size`, `decode`, `run`, `run_batched`, `unknown`."""
+    `path`, `info`, `image_size`, `runtime`, `decode`, `run`, `run_batched`, `unknown`."""
 
     def __init__(self, model: Any, centers: CenterSet) -> None:
         self.model = model
@@ -504,6 +504,7 @@ class ModelWithCenters:
         self.path = model.path
         self.image_size = model.image_size
         self.decode = model.decode
+        self.runtime = model.runtime
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.model.run(images)

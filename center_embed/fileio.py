@@ -22,19 +22,21 @@ def atomic_path(path: str | Path, *, directory: bool = False, fsync: bool = True
 
     The block writes the file (or, with `directory=True`, fills the folder) at the yielded
     path. On an exception the temporary is removed and `path` is left as it was. The file
-    gets ordinary permissions (mkstemp's are 0600). A directory replaces only a missing
-    target: os.replace cannot swap a non-empty folder, so an existing one is an error.
+    or folder gets ordinary permissions under the umask (mkstemp's are 0600, mkdtemp's
+    0700). A directory replaces only a missing target: os.replace cannot swap a non-empty
+    folder, so an existing one is an error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's are 0700
     else:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
-        umask = os.umask(0)
-        os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp

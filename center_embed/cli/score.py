@@ -140,6 +140,12 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
             "--centers works with --engine local; or bake the file into a model with "
             "`center-embed enroll MODEL --centers FILE --out NEW.onnx`"
         )
+    options = runtime_options(args)
+    if options.runtime != "onnxruntime" or options.precision != "auto":
+        raise UserError(
+            "--engine ray runs onnxruntime at the file's own precision in its actors; "
+            "--runtime and --precision choose for --engine local"
+        )
     from center_embed.score.ray import score_on_ray
 
     try:
@@ -151,7 +157,7 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
         args.input,
         args.out,
         address=args.address,
-        options=runtime_options(args),
+        options=options,
         actors=args.actors,
         batch_size=args.batch_size,
         rows_per_block=args.row_group_size or RAY_ROWS_PER_BLOCK,
@@ -160,12 +166,17 @@ def _run_score_on_ray(args: argparse.Namespace) -> int:
         all_files=args.all_files,
         progress=not args.no_progress,
     )
+    print("ran onnxruntime at the file's own precision in the Ray actors")
     print(format_score_summary(summary))
     return 0
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def format_score_summary(s: ScoreSummary) -> str:
@@ -176,8 +187,11 @@ def format_score_summary(s: ScoreSummary) -> str:
         f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
         + (f", after {s.resumed_from} written before" if s.resumed_from else ""),
         f"wrote {s.out}: {s.rows} rows, {s.failed} failed"
-        + (f", {s.skipped} files skipped as not images" if s.skipped else ""),
+        + (f", {plural(s.skipped, 'file')} skipped as not images" if s.skipped else ""),
     ]
+    if s.runtime:
+        r = s.runtime
+        lines.insert(0, f"ran {r['runtime']} {r['precision']} on {r['provider']} ({r['reason']})")
     for image_id, error in s.failures:
         lines.append(f"  failed: {image_id}: {error}")
     if s.failed > len(s.failures):

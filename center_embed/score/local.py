@@ -60,6 +60,7 @@ class ScoreSummary:
     seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, error), this run
     resumed_from: int = 0
+    runtime: dict[str, Any] | None = None  # what ran the model (OnnxModel.runtime)
 
     @property
     def images_per_second(self) -> float:
@@ -96,7 +97,8 @@ def score(
         raise UserError(_nothing_to_score(source))
     writer = _open_writer(model, source, out, fmt, row_group_size, resume, overwrite)
     done = writer.progress.rows
-    summary = ScoreSummary(out, done, writer.progress.failed, 0, 0, 0.0, resumed_from=done)
+    summary = ScoreSummary(out, done, writer.progress.failed, 0, 0, 0.0, resumed_from=done,
+                           runtime=model.runtime)  # fmt: skip
     if writer.complete:  # --resume of a run that had finished
         summary.rows = summary.resumed_from = count_rows(out, fmt)
         return summary

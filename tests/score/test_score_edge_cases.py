@@ -53,3 +53,33 @@ def test_a_run_failing_before_its_first_part_leaves_no_partial(tiny_onnx, tmp_pa
     with pytest.raises(RuntimeError, match="a bug in decoding"):
         local.score(tiny_onnx, folder, out, progress=False)
     assert not out.exists() and not (tmp_path / "s.parquet.partial").exists()
+
+
+def test_score_says_what_ran_it_and_writes_ordinary_modes(tiny_onnx, tmp_path, capsys):
+    """The summary names the runtime, precision and device; under umask 022 an npy folder
+    is drwxr-xr-x and its files -rw-r--r--, like the Parquet file; one file is a file."""
+    folder = write_image_folder(tmp_path / "in", {"test": 1})
+    (folder / "notes.txt").write_text("not an image")
+    previous = os.umask(0o022)
+    try:
+        for fmt, out in (("npy", tmp_path / "npy"), ("parquet", tmp_path / "s.parquet")):
+            args = [str(tiny_onnx), str(folder), "--out", str(out), "--format", fmt]
+            assert main(["score", *args, "--no-progress", "--all-files"]) == 0
+            printed = capsys.readouterr().out.splitlines()
+            assert printed[0].startswith("ran onnxruntime fp32 on CPUExecutionProvider (")
+            files = [out, *out.iterdir()] if out.is_dir() else [out]
+            modes = {oct(p.stat().st_mode & 0o777) for p in files}
+            assert modes == ({"0o755", "0o644"} if fmt == "npy" else {"0o644"}), fmt
+        assert main(["score", str(tiny_onnx), str(folder), "--out", str(tmp_path / "x.parquet"),
+                     "--no-progress"]) == 0  # fmt: skip
+        assert "1 file skipped as not images" in capsys.readouterr().out
+    finally:
+        os.umask(previous)
+
+
+def test_the_ray_engine_refuses_runtime_choices_it_does_not_make(tiny_onnx, tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "in", {"test": 1})
+    args = [str(tiny_onnx), str(folder), "--out", str(tmp_path / "s"), "--engine", "ray"]
+    assert main(["score", *args, "--runtime", "openvino"]) == 1
+    (line,) = error_lines(capsys)
+    assert "--engine ray runs onnxruntime at the file's own precision" in line
