@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   train the quick CPU preset on CIFAR-10 (then export and serve it)
 #   make test   run the test suite
+# and `make docs` serves the documentation locally.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ RUN ?= runs/cpu
 # on Linux): pass TORCH="torch --index-url https://download.pytorch.org/whl/cpu" there.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo docs docs-build clean
 
 $(BIN)/center-embed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,16 @@ lint: setup
 
 test: setup lint
 	$(BIN)/pytest -q
+
+# The documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8000, live-reloaded.
+docs: setup
+	$(BIN)/python docs/render_results.py
+	$(BIN)/mkdocs serve
+
+# What CI runs: the results tables as rendered, and a strict build into a temporary folder.
+docs-build: setup
+	$(BIN)/python docs/render_results.py --check
+	site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet -d $$site && rm -rf $$site
 
 HOST ?= 127.0.0.1
 PORT ?= 8000
