@@ -90,7 +90,7 @@ def main() -> int:
 
 def rounds(server, baseline: Baseline, body: list[bytes], args) -> dict:
     """Interleaved rounds of onnxruntime alone and the service under load: the ratios."""
-    ratios, cpu_ratios, rss, statuses = [], [], [], Counter()
+    ratios, cpu_ratios, rates, rss, statuses = [], [], [], [], Counter()
     before = batch_histogram(server.port)
     for r in range(args.rounds):
         # Interleaved, so both sides see the same machine (it may be shared).
@@ -99,6 +99,7 @@ def rounds(server, baseline: Baseline, body: list[bytes], args) -> dict:
         result = asyncio.run(load(server.port, body, args.concurrency, args.seconds, server.pid))
         cpu = (cpu_seconds(server.pid) - cpu_before) / max(result["ok"], 1) * 1000
         rate = result["ok"] / result["seconds"]
+        rates.append(rate)
         ratios.append(rate / base_rate)
         cpu_ratios.append(base_cpu / cpu)
         rss += result["rss_mb"]
@@ -119,7 +120,8 @@ def rounds(server, baseline: Baseline, body: list[bytes], args) -> dict:
     print(f"  server RSS MB over the load: start {rss[0]:.0f}, max {max(rss):.0f}, end "
           f"{rss[-1]:.0f}; first half mean {statistics.mean(rss[:half]):.1f}, second half "
           f"{statistics.mean(rss[half:]):.1f}")  # fmt: skip
-    return {"ratios": ratios, "median_ratio": ratio, "cpu_ratios": cpu_ratios,
+    return {"requests_per_second": statistics.median(rates), "rounds_requests_per_second": rates,
+            "ratios": ratios, "median_ratio": ratio, "cpu_ratios": cpu_ratios,
             "median_cpu_ratio": cpu_ratio, "target_ratio": TARGET_RATIO, "statuses": statuses,
             "errors_other_than_429": errors, "mean_batch": images / max(runs, 1),
             "rss_mb": {"start": rss[0], "max": max(rss), "end": rss[-1]}}  # fmt: skip

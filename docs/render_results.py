@@ -19,8 +19,9 @@ Results files come in two generations. Files written from now on have one shape:
      "machine": {"cpu", "flags", "cores", "gpu"}, "results": {...}}
 
 and are found by their `benchmark` name: the README's served requests/s comes from the
-newest file whose benchmark is `bench_service` with `results.requests_per_second`, its
-scoring images/s from `bench_score` with `results.images_per_second`. The older files
+newest file whose benchmark is `service` (bench_service.py) with
+`results.requests_per_second`, its scoring images/s from `score` (bench_score.py) with
+`results.images_per_second`. The older files
 (quality-*.json, onnx-atypicality-*.json) keep their own shapes, read below one by one;
 they do not record the machine, so LEGACY_MACHINES says what the measurement notes of the
 day said about it.
@@ -91,7 +92,7 @@ def machine_of(name: str, doc: dict[str, Any] | None = None) -> str:
     if doc is not None and isinstance(doc.get("machine"), dict):
         m = doc["machine"]
         gpu = m.get("gpu") or "no GPU"
-        flags = f" ({m['flags']})" if m.get("flags") else ""
+        flags = f" ({', '.join(m['flags'])})" if m.get("flags") else ""
         return f"{m.get('cpu', '?')}{flags}, {m.get('cores', '?')} cores, {gpu}"
     if name in LEGACY_MACHINES:
         return f"{LEGACY_MACHINES[name]} (noted at the time; the file does not record it)"
@@ -178,8 +179,8 @@ def headline() -> str:
     mean, worst, worst_auc = far_ood_mean(s)
     n = s["nearest_center_accuracy_onnx"]["n"]
     n_splits = o["open_set_auroc"]["n"]
-    served = newest("bench_service", "requests_per_second")
-    scored = newest("bench_score", "images_per_second")
+    served = newest("service", "requests_per_second")
+    scored = newest("score", "images_per_second")
     seeds, over_splits = f"{n} seeds", f"{n_splits} splits"
     far = f"{mean:.3f} (worst: {worst.replace('_', ' ')}, {worst_auc:.3f})"
     rows = [
