@@ -64,7 +64,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     from center_embed.training.train import train
 
-    result = train(cfg, out, resume=bool(args.resume), preset=args.preset)
+    chosen = args.data or args.config or any(o.startswith("data.path=") for o in args.set)
+    result = train(cfg, out, resume=bool(args.resume), preset=args.preset,
+                   default_data=not chosen)  # fmt: skip
     if not is_reporter:
         return 0
     print(f"saved {out / 'best.pt'} and {out / 'last.pt'}")

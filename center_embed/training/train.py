@@ -597,12 +597,13 @@ class _StopFlag:
 ESTIMATE_AFTER_STEPS = 20  # steps timed (a tenth of a short run's) before the estimate
 
 
-def banner(run: Run, preset: str | None = None) -> list[str]:
-    """What the run is about to do, before its first step: the data (and whether its path
-    came from the user), the split sizes, the schedule, the device, where it writes."""
+def banner(run: Run, preset: str | None = None, default_data: bool = False) -> list[str]:
+    """What the run is about to do, before its first step: the data (and, `default_data`,
+    that its path is the config's default rather than the user's), the split sizes, the
+    schedule, the device, where it writes."""
     cfg, data = run.cfg, run.data
     n_train, n_val = len(data.loader.labels), len(data.val)
-    default = cfg.data.path == DataConfig().path
+    default = default_data and cfg.data.path == DataConfig().path
     steps, spe = run.total_steps, run.steps_per_epoch
     processes = f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""
     lines = [
@@ -706,14 +707,16 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     preset: str | None = None,
+    default_data: bool = False,
 ) -> dict[str, Any]:
     """Train, writing last.pt, best.pt and metrics.jsonl under out_dir. Returns the
     final validation metrics. Under torchrun every process calls this; rank 0 writes.
-    `preset`: the preset the config came from, for the banner's warnings."""
+    For the banner: `preset`, the preset the config came from; `default_data`, True when
+    nobody chose data.path (the CLI had no --data)."""
     ctx = distributed.setup(cfg.train.device)
     try:
         run = setup(cfg, Path(out_dir), resume, log if ctx.is_main else _silent, ctx)
-        for line in banner(run, preset):
+        for line in banner(run, preset, default_data):
             run.log(line)
         run.estimate_from = (run.step, time.perf_counter())
         stop = _StopFlag()

@@ -55,8 +55,9 @@ def test_the_banner_names_a_data_path_the_user_did_not_give(tmp_path):
         cfg=cfg, data=data, total_steps=31_240, steps_per_epoch=1_562, device="cpu", bf16=False,
         out=tmp_path, ctx=SimpleNamespace(world_size=1),
     )  # fmt: skip
-    lines = banner(run, preset="tiny")
+    lines = banner(run, preset="tiny", default_data=True)
     assert "(the default data.path, relative to this folder; --data names another)" in lines[0]
+    assert banner(run, default_data=False)[0] == f"data      {cfg.data.path}"  # given by the user
     assert lines[1] == "images    45,000 train, 5,000 validation, 10,000 test; 10 classes"
     assert "not 45,000" in lines[-1] and "--preset cpu" in lines[-1]
     assert not any(line.startswith("note") for line in banner(run, preset="cpu"))
