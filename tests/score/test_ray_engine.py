@@ -106,9 +106,10 @@ def test_ray_engine_gives_the_local_rows(local_ray, tiny_onnx, images, tmp_path,
     code = main(["score", str(tiny_onnx), str(images), "--out", str(ray_out), "--engine", "ray",
                  "--batch-size", "8", "--row-group-size", "16", "--device", "cpu",
                  "--no-progress"])  # fmt: skip
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr()
     assert code == 0
-    assert "50 rows, 2 failed" in printed
+    assert "50 rows, 2 failed" in printed.out
+    assert "note: 50 images is a small input for --engine ray" in printed.err
     expected, actual = pq.read_table(local_out), pq.read_table(ray_out)
     assert actual.schema.equals(expected.schema, check_metadata=True)
     assert actual.num_rows == 50

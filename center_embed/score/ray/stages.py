@@ -8,8 +8,8 @@
 Images are decoded by center_embed.score.decode, as in the local scorer: the same pixels
 and, for an image that fails, the same error row.
 
-Imports numpy, Pillow, pyarrow and onnxruntime (the last two inside functions); never ray,
-never torch.
+Imports numpy, Pillow, pyarrow and onnxruntime (the last two inside functions); ray only
+to fetch a model passed as an ObjectRef; never torch.
 """
 
 from __future__ import annotations
@@ -99,12 +99,13 @@ class ScoreBatches:
                             concurrency=8)
         ds.write_parquet("s3://bucket/scores/")
 
-    model: a path (local, or a URI pyarrow reads) or the model file's bytes.
+    model: a path (local, or a URI pyarrow reads), the model file's bytes, or an ObjectRef
+    of those bytes (`ray.put`: the engine's way, so the pipeline Ray ships stays small).
     options: its device and threads are used (default: cpu, 1 thread); onnxruntime runs
     the file at its own precision.
     """
 
-    def __init__(self, model: str | bytes, options: RuntimeOptions | None = None,
+    def __init__(self, model: str | bytes | Any, options: RuntimeOptions | None = None,
                  schema: Any = None, source: dict | None = None) -> None:  # fmt: skip
         from center_embed.runtime import OnnxModel, RuntimeOptions
 
@@ -160,11 +161,19 @@ class ScoreBatches:
         return rows
 
 
-def _local_model(model: str | bytes) -> str:
-    """A local file for onnxruntime: the path itself, or a temporary copy of bytes or a URI."""
+def _local_model(model: str | bytes | Any) -> str:
+    """A local file for onnxruntime: the path itself, or a temporary copy of bytes, of an
+    ObjectRef's bytes or of a URI."""
     if isinstance(model, str) and not is_uri(model):
         return model
-    data = model if isinstance(model, bytes) else read_file_bytes(model)
+    if isinstance(model, bytes):
+        data = model
+    elif isinstance(model, str):
+        data = read_file_bytes(model)
+    else:  # an ObjectRef of the bytes
+        import ray
+
+        data = ray.get(model)
     folder = tempfile.mkdtemp(prefix="center-embed-model-")
     path = os.path.join(folder, "model.onnx")
     with open(path, "wb") as f:
