@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,6 +25,7 @@ from center_embed import __version__
 from center_embed.enrolment import centers_file_for
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
+from center_embed.service.decode_pool import DecodeExecutor, DecodePool
 from center_embed.service.errors import install_handlers
 from center_embed.service.middleware import ObservabilityMiddleware
 from center_embed.service.prometheus import Metrics
@@ -104,19 +104,24 @@ async def _lifespan(
 ) -> AsyncIterator[None]:
     """Open the model, start the decode pool and the batcher, and keep them on app.state
     (the one place it is set; service/deps.py reads it); at shutdown, answer what is queued."""
-    model = given_model
-    if model is None:
-        model = await asyncio.to_thread(
-            ServedModel.open, settings.model, settings.runtime_options()
-        )
-        log.info("model opened", extra={"fields": {"runtime": model.runtime}})
-    centers_file = settings.centers_file or centers_file_for(model.model.path)
-    await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
+    workers = settings.decode_threads or os.cpu_count() or 1
+    decode_pool = DecodePool(workers, settings.max_pixels)  # its processes start meanwhile
+    try:
+        model = given_model
+        if model is None:
+            model = await asyncio.to_thread(
+                ServedModel.open, settings.model, settings.runtime_options()
+            )
+            log.info("model opened", extra={"fields": {"runtime": model.runtime}})
+        centers_file = settings.centers_file or centers_file_for(model.model.path)
+        await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
+        await asyncio.to_thread(decode_pool.wait_ready)
+    except BaseException:
+        decode_pool.close()
+        raise
     metrics.centers_version.set(model.current_centers().version)
     metrics.set_model(model.info.unknown_threshold)
-    decoder = ThreadPoolExecutor(
-        settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="center-embed-decode"
-    )
+    decoder = DecodeExecutor(decode_pool, workers, settings.timeout_s, settings.decode_timeout_s)
     batcher = MicroBatcher(
         lambda images: model.run(images),  # late-bound: a test may wrap model.run
         max_batch=settings.max_batch,
@@ -127,6 +132,7 @@ async def _lifespan(
     state = app.state
     state.settings, state.metrics, (state.keys, state.admin_keys) = settings, metrics, keys
     state.model, state.decoder, state.batcher = model, decoder, batcher
+    state.decode_pool = decode_pool
     state.ready, state.warmup_error = False, None  # until _warm_up has passed
     batcher.start()
     warm_up = asyncio.create_task(_warm_up(app, model))
@@ -136,6 +142,9 @@ async def _lifespan(
         state.ready = False
         metrics.ready.set(0)
         warm_up.cancel()
+        # Past the grace time now: decodes still running are killed (their threads return
+        # at once), so the shutdown never waits for one.
+        decode_pool.close()
         await batcher.close()  # answers whatever is still queued
         decoder.shutdown(wait=True, cancel_futures=True)  # queued decodes of cut requests
         log.info("stopped", extra={"fields": {"model": str(settings.model)}})

@@ -14,6 +14,12 @@ Nothing here lets a request cost much before it is refused:
   request's total pixels are checked before anything is decoded (413, 415);
 - then images are decoded one at a time (`decode_part`), so a request holds at most one
   thread of the pool and the caller can stop between images at its deadline.
+
+Headers are read and images decoded in worker processes (service/decode_pool.py), called
+from the decode pool's threads: each call ends by its deadline, the sooner of the image's own
+limit (decode_timeout_s) and the request's (timeout_s from when its body was in); a worker
+past it is killed (504 for that image) and replaced. Called from any other thread (tests,
+tools), the same functions decode in the calling process.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import binascii
 import contextlib
 import json
 import re
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +48,13 @@ from center_embed.imageio import (
     check_size,
     decode_image,
     image_size,
+)
+from center_embed.service.decode_pool import (
+    DecodeFailed,
+    DecodeTimeout,
+    PoolClosed,
+    WorkerDied,
+    current_executor,
 )
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError, validation_message
@@ -61,6 +75,7 @@ BYTES_PER_VALUE = 64  # JSON text per float, generously (indentation, long expon
 class ImagePart:
     name: str  # how error messages name it: files[0] ("cat.jpg"), images[2]
     data: bytes
+    received: float | None = None  # time.monotonic() when the request's body was all in
 
 
 def media_type(request: Request) -> str:
@@ -299,23 +314,40 @@ async def image_parts(
     JSON is parsed in `pool` (an Executor), off the event loop."""
     kind = require_media_type(request, (MULTIPART, JSON))
     if kind == MULTIPART:
-        return await parts_from_multipart(request, max_body, timeout, max_images)
-    body = await read_body(request, max_body, timeout)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(pool, parts_from_json, body, max_images)
+        parts = await parts_from_multipart(request, max_body, timeout, max_images)
+        received = time.monotonic()
+    else:
+        body = await read_body(request, max_body, timeout)
+        received = time.monotonic()
+        loop = asyncio.get_running_loop()
+        parts = await loop.run_in_executor(pool, parts_from_json, body, max_images)
+    for part in parts:  # the request's deadline (timeout_s) starts about now
+        part.received = received
+    return parts
 
 
 def probe_parts(parts: list[ImagePart], limits: ImageLimits) -> int:
     """Read every part's header (not its pixels): refuse an empty part, a format outside
     the allowlist, an image over max_pixels or a request over max_request_pixels before
     anything is decoded. Returns the request's total pixels. Runs in a worker thread."""
-    total = 0
     for part in parts:
         if not part.data:
             raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name} is empty")
+    executor = current_executor()
+    if executor is not None and executor.pool is not None and parts:
+        deadline, limit = _deadline(parts[0], executor)
+        with _pool_errors(parts[0], "reading the image headers", limit):
+            sizes = executor.pool.probe(
+                [part.data for part in parts], limits.max_pixels, limits.formats, deadline
+            )
+    else:
+        sizes = [_probe_here(part.data, limits) for part in parts]
+    total = 0
+    for part, size in zip(parts, sizes, strict=False):  # sizes stop at the first failure
         with _as_api_errors(part):
-            width, height = image_size(part.data, limits.formats)
-            check_size(width, height, limits.max_pixels)
+            if isinstance(size, Exception):
+                raise size
+        width, height = size
         total += width * height
     if total > limits.max_request_pixels:
         raise ApiError(
@@ -326,10 +358,49 @@ def probe_parts(parts: list[ImagePart], limits: ImageLimits) -> int:
     return total
 
 
+def _probe_here(data: bytes, limits: ImageLimits) -> tuple[int, int] | Exception:
+    try:
+        width, height = image_size(data, limits.formats)
+        check_size(width, height, limits.max_pixels)
+    except Exception as e:
+        return e
+    return width, height
+
+
 def decode_part(part: ImagePart, size: int, limits: ImageLimits) -> np.ndarray:
-    """One part as uint8 (size, size, 3), or the ApiError naming it. Runs in a worker thread."""
-    with _as_api_errors(part):
-        return decode_image(part.data, size, limits.max_pixels, limits.formats)
+    """One part as uint8 (size, size, 3), or the ApiError naming it. Runs in a worker thread
+    of the decode pool (then in a decode process: module docstring)."""
+    executor = current_executor()
+    if executor is None or executor.pool is None:
+        with _as_api_errors(part):
+            return decode_image(part.data, size, limits.max_pixels, limits.formats)
+    deadline, limit = _deadline(part, executor)
+    with _pool_errors(part, "decoding", limit), _as_api_errors(part):
+        return executor.pool.decode(part.data, size, limits.max_pixels, limits.formats, deadline)
+
+
+def _deadline(part: ImagePart, executor: Any) -> tuple[float, float]:
+    """(deadline, what it bounds in s): the image's own limit, or the request's if sooner."""
+    now = time.monotonic()
+    deadline, limit = now + executor.image_timeout_s, executor.image_timeout_s
+    if part.received is not None and part.received + executor.request_timeout_s < deadline:
+        deadline, limit = part.received + executor.request_timeout_s, executor.request_timeout_s
+    return deadline, limit
+
+
+@contextlib.contextmanager
+def _pool_errors(part: ImagePart, what: str, limit: float) -> Iterator[None]:
+    """The decode pool's own failures as ApiErrors naming the part."""
+    try:
+        yield
+    except DecodeTimeout:
+        raise ApiError(
+            ErrorCode.TIMEOUT, f"{part.name}: {what} took longer than {limit:g} s; stopped"
+        ) from None
+    except WorkerDied as e:
+        raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e})") from None
+    except PoolClosed:
+        raise ApiError(ErrorCode.SHUTTING_DOWN, "the service is shutting down") from None
 
 
 @contextlib.contextmanager
@@ -345,5 +416,9 @@ def _as_api_errors(part: ImagePart) -> Iterator[None]:
         raise ApiError(ErrorCode.IMAGE_TOO_LARGE, f"{part.name}: {e}") from None
     except ImageDecodeError as e:
         raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: {e}") from None
+    except DecodeFailed as e:  # what the decoder raised, as its repr, from a decode process
+        raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e})") from None
+    except (DecodeTimeout, WorkerDied, PoolClosed):
+        raise
     except Exception as e:  # Pillow's plugins raise more than they document on junk
         raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name}: cannot decode ({e!r})") from None

@@ -34,7 +34,14 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="the ONNX model to serve")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="execution provider")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: one per core)")
-    decode_threads: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
+    decode_threads: int = Field(
+        0, ge=0, description="image decoding threads and processes (0: one per core)"
+    )
+    decode_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="longest decode of one image (its worker process is then killed); 504",
+    )
     runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
         "onnxruntime", description="inference runtime; auto picks by what is installed and the CPU"
     )
@@ -53,7 +60,11 @@ class Settings(BaseSettings):
     max_images: int = Field(64, ge=1, description="most images in one request; 413")
     max_vectors: int = Field(1024, ge=1, description="most vectors in one /v1/distances; 413")
     max_pixels: int = Field(
-        4096 * 4096, ge=1, description="most pixels in one image, checked before decoding; 413"
+        4096 * 4096,
+        ge=1,
+        description="most pixels in one image, checked before decoding; 413. Decoding one "
+        "takes at most 20 bytes per pixel beyond its encoded size (320 MiB at 4096², WebP "
+        "lossless the worst), each decode process at most twice that plus 256 MiB (RLIMIT_AS)",
     )
     max_request_pixels: int = Field(
         64 * 1024 * 1024,
@@ -79,6 +90,12 @@ class Settings(BaseSettings):
         30.0, gt=0, description="time to send a request's body once its headers are in; 408"
     )
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed")
+    write_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="time a peer may leave a response unread (slow reader); then the "
+        "connection is aborted",
+    )
     max_connections: int = Field(
         256, ge=1, description="open connections per worker; beyond it: 503, closed"
     )

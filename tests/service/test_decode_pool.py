@@ -1,0 +1,220 @@
+"""Decoding in worker processes that can be killed (service/decode_pool.py), against the real
+app under uvicorn: the repeated-scan JPEG refused fast, a decode past its deadline answered
+504 (and its worker replaced) while other requests go on, a stuck decode never holding the
+shutdown past its grace, and each allowed format's worst case decoded within the stated
+memory bound."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from center_embed.imageio import MAX_JPEG_SCANS, PEAK_BYTES_PER_PIXEL
+from center_embed.service.app import create_app
+from center_embed.service.decode_pool import DecodePool, address_space_for
+from center_embed.service.settings import Settings
+from tests.helpers import Live, encode, multipart, wait_until
+
+SIDE = 4096
+
+
+def save(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def big_blank_webp(side: int = SIDE) -> bytes:
+    """702 bytes, 0.3-0.5 s to decode at 4096² (benchmarks/attacks.py: big_blank)."""
+    return save(Image.new("RGB", (side, side)), "WEBP", lossless=True)
+
+
+def repeated_scan_jpeg(side: int = SIDE, scans: int = 10_000) -> bytes:
+    """The attack: a progressive JPEG whose last scan is repeated `scans` times in all."""
+    data = save(Image.new("RGB", (side, side)), "JPEG", progressive=True)
+    sos = [m.start() for m in re.finditer(rb"\xff\xda", data)]
+    last = data[sos[-1] : data.rindex(b"\xff\xd9")]
+    return data[: sos[-1]] + last * (scans - len(sos) + 1) + b"\xff\xd9"
+
+
+@contextlib.contextmanager
+def serve(settings: Settings) -> Iterator[Live]:
+    """The app under uvicorn with the service's own options (the graceful-shutdown time
+    included), on a free port, ready; stopped on exit."""
+    import uvicorn
+
+    from center_embed.service.server import uvicorn_options
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options(settings)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-decode-pool", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 30, "the server started")
+    assert thread.is_alive()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    live = Live(f"http://127.0.0.1:{port}", app, server)
+    wait_until(lambda: httpx.get(f"{live.url}/readyz").status_code == 200, 30, "ready")
+    live.thread = thread
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def post(url: str, *files: bytes, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/v1/embed", files=multipart(*files), timeout=timeout)
+
+
+def one_pixel_png() -> bytes:
+    return encode(np.zeros((1, 1, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx) -> Iterator[Live]:
+    settings = Settings(model=tiny_onnx, decode_threads=2, decode_timeout_s=0.05, timeout_s=10)
+    with serve(settings) as live:
+        yield live
+
+
+def test_the_repeated_scan_jpeg_is_refused_fast(server):
+    attack = repeated_scan_jpeg()
+    assert len(attack) < 2_000_000
+    started = time.monotonic()
+    response = post(server.url, attack)
+    assert time.monotonic() - started < 1.0
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "bad_image"
+    assert f"more than {MAX_JPEG_SCANS} scans" in error["message"]
+    assert error["message"].startswith('files[0] ("image0.png")')
+
+
+def test_a_decode_past_its_deadline_is_504_and_others_go_on(server):
+    pool: DecodePool = server.app.state.decode_pool
+    replaced, pids = pool.replaced, set(pool.pids)
+    slow, ordinary = big_blank_webp(), one_pixel_png()
+    with ThreadPoolExecutor(1) as threads:
+        attack = threads.submit(post, server.url, ordinary, slow, ordinary)
+        wait_until(lambda: pool.busy > 0 or attack.done(), 10, "the slow image decoding")
+        assert post(server.url, ordinary).status_code == 200  # meanwhile, on the other worker
+        answer = attack.result(30)
+    assert answer.status_code == 504
+    message = answer.json()["error"]["message"]
+    assert message == 'files[1] ("image1.png"): decoding took longer than 0.05 s; stopped'
+    # Its worker was killed, and a new one took its place; the pool serves as before.
+    assert pool.replaced == replaced + 1
+    wait_until(lambda: len(pool.pids) == pool.size + 1, 30, "the replacement started")
+    assert set(pool.pids) != pids
+    with ThreadPoolExecutor(4) as threads:
+        answers = list(threads.map(lambda _: post(server.url, ordinary), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+
+
+def test_a_decode_worker_that_dies_is_a_bad_image_and_is_replaced(server):
+    pool: DecodePool = server.app.state.decode_pool
+    replaced = pool.replaced
+    pool.test_stall_s = 30  # every call now waits in its worker: one is killed from outside
+    try:
+        with ThreadPoolExecutor(1) as threads:
+            stuck = threads.submit(post, server.url, one_pixel_png())
+            wait_until(lambda: pool.busy > 0, 10, "a call in a worker")
+            with pool._lock:  # the busy worker: the one not idle
+                (busy,) = [w for w in pool._all if w not in pool._idle]
+            busy.process.kill()
+            answer = stuck.result(30)
+    finally:
+        pool.test_stall_s = 0.0
+    assert answer.status_code == 400
+    assert "the decode worker died (killed by SIGKILL)" in answer.json()["error"]["message"]
+    assert pool.replaced == replaced + 1
+    assert post(server.url, one_pixel_png()).status_code == 200
+
+
+def test_shutdown_with_a_stuck_decode_ends_within_its_grace(tiny_onnx):
+    grace = 0.5
+    settings = Settings(
+        model=tiny_onnx,
+        decode_threads=1,
+        timeout_s=120,
+        decode_timeout_s=120,
+        graceful_shutdown_s=grace,
+    )
+    with serve(settings) as live, ThreadPoolExecutor(1) as threads:
+        pool: DecodePool = live.app.state.decode_pool
+        pids = pool.pids
+        pool.test_stall_s = 120  # a decode that would hold its worker two minutes
+        stuck = threads.submit(post, live.url, one_pixel_png())
+        wait_until(lambda: pool.busy > 0, 10, "the decode stuck in its worker")
+        started = time.monotonic()
+        live.server.should_exit = True  # what SIGTERM does
+        live.thread.join(30)
+        stopped = time.monotonic() - started
+        assert not live.thread.is_alive()
+        with contextlib.suppress(httpx.HTTPError):
+            assert stuck.result(10).status_code == 503
+    assert stopped < grace + 2.0, stopped
+    for pid in pids:  # every worker is gone (killed and reaped)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def worst_cases(side: int = SIDE) -> dict[str, bytes]:
+    """The costliest image of each allowed format at side² pixels (memory depends on the
+    pixels and their kind, not on the content: blank images encode fast)."""
+    rgb = Image.new("RGB", (side, side), (200, 100, 50))
+    rgba = rgb.convert("RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned: a copy of the decoded image
+    grey32 = np.zeros((side, side), np.float32)
+    deflate = {"compression": "tiff_adobe_deflate"}
+    return {
+        "JPEG progressive 4:4:4": save(rgb, "JPEG", progressive=True, subsampling=0),
+        "JPEG CMYK progressive": save(rgb.convert("CMYK"), "JPEG", progressive=True),
+        "JPEG turned by EXIF": save(rgb, "JPEG", progressive=True, subsampling=0, exif=exif),
+        "PNG 16-bit grey": save(Image.fromarray(grey32.astype(np.uint16)), "PNG"),
+        "PNG RGBA turned by EXIF": save(rgba, "PNG", exif=exif),
+        "WEBP lossless RGBA": save(rgba, "WEBP", lossless=True),
+        "GIF": save(rgb.convert("P"), "GIF"),
+        "BMP 32-bit": save(Image.new("RGBA", (side, side // 2)), "BMP"),  # 32 MB: the body limit
+        "TIFF float32": save(Image.fromarray(grey32, "F"), "TIFF", **deflate),
+        "TIFF float32 turned": save(Image.fromarray(grey32, "F"), "TIFF", exif=exif, **deflate),
+        "TIFF int32": save(Image.fromarray(grey32.astype(np.int32), "I"), "TIFF", **deflate),
+        "TIFF CMYK": save(rgb.convert("CMYK"), "TIFF", **deflate),
+    }
+
+
+def test_each_formats_worst_case_decodes_within_the_stated_bound():
+    """imageio.py's "Memory": at most PEAK_BYTES_PER_PIXEL bytes per pixel beyond the encoded
+    bytes, measured as the peak RSS of a fresh decode worker over its RSS with the bytes in;
+    the worker's RLIMIT_AS is above that bound with margin."""
+    bound = PEAK_BYTES_PER_PIXEL * SIDE * SIDE
+    peaks = {}
+    for name, data in worst_cases().items():
+        pool = DecodePool(1, SIDE * SIDE)  # a fresh worker: no memory kept from another
+        try:
+            found = pool.measure(data, 32, SIDE * SIDE, None, time.monotonic() + 60)
+        finally:
+            pool.close()
+        peaks[name] = (found["VmHWM"] - found["VmRSS"]) / 2**20
+        assert found["RLIMIT_AS"] - found["VmSize"] > bound + 128 * 2**20
+        assert found["RLIMIT_AS"] <= found["VmSize"] + address_space_for(SIDE * SIDE)
+    assert max(peaks.values()) < bound / 2**20, peaks
+    assert max(peaks.values()) > bound / 2**20 / 2, peaks  # the bound is not loose either
