@@ -8,6 +8,10 @@ characters with control characters escaped (a 64 KB path is not a 64 KB log line
 It is also the last word on a request that is cancelled before it answered (uvicorn cancels
 what is still running when its graceful-shutdown time is over): such a request gets a 503
 JSON `shutting_down` instead of uvicorn's plain-text 500.
+
+A request whose connection the edge (service/protocol.py) aborted under it, or that the
+peer closed before its answer was out, is logged and counted with status "aborted" (and
+the app's status as `app_status`), never as the status nobody received.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from center_embed.service.prometheus import Metrics
 access_log = logging.getLogger("center_embed.access")
 TIMING_HEADERS = {b"x-queue-time": "queue_ms", b"x-inference-time": "inference_ms"}
 MAX_LOGGED_PATH = 200
+# A scope key service/protocol.py sets on a request whose connection was lost or aborted
+# before its answer was out; its value says why ("peer not reading", "connection lost").
+ABORTED = "center_embed.aborted"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -78,6 +85,10 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
+            aborted = scope.get(ABORTED)
+            if aborted is not None:  # the answer never reached the client
+                app_status = seen["status"] if "started" in seen else None
+                seen.update(status="aborted", app_status=app_status, aborted=aborted)
             labels = (template, scope["method"], str(seen["status"]))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(seconds)
@@ -111,14 +122,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def capture_warnings() -> logging.Filter:
+    """A pass-all filter whose making routes Python warnings (Pillow's "Corrupt EXIF data",
+    ...) to the `py.warnings` logger: log_config is applied in every worker process, and
+    dictConfig has no other hook to run there."""
+    logging.captureWarnings(True)
+    return logging.Filter()
+
+
 def log_config(level: str = "info") -> dict[str, Any]:
-    """logging.config dict for uvicorn (applied in every worker): JSON lines on stderr."""
-    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    loggers = ("center_embed", "uvicorn", "uvicorn.error")
+    """logging.config dict for uvicorn (applied in every worker): JSON lines on stderr,
+    Python warnings and python-multipart's messages included (nothing as plain text)."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+               "filters": ["warnings"]}  # fmt: skip
+    loggers = ("center_embed", "uvicorn", "uvicorn.error", "py.warnings", "python_multipart")
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
+        "filters": {"warnings": {"()": capture_warnings}},
         "handlers": {"stderr": handler},
         "loggers": {
             **{

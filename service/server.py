@@ -6,9 +6,10 @@ worker, the Prometheus multiprocess folder) is handed down through the environme
 The parent checks everything it can before starting workers, so a bad setting, key file
 or model is one `UserError` instead of an error in each worker.
 
-The connection limits (`uvicorn_options`): header bytes and time, open connections
-(service/protocol.py, on uvicorn's own parser), idle keep-alive, and the graceful-shutdown
-time, after which uvicorn cancels what still runs and the app answers it 503.
+The connection limits (`uvicorn_options`): header bytes (pipelined ones included) and
+time, the time a peer may leave a response unread, open connections (service/protocol.py,
+on uvicorn's own parser), idle keep-alive, and the graceful-shutdown time, after which
+uvicorn cancels what still runs and the app answers it 503.
 """
 
 from __future__ import annotations
