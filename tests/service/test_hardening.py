@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,14 +30,9 @@ from PIL import Image
 
 from benchmarks import attacks
 from center_embed.runtime import RuntimeOptions
-from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
-from tests.helpers import tiny_images
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
-    from fastapi.testclient import TestClient
+from tests.helpers import free_port, metric_samples, running, tiny_images, wait_until
 
 # The real server's limits in these tests: short, so that each case takes seconds.
 LIMITS = {
@@ -66,12 +60,6 @@ class Server:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -132,6 +120,12 @@ def read_until_closed(sock: socket.socket, wait: float) -> bytes:
 def status_and_json(response: bytes) -> tuple[int, dict]:
     head, _, body = response.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
+
+
+def images_received(server: Server, route: str = "/v1/classify") -> float:
+    """The server's count of images whose request body it has read, on `route`."""
+    samples = metric_samples(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return samples.get(("center_embed_images_total", (("route", route),)), 0.0)
 
 
 def post_files(url: str, *images: bytes, path: str = "/v1/classify", **kw) -> httpx.Response:
@@ -224,17 +218,6 @@ def test_vectors_whose_distances_overflow_are_422(server, reference):
         assert all(np.isfinite(list(fine.json()["results"][0]["distances"].values())))
 
 
-@contextlib.contextmanager
-def running(model: Path, served: ServedModel | None = None, **settings) -> Iterator[TestClient]:
-    app = create_app(Settings(model=model, **settings), model=served)
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 20
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        yield client
-
-
 def test_non_finite_model_outputs_are_a_422_naming_the_input(tiny_onnx):
     """A model that answers NaN must not make the JSON encoder raise (a 500)."""
     served = ServedModel.open(tiny_onnx, RuntimeOptions("cpu", 1))
@@ -277,7 +260,8 @@ def test_sigterm_answers_every_admitted_request_200_or_503(tiny_onnx):
         with ThreadPoolExecutor(8) as pool:
             answers = [pool.submit(one, slow) for _ in range(6)]
             answers += [pool.submit(one, [ordinary]) for _ in range(2)]
-            time.sleep(1.5)  # every request is in (bodies of a few KB), most still decoding
+            # Every request is in (its body read, its images counted), most still decoding.
+            wait_until(lambda: images_received(s) == 6 * len(slow) + 2, 30, "all requests in")
             s.process.send_signal(signal.SIGTERM)
             statuses = [a.result(timeout=60) for a in answers]
         assert s.process.wait(30) == 0
@@ -296,9 +280,11 @@ def test_slow_decoding_gets_504_and_does_not_starve_others(server):
     attack = [attacks.big_blank(4096)] * 16  # ~6 s of decoding each, timeout 3 s
     ordinary = attacks.encode(Image.fromarray(tiny_images(1)[0]))
     with ThreadPoolExecutor(2) as pool:
+        before = images_received(server)
         started = time.monotonic()
         slow = [pool.submit(post_files, server.url, *attack) for _ in range(2)]
-        time.sleep(0.5)  # both attacks are decoding
+        # Both attacks are in (their bodies read, their images counted), so decoding.
+        wait_until(lambda: images_received(server) == before + 2 * len(attack), 30, "attacks in")
         asked = time.monotonic()
         response = post_files(server.url, ordinary)
         waited = time.monotonic() - asked
@@ -454,13 +440,15 @@ def test_a_body_shorter_than_its_content_length_gets_408(server):
 def test_connections_beyond_the_limit_get_503(server):
     held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
     try:
-        time.sleep(0.2)
+        # No wait needed: the kernel queues the connections in order and the server's loop
+        # accepts them in that order, so the 24 are counted before the 25th.
         status, body = status_and_json(raw_exchange(server.port, b"", wait=5))
         assert status == 503 and body["error"]["code"] == "too_many_connections"
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.2)
+    # Room again once the server has seen the 24 closes (a refusal answers at once).
+    wait_until(lambda: httpx.get(f"{server.url}/healthz").status_code == 200, 10, "room")
     assert httpx.get(f"{server.url}/healthz").status_code == 200  # room again
 
 

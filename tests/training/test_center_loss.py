@@ -174,34 +174,13 @@ def step_allocations(num_classes: int, update: str, b: int = 8, d: int = 4) -> l
 def test_cost_does_not_grow_with_a_b_by_c_matrix(update):
     """A million classes: the step allocates exactly what it does for 2,048 (both on the
     sparse path), and no temporary is larger than the (B, D) batch: no B x C matrix and
-    no scan of the C centers."""
+    no scan of the C centers. So the step's cost does not grow with C, proven without a
+    wall-clock timing (which a loaded machine turns into noise)."""
     b, d = 8, 4
     few = step_allocations(2 * DENSE_MAX_CLASSES, update, b, d)
     million = step_allocations(1_000_000, update, b, d)
     assert million == few
     assert max(million) <= b * d  # a B x C matrix would hold 8,000,000 elements
-
-
-def test_step_time_does_not_grow_with_the_number_of_classes():
-    """The step at C = 100,000 (sparse path) takes about what it takes at C = 10 (dense).
-    Best of many interleaved repeats, so a loaded machine slows both alike; measured 1.6x
-    on 2 cores (the sparse path's extra small kernels). A step that builds a B x C matrix
-    or scans the C centers is 10-50x slower here, well above the bound."""
-    b, d = 32, 8
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=generator)
-    steps = {}
-    for num_classes in (10, 100_000):
-        criterion = CenterLoss(num_classes, d, update="paper").train()
-        y = torch.randint(0, num_classes, (b,), generator=generator)
-        steps[num_classes] = lambda criterion=criterion, y=y: criterion(x, y)
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(40):
-        for num_classes, step in steps.items():
-            start = time.perf_counter()
-            step()
-            best[num_classes] = min(best[num_classes], time.perf_counter() - start)
-    assert best[100_000] < 4 * best[10], best
 
 
 @pytest.mark.parametrize("bad", [[0, 4], [-1, 0]])

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from center_embed.data import load_for_classes
 from center_embed.errors import UserError
 from center_embed.training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
+    Preprocess,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
 from center_embed.training.evaluate import evaluate_checkpoint
-from center_embed.training.train import train
+from center_embed.training.inference import embed_images
+from center_embed.training.train import jigsaw, train
 from tests.helpers import tiny_config
 
 
@@ -88,8 +94,14 @@ def test_sgd_rule_with_center_loss_off(tiny_folder, tmp_path):
     assert torch.isfinite(torch.tensor(result["history"][-1]["train_ce"]))
     centers = torch.load(tmp_path / "last.pt", weights_only=True)["center_loss"]["centers"]
     assert torch.isfinite(centers).all()
-    assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(
-        (tmp_path / "best.pt").stat().st_mode & 0o777
+
+
+def test_best_checkpoint_gets_the_mode_of_the_last(tiny_checkpoint):
+    """best.pt is a copy of last.pt (atomic_copy), written with the same ordinary
+    permissions as last.pt (save_checkpoint), not a temporary file's 0600."""
+    run = tiny_checkpoint.parent
+    assert oct((run / "last.pt").stat().st_mode & 0o777) == oct(
+        (run / "best.pt").stat().st_mode & 0o777
     )
 
 
@@ -147,7 +159,25 @@ def test_jigsaw_shuffles_each_images_own_patches():
     assert not torch.equal(y, x)
 
 
-def test_outlier_exposure_trains(tiny_folder, tmp_path):
+def jigsaw_uniform_kl(checkpoint: Path, images: np.ndarray) -> float:
+    """Mean KL(uniform || softmax) of the checkpoint's head on `images`: the outlier
+    exposure term (cross-entropy to the uniform distribution) less its floor, ln C."""
+    ckpt = load_checkpoint(checkpoint)
+    model, _, _ = build_model(ckpt)
+    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    e = embed_images(model, images, preprocess.mean, preprocess.std, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model.head(e)
+    uniform_ce = (logits.logsumexp(1) - logits.mean(1)).mean().item()
+    return uniform_ce - math.log(logits.shape[1])
+
+
+def test_outlier_exposure_pushes_jigsaws_toward_uniform(tiny_folder, tiny_checkpoint, tmp_path):
+    """loss.outlier_weight adds the cross-entropy of jigsaw outliers to the uniform
+    distribution: against the same run without it (the session's tiny checkpoint: the same
+    config but for outlier_weight), the trained head is closer to uniform on jigsaws of the
+    test images. Training on the CPU is deterministic, so a term that is never added gives
+    the very same model, and a term of the wrong sign a larger KL: either fails."""
     cfg = tiny_config(tiny_folder, loss__outlier_weight="0.5", train__epochs="3")
     train(cfg, tmp_path, log=lambda _: None)
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -156,6 +186,19 @@ def test_outlier_exposure_trains(tiny_folder, tmp_path):
     assert raw["config"]["loss"]["outlier_weight"] == 0.5
     with pytest.raises(UserError, match="outlier_fraction"):
         tiny_config(tiny_folder, loss__outlier_fraction="0").validate()
+
+    plain = tiny_checkpoint.parent / "last.pt"  # both after the same steps
+    plain_config = torch.load(plain, weights_only=True)["config"]
+    assert plain_config["loss"]["outlier_weight"] == 0
+    exposed_loss = {**plain_config["loss"], "outlier_weight": 0.5}
+    assert {**plain_config, "loss": exposed_loss} == raw["config"]  # nothing else differs
+    test = load_for_classes(tiny_folder, raw["class_names"], cfg.data.image_size).test
+    with torch.random.fork_rng():  # the same jigsaws for both models
+        torch.manual_seed(0)
+        pixels = torch.from_numpy(test.images.copy()).permute(0, 3, 1, 2)
+        jigsaws = jigsaw(pixels).permute(0, 2, 3, 1).contiguous().numpy()
+    exposed = jigsaw_uniform_kl(tmp_path / "last.pt", jigsaws)
+    assert 0 < exposed < jigsaw_uniform_kl(plain, jigsaws)
 
 
 def test_a_run_stuck_at_chance_is_called_out():
