@@ -70,9 +70,9 @@ def engines(
 
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
-    distance = OnnxModel(files["fp32"], RuntimeOptions(device="cpu")).info.distance
+    score = OnnxModel(files["fp32"], RuntimeOptions(device="cpu")).info.unknown_score
     calib = calibration_set(ckpt, data)  # the graph export fitted: the same images and seed
-    graph = prepare_graph(ckpt, model, criterion.centers, calib, distance)
+    graph = prepare_graph(ckpt, model, criterion.centers, calib, score)
     reference = torch_reference(graph, ckpt.preprocess)
 
     def torch_run(batch: np.ndarray, autocast: bool = False):

@@ -10,7 +10,7 @@ the same preset on six classes (the other four are the unknowns); it exports eac
 - test accuracy: nearest-center through the ONNX model, and the run's own eval.json
   (torch: nearest-center and softmax, plain and with TTA);
 - retrieval: precision@1 and MAP@R of the test embeddings, ranked by the model's distance;
-- far-OOD: AUROC and FPR95 of the served `min_distances`, test images against each set of
+- far-OOD: AUROC and FPR95 of the served `unknown_scores`, test images against each set of
   center_embed.ood_sets.far_ood_sets, and the share of each set the `unknown` flag catches;
 - open-set: AUROC and FPR95 of the served score, the six known classes' test images
   against the four unknown classes' (mean ± std over the splits);
@@ -166,7 +166,7 @@ def closed_set(model_path: Path, dataset, args) -> dict:
     for group, sets in groups.items():
         for set_name, images in sets.items():
             other = model.run_batched(images)
-            entry = detection(out["min_distances"], other["min_distances"])
+            entry = detection(out["unknown_scores"], other["unknown_scores"])
             entry["flagged"] = float(model.unknown(other).mean())
             entry["candidates"] = {
                 name: detection(known_scores[name], score(other)) for name, score in scorers.items()
@@ -186,7 +186,7 @@ def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
     result = {
         "known": classes,
         "unknown": [c for c in dataset.class_names if c not in classes],
-        **detection(known_out["min_distances"], unknown_out["min_distances"]),
+        **detection(known_out["unknown_scores"], unknown_out["unknown_scores"]),
         "flagged_unknown_classes": float(model.unknown(unknown_out).mean()),
         "flagged_known_classes": float(model.unknown(known_out).mean()),
     }
@@ -201,7 +201,7 @@ def open_set(model_path: Path, dataset, classes: list[str], args) -> dict:
     known_images = dataset.test.images[is_known]
     for set_name, images in ood_sets.far_ood_sets(known_images, args.ood_images).items():
         other = model.run_batched(images)
-        entry = detection(known_out["min_distances"], other["min_distances"])
+        entry = detection(known_out["unknown_scores"], other["unknown_scores"])
         entry["flagged"] = float(model.unknown(other).mean())
         entry["candidates"] = {
             name: detection(score(known_out), score(other)) for name, score in scorers.items()
@@ -231,7 +231,7 @@ def closed_set_validation(model, dataset, args) -> dict:
     }
     for set_name, images in ood_sets.far_ood_sets(val.images, args.ood_images, seed=1).items():
         other = model.run_batched(images)
-        entry = detection(out["min_distances"], other["min_distances"])
+        entry = detection(out["unknown_scores"], other["unknown_scores"])
         entry["flagged"] = float(model.unknown(other).mean())
         result["far_ood"][set_name] = entry
     return result
@@ -246,7 +246,7 @@ def open_set_validation(model, dataset, known_index: list[int], scorers: dict) -
     unseen = np.sort(np.random.default_rng(0).permutation(unseen)[:4000])
     known_out = model.run_batched(val.images)
     unknown_out = model.run_batched(dataset.train.images[unseen])
-    entry = detection(known_out["min_distances"], unknown_out["min_distances"])
+    entry = detection(known_out["unknown_scores"], unknown_out["unknown_scores"])
     entry["candidates"] = {
         name: detection(score(known_out), score(unknown_out)) for name, score in scorers.items()
     }
@@ -312,7 +312,7 @@ def candidate_scorers(model_path: Path, dataset, info) -> dict:
         return lambda out: distances(out["embeddings"], to, kind).min(1)
 
     return {
-        "min_distances as served": lambda out: out["min_distances"],
+        "unknown_scores as served": lambda out: out["unknown_scores"],
         "squared distance": nearest("squared_euclidean"),
         "squared distance, re-estimated centers": nearest("squared_euclidean", means),
         "‖e − c‖² − ‖e‖²": nearest("squared_euclidean_minus_norm"),

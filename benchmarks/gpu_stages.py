@@ -527,7 +527,7 @@ def onnxruntime_speed(bench: Bench, checkpoint: Path | None) -> dict[str, Any]:
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
     # The backbone and distances, without the atypicality (its fit needs the training set)
-    graph = onnx_export.Graph(model, criterion.centers, onnx_export.DEFAULT_EXPORT_DISTANCE)
+    graph = onnx_export.Graph(model, criterion.centers, onnx_export.DEFAULT_UNKNOWN_SCORE)
     proto = onnx_export.to_onnx(graph, ckpt.preprocess)
     path = bench.work / "model.onnx"
     onnx.save(proto, str(path))

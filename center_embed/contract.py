@@ -1,20 +1,30 @@
 """The ONNX file contract: what a center-embed model file holds, and how to read it.
 
-An exported model (docs/export.md, "The ONNX contract") is one ONNX file with
+An exported model (docs/export.md, "The ONNX contract") is one ONNX file with, in model
+format 2:
 
-    input   `images`        uint8 (N, H, W, 3) RGB
-    outputs `embeddings`    float32 (N, D)
-            `distances`     float32 (N, C)  distance to every center, of the kind that
-                                            the `distance` metadata names (DISTANCE_KINDS)
-            `labels`        int64 (N,)      the nearest center
-            `min_distances` float32 (N,)    the distance to it
-            `atypicality`   float32 (N,)    optional (in files exported since 2026-12-01): how
-                                            far the image's low-level feature statistics lie
-                                            beyond the training images', in distance units,
-                                            0 for typical images; it is part of every one of
-                                            the image's `distances` (export/atypicality.py)
+    input   `images`         uint8 (N, H, W, 3) RGB
+    outputs `embeddings`     float32 (N, D)
+            `distances`      float32 (N, C)  ‖e − c‖² to every center: a squared Euclidean
+                                             distance, >= 0 (a matmul, clamped at 0)
+            `labels`         int64 (N,)      the nearest center
+            `min_distances`  float32 (N,)    the squared distance to it, >= 0
+            `unknown_scores` float32 (N,)    the evidence that the image belongs to no
+                                             class, higher = more unknown; its formula is
+                                             the metadata key `unknown_score`
+                                             (UNKNOWN_SCORE_KINDS); the `unknown` flag is
+                                             unknown_scores > threshold[label]
+            `atypicality`    float32 (N,)    optional: how far the image's low-level feature
+                                             statistics lie beyond the training images', 0
+                                             for typical images; a part of the unknown score
+                                             (export/atypicality.py), of no distance
     the float32 initializer `centers` (C, D) that the distance matmul reads
     metadata_props `center_embed.<key>` (METADATA_KEYS), non-strings stored as JSON
+
+Files of format 1 (exported before 2026-12-05) have no `unknown_scores`; their `distances`
+are of the kind their `distance` key names (DISTANCE_KINDS: possibly ‖e − c‖² − ‖e‖², which
+can be negative) with the atypicality added, and every reader gives them an unknown score
+equal to their min distance, which is what their threshold was calibrated on.
 
 The exporter writes these names through this module and every reader (onnxruntime
 sessions, the service, the batch scorer, the report) reads them through it. It imports
@@ -33,20 +43,29 @@ import numpy as np
 
 from center_embed.errors import UserError
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # what export writes
+READABLE_FORMAT_VERSIONS = (1, 2)
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances")  # every model has these
-ATYPICALITY = "atypicality"  # the optional fifth output; absent, it reads as 0
+UNKNOWN_SCORES = "unknown_scores"
+ATYPICALITY = "atypicality"  # an optional output; absent, it reads as 0
+# Every format-2 model has these, in this order (then, optionally, the atypicality).
+OUTPUT_NAMES = ("embeddings", "distances", "labels", "min_distances", UNKNOWN_SCORES)
+FORMAT_1_OUTPUT_NAMES = OUTPUT_NAMES[:4]  # format 1: no unknown_scores
+# What a reader returns for every file, whatever it computes itself.
+ALL_OUTPUT_NAMES = (*OUTPUT_NAMES, ATYPICALITY)
 # The share of training images whose atypicality is 0, unless export is told otherwise
 # (why this value: export/atypicality.py).
 DEFAULT_ATYPICALITY_QUANTILE = 0.98
-ALL_OUTPUT_NAMES = (*OUTPUT_NAMES, ATYPICALITY)
 
 
 def is_model_outputs(names: list[str]) -> bool:
-    """True for the outputs of a center-embed model, in order: four, or five with the
-    atypicality."""
-    return list(names) in (list(OUTPUT_NAMES), list(ALL_OUTPUT_NAMES))
+    """True for the outputs of a center-embed model, in order: those of format 2 or of
+    format 1, each with or without the atypicality."""
+    return list(names) in [
+        [*base, *extra]
+        for base in (OUTPUT_NAMES, FORMAT_1_OUTPUT_NAMES)
+        for extra in ((), (ATYPICALITY,))
+    ]
 
 
 CENTERS_INITIALIZER = "centers"
@@ -67,7 +86,20 @@ DISTANCE_KINDS = {
     "squared_euclidean": "‖e − c‖² between the embedding and each center",
     "squared_euclidean_minus_norm": "‖e − c‖² − ‖e‖² = ‖c‖² − 2·e·c (may be negative)",
 }
-DEFAULT_EXPORT_DISTANCE = "squared_euclidean_minus_norm"  # what export writes unless told
+
+# The formulas of `unknown_scores` (metadata key `unknown_score`), each the minimum over
+# the centers of a per-center score of DISTANCE_KINDS, plus the image's atypicality where
+# the file has that output. The per-center score also picks the label (its argmin, which
+# is the argmin of the distances for both). Format-1 files score by their min distance.
+UNKNOWN_SCORE_KINDS = {
+    "min_distance": "min over centers of ‖e − c‖², plus the atypicality",
+    "min_distance_minus_norm": "min over centers of ‖e − c‖² − ‖e‖², plus the atypicality",
+}
+SCORE_DISTANCE_KIND = {  # the per-center score each formula takes the minimum of
+    "min_distance": "squared_euclidean",
+    "min_distance_minus_norm": "squared_euclidean_minus_norm",
+}
+DEFAULT_UNKNOWN_SCORE = "min_distance_minus_norm"  # what export writes unless told
 
 # The Open Inference Protocol (KServe / Triton "v2") and a Triton model repository name the
 # model and its tensors' element types; the service's /v2 routes and export's Triton writer
@@ -88,7 +120,8 @@ METADATA_KEYS = {
     "class_names": "class names, index = label",
     "embedding_dim": "D",
     "num_classes": "C",
-    "distance": "what `distances` holds: a key of DISTANCE_KINDS",
+    "distance": "format 1: what `distances` holds, a key of DISTANCE_KINDS",
+    "unknown_score": "format 2: the formula of `unknown_scores`, a key of UNKNOWN_SCORE_KINDS",
     "input_layout": "the input's layout, e.g. NHWC uint8 RGB",
     "input_size": "[H, W]",
     "resize": "how an image is brought to [H, W]",
@@ -99,7 +132,7 @@ METADATA_KEYS = {
     "exporter": "torch version, exporter mode and opset",
     "package_version": "the center-embed version that exported the file",
     "verification": "parity with torch, measured at export",
-    "unknown_threshold": "min distance above which an image is unknown ('' if none)",
+    "unknown_threshold": "unknown score above which an image is unknown ('' if none)",
     "class_thresholds": "the same per class",
     "unknown_threshold_calibration": "how the threshold was computed, on which images",
     "precision_loss": "accuracy of a reduced-precision model against fp32",
@@ -117,15 +150,30 @@ class ModelInfo:
     input_size: tuple[int, int]  # (H, W)
     mean: list[float]
     std: list[float]
-    distance: str
+    distance: str  # format 1: what its `distances` hold; format 2: squared_euclidean
     precision: str
     unknown_threshold: float | None
     class_thresholds: dict[str, float] | None
     metadata: dict[str, str] = field(default_factory=dict)  # every key, raw strings
+    format_version: int = MODEL_FORMAT_VERSION
+    unknown_score: str = DEFAULT_UNKNOWN_SCORE  # format 1: "min_distance" as declared
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def true_distances(self) -> bool:
+        """Whether `distances` are ‖e − c‖² (format 2), not format 1's declared kind."""
+        return self.format_version > 1
+
+    @property
+    def score_kind(self) -> str:
+        """The per-center score (a DISTANCE_KINDS key) whose minimum, plus the atypicality,
+        is the unknown score and whose argmin is the label: format 1, its distance kind."""
+        if self.format_version == 1:
+            return self.distance
+        return SCORE_DISTANCE_KIND[self.unknown_score]
 
     def label_thresholds(self) -> np.ndarray | None:
         """(C,) float32: the unknown threshold of each label, its class's own where the
@@ -136,14 +184,14 @@ class ModelInfo:
         values = [per_class.get(name, self.unknown_threshold) for name in self.class_names]
         return np.asarray(values, dtype=np.float32)
 
-    def unknown(self, min_distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """True where an image's min distance exceeds the threshold of its nearest class
+    def unknown(self, unknown_scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """True where an image's unknown score exceeds the threshold of its nearest class
         (per-class thresholds: each class is calibrated to flag the same share of its own
         held-out images); all False when the model has no threshold."""
         thresholds = self.label_thresholds()
         if thresholds is None:
-            return np.zeros(len(min_distances), dtype=bool)
-        return np.asarray(min_distances) > thresholds[np.asarray(labels, dtype=np.int64)]
+            return np.zeros(len(unknown_scores), dtype=bool)
+        return np.asarray(unknown_scores) > thresholds[np.asarray(labels, dtype=np.int64)]
 
 
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
@@ -182,11 +230,16 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
         raise UserError(f"{source} has no center_embed metadata: not exported by center-embed")
     try:
         version = int(ours["format_version"])
-        if version != MODEL_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise UserError(
                 f"{source} has model format version {version}; this center-embed reads "
-                f"version {MODEL_FORMAT_VERSION}"
+                f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
+        if version == 1:
+            kind, score = _distance_kind(ours.get("distance", DISTANCE), source), "min_distance"
+        else:
+            score = _score_kind(ours.get("unknown_score", DEFAULT_UNKNOWN_SCORE), source)
+            kind = "squared_euclidean"
         threshold = ours.get("unknown_threshold")
         per_class = ours.get("class_thresholds")
         return ModelInfo(
@@ -195,14 +248,25 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
             input_size=tuple(json.loads(ours["input_size"])),  # type: ignore[arg-type]
             mean=[float(v) for v in json.loads(ours["mean"])],
             std=[float(v) for v in json.loads(ours["std"])],
-            distance=_distance_kind(ours.get("distance", DISTANCE), source),
+            distance=kind,
             precision=ours.get("precision", "fp32"),
             unknown_threshold=float(threshold) if threshold not in (None, "") else None,
             class_thresholds=json.loads(per_class) if per_class else None,
             metadata=dict(props),
+            format_version=version,
+            unknown_score=score,
         )
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
+
+
+def _score_kind(kind: str, source: str) -> str:
+    if kind not in UNKNOWN_SCORE_KINDS:
+        raise UserError(
+            f"{source} declares unknown_score {kind!r}, which this center-embed does not know "
+            f"({', '.join(UNKNOWN_SCORE_KINDS)}): it was exported by a newer version"
+        )
+    return kind
 
 
 def _distance_kind(kind: str, source: str) -> str:
@@ -265,6 +329,29 @@ def squared_distances(
     return np.maximum(d, 0, out=d)
 
 
+def center_scores(
+    embeddings: np.ndarray,
+    centers: np.ndarray,
+    score_kind: str,
+    true_distances: bool = True,
+    atypicality: np.ndarray | None = None,
+    center_norms: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """(N, D), (C, D) -> distances (N, C), labels, min_distances and unknown_scores (N,),
+    as a model computes them from its embeddings: the label is the argmin of the per-center
+    score of `score_kind` (ModelInfo.score_kind), the unknown score its minimum plus the
+    `atypicality` (N,) (the images' output of that name; an embedding given without its
+    image has none: pass nothing). `true_distances` (format 2): `distances` are ‖e − c‖²;
+    False (format 1): they are the per-center scores themselves, atypicality included."""
+    score = distances(embeddings, centers, score_kind, center_norms, atypicality)
+    rows = np.arange(len(score))
+    labels = score.argmin(1)
+    unknown_scores = score[rows, labels]
+    d = squared_distances(embeddings, centers, center_norms) if true_distances else score
+    return {"distances": d, "labels": labels, "min_distances": d[rows, labels],
+            "unknown_scores": unknown_scores}  # fmt: skip
+
+
 def empty_outputs(num_classes: int, embedding_dim: int) -> dict[str, np.ndarray]:
     """The model's outputs for no images, with their dtypes and widths."""
     return {
@@ -272,14 +359,9 @@ def empty_outputs(num_classes: int, embedding_dim: int) -> dict[str, np.ndarray]
         "distances": np.zeros((0, num_classes), np.float32),
         "labels": np.zeros(0, np.int64),
         "min_distances": np.zeros(0, np.float32),
+        UNKNOWN_SCORES: np.zeros(0, np.float32),
         ATYPICALITY: np.zeros(0, np.float32),
     }
-
-
-def nearest_centers(distances: np.ndarray) -> dict[str, np.ndarray]:
-    """The graph's last two outputs from its distances: labels (N,), min_distances (N,)."""
-    labels = distances.argmin(1)
-    return {"labels": labels, "min_distances": distances[np.arange(len(distances)), labels]}
 
 
 def run_batched(

@@ -1,9 +1,10 @@
 """Enrolment: new classes from a few images' embeddings, without retraining.
 
 Center loss makes a class a point in embedding space, so a new class is its images'
-center, computed in the model's own score space (`contract.class_center` for the model's
-`distance` kind), and an image is scored against it with `contract.distances` like any
-trained class. This module is the one place that changes a model's set of classes:
+center (`contract.class_center`), and an image is scored against it with
+`contract.center_scores` like any trained class: its distance, and the unknown score of the
+model's per-center score kind (`ModelInfo.score_kind`). This module is the one place that
+changes a model's set of classes:
 
     CenterSet         an immutable snapshot: class names, centers (C, D), per-class unknown
                       thresholds, a version that grows with each change, the enrolment log
@@ -14,10 +15,11 @@ trained class. This module is the one place that changes a model's set of classe
                       a cheap check (os.stat) that tells a reader when to reload
 
 The unknown threshold of an enrolled class (`enrolment_threshold`): each enrolment image's
-distance to the center of the *other* images (held-out folds: leave-one-out up to
-HELD_OUT_FOLDS images, that many folds beyond), plus the image's own atypicality (the
-model output that is part of every distance), and the model's calibration quantile of
-those distances; with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold
+score (of the model's score kind) to the center of the *other* images (held-out folds:
+leave-one-out up to HELD_OUT_FOLDS images, that many folds beyond), plus the image's own
+atypicality (the model output that is part of the unknown score), and the model's
+calibration quantile of those scores, as export calibrates the model's own thresholds;
+with fewer than MIN_THRESHOLD_IMAGES images the model's global threshold
 (plus the images' largest atypicality).
 Held-out distances, as export calibrates on held-out images: an image's distance to a
 center it helped compute would understate what unseen images of the class give. Adding
@@ -49,9 +51,9 @@ import numpy as np
 
 from center_embed.contract import (
     ModelInfo,
+    center_scores,
     class_center,
     distances,
-    nearest_centers,
     run_batched,
 )
 from center_embed.errors import UserError
@@ -155,11 +157,12 @@ class CenterSet:
     centers: np.ndarray
     thresholds: dict[str, float]
     version: int
-    distance: str
+    distance: str  # the per-center score kind: thresholds and labels (ModelInfo.score_kind)
     model_sha256: str
     log: tuple[dict[str, Any], ...] = ()
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     atypicality: dict[str, np.ndarray] = field(default_factory=dict)
+    true_distances: bool = True  # the model's format: 2, distances apart from the score
 
     def __post_init__(self) -> None:
         self.centers.setflags(write=False)
@@ -176,9 +179,10 @@ class CenterSet:
             centers=np.array(centers, np.float32),
             thresholds=dict(info.class_thresholds or {}),
             version=0,
-            distance=info.distance,
+            distance=info.score_kind,
             model_sha256=sha256,
             log=log,
+            true_distances=info.true_distances,
         )
 
     def model_info(self, base: ModelInfo) -> ModelInfo:
@@ -192,10 +196,12 @@ class CenterSet:
     def scores(
         self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
-        """(N, D) -> distances (N, C), labels (N,), min_distances (N,) against this set;
-        `atypicality` (N,), the images' model output, is part of each distance."""
-        d = distances(embeddings, self.centers, self.distance, atypicality=atypicality)
-        return {"distances": d, **nearest_centers(d)}
+        """(N, D) -> distances (N, C), labels, min_distances and unknown_scores (N,) against
+        this set, as the model computes them (contract.center_scores); `atypicality` (N,),
+        the images' model output, is part of the unknown score."""
+        return center_scores(
+            embeddings, self.centers, self.distance, self.true_distances, atypicality
+        )
 
     def image_counts(self) -> dict[str, int]:
         """Images each enrolled class was computed from (trained classes are absent)."""
@@ -365,19 +371,20 @@ def decode_center_set(data: bytes, source: str) -> CenterSet:
 
 
 def check_for_model(centers: CenterSet, sha256: str, info: ModelInfo, source: str) -> CenterSet:
-    """`centers` when they belong to this model (its sha256, distance kind and dim)."""
+    """`centers` when they belong to this model (its sha256, score kind and dim), scored as
+    the model's format scores."""
     if centers.model_sha256 != sha256:
         raise UserError(
             f"{source} holds centers for another model (sha256 {centers.model_sha256[:12]}..., "
             f"this model is {sha256[:12]}...): enrolled centers only apply to the model they "
             "were computed with; move the file away or serve its model"
         )
-    if centers.distance != info.distance or centers.centers.shape[1:] != (info.embedding_dim,):
+    if centers.distance != info.score_kind or centers.centers.shape[1:] != (info.embedding_dim,):
         raise UserError(
             f"{source} holds {centers.distance} centers of shape {centers.centers.shape}; "
-            f"the model has {info.distance} distances and dim {info.embedding_dim}"
+            f"the model scores by {info.score_kind} and has dim {info.embedding_dim}"
         )
-    return centers
+    return dataclasses.replace(centers, true_distances=info.true_distances)
 
 
 class CentersFile:
@@ -482,13 +489,14 @@ class CentersSnapshot:
     def scores(
         self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,); the images'
-        `atypicality` (N,) is part of each distance (None, for bare vectors: none)."""
+        """float32 (N, D) -> distances (N, C), labels, min_distances, unknown_scores (N,);
+        the images' `atypicality` (N,) is part of the unknown score (None, for bare vectors:
+        none)."""
         return self.centers.scores(embeddings, atypicality)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """True where an image's min distance exceeds its nearest class's threshold."""
-        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+        """True where an image's unknown score exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs["unknown_scores"], outputs["labels"])
 
 
 class ModelWithCenters:
@@ -514,7 +522,7 @@ class ModelWithCenters:
         return run_batched(self.run, images, batch_size)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.snapshot.unknown(outputs)
+        return self.snapshot.unknown(outputs)  # on unknown_scores, as the graph flags
 
 
 def apply_centers_file(model: Any, path: str | Path) -> ModelWithCenters:

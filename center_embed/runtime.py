@@ -29,8 +29,10 @@ import numpy as np
 
 from center_embed.contract import (
     ATYPICALITY,
+    FORMAT_1_OUTPUT_NAMES,
     INPUT_NAME,
     OUTPUT_NAMES,
+    UNKNOWN_SCORES,
     ModelInfo,
     is_model_outputs,
     our_metadata,
@@ -329,7 +331,8 @@ class OnnxModel:
         if inputs != [INPUT_NAME] or not is_model_outputs(outputs):
             raise UserError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected "
-                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (and {ATYPICALITY!r})"
+                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (and {ATYPICALITY!r}), or a "
+                f"format-1 file's {list(FORMAT_1_OUTPUT_NAMES)}"
             )
         self.output_names = tuple(outputs)  # what the file itself computes
         h, w = self.info.input_size
@@ -353,14 +356,17 @@ class OnnxModel:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images uint8 (N, H, W, 3) RGB -> embeddings (N, D), distances (N, C),
-        labels (N,) int64, min_distances (N,), atypicality (N,) (zeros for a file exported
-        without it: its distances hold none)."""
+        labels (N,) int64, min_distances (N,), unknown_scores (N,) and atypicality (N,),
+        whatever the file computes itself: a format-1 file's unknown score is its min
+        distance, and a file without the atypicality output has zeros."""
         h, w = self.info.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise ValueError(f"images must be uint8 (N, {h}, {w}, 3), got {images.dtype} "
                              f"{images.shape}")  # fmt: skip
         values = self.backend.run(np.ascontiguousarray(images))
         out = dict(zip(self.output_names, values, strict=True))
+        if UNKNOWN_SCORES not in out:  # format 1: calibrated on its min distance
+            out[UNKNOWN_SCORES] = out["min_distances"]
         if ATYPICALITY not in out:
             out[ATYPICALITY] = np.zeros(len(images), np.float32)
         return out
@@ -374,8 +380,8 @@ class OnnxModel:
         return decode_image(data, self.image_size, max_pixels)
 
     def unknown(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """True where an image's min distance exceeds its nearest class's threshold."""
-        return self.info.unknown(outputs["min_distances"], outputs["labels"])
+        """True where an image's unknown score exceeds its nearest class's threshold."""
+        return self.info.unknown(outputs[UNKNOWN_SCORES], outputs["labels"])
 
 
 def _file_precision(path: Path) -> str:
@@ -395,4 +401,5 @@ def describe(info: ModelInfo) -> dict[str, Any]:
             out[name] = json.loads(value)
         except (ValueError, TypeError):
             out[name] = value
+    out.setdefault("unknown_score", info.unknown_score)  # format 1: "min_distance"
     return out

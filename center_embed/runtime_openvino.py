@@ -21,14 +21,12 @@ import numpy as np
 from center_embed.contract import (
     ALL_OUTPUT_NAMES,
     ATYPICALITY,
-    DISTANCE,
     INPUT_NAME,
-    nearest_centers,
-    our_metadata,
+    center_scores,
+    parse_metadata,
     read_centers,
     read_metadata_props,
 )
-from center_embed.contract import distances as contract_distances
 from center_embed.errors import UserError
 
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f32"}
@@ -63,7 +61,7 @@ class OpenVinoBackend:
         # sum that does not cancel), so /v1/distances on those embeddings gives exactly the
         # same distances less the image's atypicality.
         self.centers = read_centers(path) if precision == "bf16" else None
-        self.kind = our_metadata(read_metadata_props(path)).get("distance", DISTANCE)
+        self.info = parse_metadata(read_metadata_props(path), str(path))
         if self.centers is not None:
             self.center_norms = (self.centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.outputs = _names(self.compiled.outputs, ALL_OUTPUT_NAMES)
@@ -84,11 +82,11 @@ class OpenVinoBackend:
         result = request.infer({0: images})  # copies the outputs (share_outputs=False)
         values = {name: result[self.compiled.output(name)] for name in self.outputs}
         if self.centers is not None:
-            distances = contract_distances(
-                values["embeddings"], self.centers, self.kind, self.center_norms,
-                values.get(ATYPICALITY),
-            )  # fmt: skip
-            values.update(distances=distances, **nearest_centers(distances))
+            info = self.info
+            values.update(center_scores(
+                values["embeddings"], self.centers, info.score_kind, info.true_distances,
+                values.get(ATYPICALITY), self.center_norms,
+            ))  # fmt: skip
         return [values[name] for name in self.outputs]
 
 

@@ -92,7 +92,8 @@ def machine_of(name: str, doc: dict[str, Any] | None = None) -> str:
     if doc is not None and isinstance(doc.get("machine"), dict):
         m = doc["machine"]
         gpu = m.get("gpu") or "no GPU"
-        flags = f" ({', '.join(m['flags'])})" if m.get("flags") else ""
+        listed = m.get("flags") or []
+        flags = f" ({', '.join([listed] if isinstance(listed, str) else listed)})" if listed else ""
         return f"{m.get('cpu', '?')}{flags}, {m.get('cores', '?')} cores, {gpu}"
     if name in LEGACY_MACHINES:
         return f"{LEGACY_MACHINES[name]} (noted at the time; the file does not record it)"

@@ -1,7 +1,7 @@
 """The atypicality of an image: how far its low-level feature statistics lie beyond those of
-the training images, in the units of the served distance. Export adds it to every distance
-of the image (so labels and the ranking of centers do not change) and returns it as the
-output `atypicality`.
+the training images, in the units of the unknown score. Export adds it to the image's
+unknown score (never to a distance: labels and the ranking of centers do not change) and
+returns it as the output `atypicality`.
 
     m_l = EmbeddingNet.feature_maps(x)[l], l in LAYERS    the whitened input, groups 1 and 2
     f_l = [mean, std, mean absolute deviation] over space of each channel of m_l  (B, 3·C_l)
@@ -12,7 +12,7 @@ output `atypicality`.
     a   = Σ_l z_l / √L                   one standard score for the three layers
     atypicality = weight · scale · max(0, a − a₀)
                                          a₀: the `quantile` of a over those images; scale: the
-                                         std of their served min distance (distance per unit)
+                                         std of their unknown score without it (score units)
 
 Why: the embedding is shaped by the classes alone, so an image unlike every training image
 (a flat colour, noise, rendered text, flat shapes) can still land near a center and be
@@ -22,10 +22,9 @@ deviation beside the std says how sparse a channel's response is: a few sharp ed
 ground, as in rendered text or block-blurred images, against texture everywhere). A Gaussian
 over pooled activations follows Lee et al. (2018; here one per layer, without classes);
 counting only what lies beyond the training images' own range follows Sastry & Oore (2020):
-natural images get 0, so the center distance alone ranks them, and open-set recognition
+natural images get 0, so the center score alone ranks them, and open-set recognition
 (new classes of natural images, which these statistics cannot tell apart) is left as it was
-(README, "Quality of the distances", for the measurements and the choice of layers,
-quantile and weight).
+(docs/benchmarks.md for the measurements and the choice of layers, quantile and weight).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from center_embed.contract import DEFAULT_ATYPICALITY_QUANTILE
+from center_embed.errors import UserError
 from center_embed.training.checkpoint import Preprocess
 
 LAYERS = (0, 1, 2)  # indices into EmbeddingNet.feature_maps: whitened input, groups 1 and 2
@@ -48,12 +48,32 @@ FIT_IMAGES = 10_000  # training images the Gaussians are fitted on
 NORM_IMAGES = 2_000  # other training images that standardise the scores and set the gate
 MIN_IMAGES = 50  # fewer training images than this: no atypicality (export says so)
 SHRINKAGE = 1e-3
-# The share of training images whose atypicality is 0. Chosen on validation images (README,
-# "Quality of the distances"): 0.98 against 0.99 caught more of the far-OOD sets (glyphs
+# The share of training images whose atypicality is 0. Chosen on validation images
+# (docs/benchmarks.md): 0.98 against 0.99 caught more of the far-OOD sets (glyphs
 # AUROC 0.981 -> 0.990, blurred 0.949 -> 0.965, ten classes, 3 seeds) at no open-set cost
 # (0.7428 -> 0.7423 over 3 splits); the unknown threshold is calibrated after it either way.
 DEFAULT_QUANTILE = DEFAULT_ATYPICALITY_QUANTILE
 DEFAULT_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class AtypicalityOptions:
+    """How export fits the `atypicality` output: one typed value from the CLI to the graph.
+
+    enabled: False exports no such output. quantile: the share of training images whose
+    atypicality is 0 (the gate). weight: its scale, in units of the std of the training
+    images' min score. seed: the permutation that splits the fitting images."""
+
+    enabled: bool = True
+    quantile: float = DEFAULT_QUANTILE
+    weight: float = DEFAULT_WEIGHT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile < 1:
+            raise UserError(f"the atypicality quantile must lie in (0, 1), not {self.quantile}")
+        if self.weight <= 0:
+            raise UserError(f"the atypicality weight must be positive, not {self.weight}")
 
 
 def pooled_statistics(feature_map: torch.Tensor) -> torch.Tensor:
@@ -109,6 +129,7 @@ class Atypicality(nn.Module):
 @dataclass
 class Fitted:
     module: Atypicality
+    options: AtypicalityOptions  # what it was fitted with (a refit uses the same)
     facts: dict[str, Any]  # what the model's `atypicality` metadata says
 
 
@@ -121,26 +142,22 @@ def fit_atypicality(
     model,
     images: np.ndarray,
     preprocess: Preprocess,
-    min_distances: Callable[[np.ndarray], np.ndarray],
-    quantile: float = DEFAULT_QUANTILE,
-    weight: float = DEFAULT_WEIGHT,
-    seed: int = 0,
+    min_scores: Callable[[np.ndarray], np.ndarray],
+    options: AtypicalityOptions = AtypicalityOptions(),  # noqa: B008 (frozen)
 ) -> Fitted | None:
     """Fit the atypicality of `model` (an EmbeddingNet in eval mode, in torch fp32) on
     training `images` uint8 (N, H, W, 3); None when there are fewer than MIN_IMAGES.
-    `min_distances`: embeddings (n, D) numpy -> the served min distance (n,), for the scale."""
-    return fit_on(torch_statistics(model, preprocess), images, min_distances, quantile, weight,
-                  seed)  # fmt: skip
+    `min_scores`: embeddings (n, D) numpy -> the unknown score without the atypicality
+    (n,), whose spread sets the scale."""
+    return fit_on(torch_statistics(model, preprocess), images, min_scores, options)
 
 
 @torch.no_grad()
 def fit_on(
     statistics: Statistics,
     images: np.ndarray,
-    min_distances: Callable[[np.ndarray], np.ndarray],
-    quantile: float = DEFAULT_QUANTILE,
-    weight: float = DEFAULT_WEIGHT,
-    seed: int = 0,
+    min_scores: Callable[[np.ndarray], np.ndarray],
+    options: AtypicalityOptions = AtypicalityOptions(),  # noqa: B008 (frozen)
 ) -> Fitted | None:
     """The atypicality fitted on what `statistics` gives for training `images` (the torch
     model's, or an exported graph's own: `graph_statistics`). Of a seeded permutation of
@@ -149,9 +166,8 @@ def fit_on(
     n = len(images)
     if n < MIN_IMAGES:
         return None
-    if not 0 < quantile < 1 or weight <= 0:
-        raise ValueError("quantile must lie in (0, 1) and weight be positive")
-    order = np.random.default_rng(seed).permutation(n)
+    quantile, weight = options.quantile, options.weight
+    order = np.random.default_rng(options.seed).permutation(n)
     n_norm = min(NORM_IMAGES, n // 5)
     norm_index, fit_index = np.sort(order[:n_norm]), np.sort(order[n_norm:][:FIT_IMAGES])
     fit_stats, _ = statistics(images[fit_index])
@@ -165,7 +181,7 @@ def fit_on(
     module.log_mean.copy_(s.mean(0))
     module.log_std.copy_(s.std(0).clamp_min(1e-6))
     gate = float(np.quantile(module.standard_score(norm_stats).double().numpy(), quantile))
-    spread = float(np.std(min_distances(embeddings.numpy())))
+    spread = float(np.std(min_scores(embeddings.numpy())))
     module.gate.fill_(gate)
     module.scale.fill_(weight * max(spread, 1e-6))
     facts = {
@@ -178,10 +194,10 @@ def fit_on(
         "weight": weight,
         "gate": gate,
         "scale": float(module.scale),
-        "rule": "weight · std(min distance) · max(0, Σ_l z_l / √L − gate), z_l the log "
+        "rule": "weight · std(min score) · max(0, Σ_l z_l / √L − gate), z_l the log "
         "Mahalanobis distance of layer l standardised on training images, gate its quantile",
     }
-    return Fitted(module.eval(), facts)
+    return Fitted(module.eval(), options, facts)
 
 
 def _gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

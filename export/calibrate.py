@@ -1,6 +1,6 @@
 """The images export calibrates and verifies on, and the unknown threshold computed from them.
 
-The unknown threshold is a quantile: the min distance below which a share `quantile` of
+The unknown threshold is a quantile: the unknown score below which a share `quantile` of
 the correctly classified held-out images fall. It is taken on the held-out validation
 split the checkpoint's own run set aside (rebuilt from the config it stores), so it is
 never tuned on the test split (the test split is only measured). A run that held nothing
@@ -117,13 +117,13 @@ def _digest(image: np.ndarray) -> bytes:
 
 
 def unknown_thresholds(
-    min_distances: np.ndarray,
+    unknown_scores: np.ndarray,
     predicted: np.ndarray,
     labels: np.ndarray,
     class_names: list[str],
     quantile: float,
 ) -> tuple[float | None, dict[str, float], dict[str, Any]]:
-    """Global and per-class thresholds: the `quantile` of min distances over correctly
+    """Global and per-class thresholds: the `quantile` of unknown scores over correctly
     classified images (of that class). A class with no correct image gets the global one.
 
     Returns (global threshold or None if nothing was classified correctly, per-class
@@ -136,17 +136,17 @@ def unknown_thresholds(
         "quantile": quantile,
         "images": int(len(labels)),
         "correct": int(correct.sum()),
-        "rule": "quantile of min_distances over correctly classified held-out images",
+        "rule": "quantile of unknown_scores over correctly classified held-out images",
     }
     if not correct.any():
         return None, {}, facts
-    overall = float(np.quantile(min_distances[correct], quantile, method="inverted_cdf"))
+    overall = float(np.quantile(unknown_scores[correct], quantile, method="inverted_cdf"))
     per_class, fallback = {}, []
     for j, name in enumerate(class_names):
         mine = correct & (labels == j)
         if mine.any():
             per_class[name] = float(
-                np.quantile(min_distances[mine], quantile, method="inverted_cdf")
+                np.quantile(unknown_scores[mine], quantile, method="inverted_cdf")
             )
         else:
             per_class[name] = overall

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from center_embed.contract import CENTERS_INITIALIZER, OUTPUT_NAMES, distances, set_metadata
+from center_embed.contract import CENTERS_INITIALIZER, OUTPUT_NAMES, center_scores, set_metadata
 from center_embed.enrolment import CenterSet
 from center_embed.errors import UserError
 from center_embed.export.verify import check_file, relative_error
@@ -74,14 +74,18 @@ def replace_centers(proto: onnx.ModelProto, centers: CenterSet) -> None:
 
 
 def check_distances(path: Path, centers: CenterSet) -> None:
-    """The written graph's distances are the contract's distances to the new centers."""
+    """The written graph's distances and unknown scores are the contract's for the new
+    centers."""
     model = OnnxModel(path, RuntimeOptions(device="cpu"))
     h, w = model.info.input_size
     images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, h, w, 3), dtype=np.uint8)
     out = model.run(images)
-    ours = distances(out["embeddings"], centers.centers, model.info.distance,
-                     atypicality=out["atypicality"])  # fmt: skip
-    error = relative_error(out["distances"], ours.astype(np.float64))
+    info = model.info
+    expected = center_scores(out["embeddings"], centers.centers, info.score_kind,
+                             info.true_distances, out["atypicality"])  # fmt: skip
+    ours = expected["distances"]
+    error = max(relative_error(out["distances"], ours.astype(np.float64)),
+                relative_error(out["unknown_scores"], expected["unknown_scores"]))  # fmt: skip
     if out["distances"].shape != ours.shape or error > CHECK_TOLERANCE:
         raise UserError(
             f"the enrolled model's distances differ from the new centers' ({error:.2e} "

@@ -1,19 +1,23 @@
-"""Checkpoint -> one self-describing ONNX file: uint8 pixels in; embeddings, distances to
-every center, the nearest center and the minimum distance out.
+"""Checkpoint -> one self-describing ONNX file (model format 2): uint8 pixels in;
+embeddings, the distance to every center, the nearest center, its distance and the unknown
+score out.
 
 The graph (docs/export.md, "The ONNX contract"):
 
     images uint8 (N, H, W, 3) -> float (N, 3, H, W), (x − 255·mean) / (255·std)
       -> EmbeddingNet.embed                                   = embeddings     (N, D)
-      -> ‖c‖² − 2·e·centersᵀ (+ ‖e‖², clamped at 0)          = distances      (N, C)
-      -> argmin / min over the centers                       = labels, min_distances (N,)
-    feature maps of the backbone -> export/atypicality.py     = atypicality    (N,),
-                                    added to each of the image's distances beforehand
+      -> s = ‖c‖² − 2·e·centersᵀ                              the per-center score (N, C)
+      -> max(s + ‖e‖², 0) = ‖e − c‖²                          = distances      (N, C)
+      -> argmin of s, and the distance there                  = labels, min_distances (N,)
+    feature maps of the backbone -> export/atypicality.py     = atypicality    (N,)
+      -> min of s, plus the atypicality                      = unknown_scores (N,)
 
-`distances` are of the kind `--distance` names (contract.DISTANCE_KINDS; the metadata key
-`distance` says which): by default squared_euclidean_minus_norm, ‖c‖² − 2·e·Cᵀ, the nearest
-center rule's decision function, which keeps every label and ranking of the squared distance
-and makes a far better unknown score; squared_euclidean adds ‖e‖² and clamps at 0.
+The unknown score's formula is `--unknown-score` (contract.UNKNOWN_SCORE_KINDS; the metadata
+key `unknown_score` says which): by default min_distance_minus_norm, the min over centers of
+‖c‖² − 2·e·c = ‖e − c‖² − ‖e‖², the nearest-center rule's own decision function, which does
+not reward a short embedding (what an image unlike every class gives) and so separates
+unknown images far better than the squared distance (min_distance, where s is ‖e − c‖²).
+Both pick the same label as the distances do.
 
 The exporter is pinned (TorchScript exporter, opset 20) rather than left to the torch
 default, which changes between releases. The centers are passed to the exporter as a
@@ -50,18 +54,20 @@ from center_embed import __version__
 from center_embed.contract import (
     ATYPICALITY,
     CENTERS_INITIALIZER,
-    DEFAULT_EXPORT_DISTANCE,
-    DISTANCE_KINDS,
+    DEFAULT_UNKNOWN_SCORE,
     INPUT_NAME,
     MODEL_FORMAT_VERSION,
     OUTPUT_NAMES,
+    SCORE_DISTANCE_KIND,
+    UNKNOWN_SCORE_KINDS,
+    UNKNOWN_SCORES,
     distances,
     set_metadata,
 )
 from center_embed.errors import UserError
 from center_embed.export.atypicality import (
-    DEFAULT_QUANTILE,
     MIN_IMAGES,
+    AtypicalityOptions,
     Fitted,
     fit_atypicality,
     fit_on,
@@ -90,8 +96,8 @@ def export_checkpoint(
     verify: bool = True,
     quantile: float = 0.95,
     data: str | None = None,
-    distance: str = DEFAULT_EXPORT_DISTANCE,
-    atypicality_quantile: float | None = DEFAULT_QUANTILE,
+    unknown_score: str = DEFAULT_UNKNOWN_SCORE,
+    atypicality: AtypicalityOptions = AtypicalityOptions(),  # noqa: B008 (frozen)
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `checkpoint` as one verified ONNX model at `out`; return its path.
@@ -101,24 +107,24 @@ def export_checkpoint(
     calibration_data: a dataset whose test split calibrates the unknown threshold instead of
     the run's validation split. data: where the run's dataset lies now, if it moved.
     verify: onnx.checker and torch/onnxruntime parity on real images (raises on failure).
-    distance: what `distances` holds, a key of contract.DISTANCE_KINDS.
-    atypicality_quantile: the `atypicality` output (export/atypicality.py) is fitted on the
-    run's training images, its gate at this quantile of them; None: no such output.
+    unknown_score: the formula of `unknown_scores`, a key of contract.UNKNOWN_SCORE_KINDS.
+    atypicality: how the `atypicality` output (export/atypicality.py) is fitted on the run's
+    training images (enabled=False: no such output).
     log: a callable receiving progress lines (default: silent).
     """
     say = log or (lambda _: None)
     if int8 and fp16:
         raise UserError("choose at most one of int8 and fp16")
-    if distance not in DISTANCE_KINDS:
-        raise UserError(f"--distance must be one of {', '.join(DISTANCE_KINDS)}, not {distance!r}")
+    if unknown_score not in UNKNOWN_SCORE_KINDS:
+        raise UserError(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORE_KINDS)}, "
+                        f"not {unknown_score!r}")  # fmt: skip
     out = _check_output(Path(out))
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
     calib = calibration_set(ckpt, data, calibration_data)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     started = time.perf_counter()
-    graph = prepare_graph(ckpt, model, criterion.centers, calib, distance,
-                          atypicality_quantile, say)  # fmt: skip
+    graph = prepare_graph(ckpt, model, criterion.centers, calib, unknown_score, atypicality, say)
     fp32, proto = build_graphs(ckpt, graph, calib, precision)
     say(f"exported the {precision} graph in {time.perf_counter() - started:.1f} s")
     with _write_errors(out), atomic_path(out) as tmp:  # renamed to `out` once all succeeded
@@ -149,23 +155,27 @@ def verified(path: Path, shipped: OnnxModel, graph, ckpt: Checkpoint, calib, say
 
 @dataclass
 class Graph:
-    """What the exported graph computes: the network, its centers, the distance kind, and
-    the fitted atypicality (None: a file without that output)."""
+    """What the exported graph computes: the network, its centers, the unknown score's
+    formula, and the fitted atypicality (None: a file without that output)."""
 
     model: nn.Module  # EmbeddingNet, eval mode
     centers: torch.Tensor  # (C, D)
-    distance: str
+    unknown_score: str  # a key of contract.UNKNOWN_SCORE_KINDS
     atypicality: Fitted | None = None
 
     @property
     def output_names(self) -> list[str]:
         return list(OUTPUT_NAMES) + ([ATYPICALITY] if self.atypicality else [])
 
-    def min_distances(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, D) -> (n,): the min distance to the centers, of the graph's kind, without the
-        atypicality (what scales it)."""
+    @property
+    def score_kind(self) -> str:
+        """The per-center score whose min is the unknown score and argmin the label."""
+        return SCORE_DISTANCE_KIND[self.unknown_score]
+
+    def min_scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, D) -> (n,): the unknown score without the atypicality (what scales it)."""
         centers = self.centers.detach().float().cpu().numpy()
-        return distances(embeddings, centers, self.distance).min(1)
+        return distances(embeddings, centers, self.score_kind).min(1)
 
 
 def prepare_graph(
@@ -173,25 +183,23 @@ def prepare_graph(
     model,
     centers: torch.Tensor,
     calib,
-    distance: str,
-    quantile: float | None = DEFAULT_QUANTILE,
+    unknown_score: str = DEFAULT_UNKNOWN_SCORE,
+    options: AtypicalityOptions = AtypicalityOptions(),  # noqa: B008 (frozen)
     say: Callable[[str], None] = lambda _: None,
 ) -> Graph:
     """The graph to export, its atypicality fitted on the run's training images (none,
-    and said, when `quantile` is None or the run has too few training images)."""
-    graph = Graph(model, centers, distance)
-    if quantile is None:
+    and said, when it is not enabled or the run has too few training images)."""
+    graph = Graph(model, centers, unknown_score)
+    if not options.enabled:
         return graph
-    if not 0 < quantile < 1:
-        raise UserError(f"the atypicality quantile must lie in (0, 1), not {quantile}")
-    fitted = fit_atypicality(model, calib.train.images, ckpt.preprocess, graph.min_distances,
-                             quantile=quantile)  # fmt: skip
+    fitted = fit_atypicality(model, calib.train.images, ckpt.preprocess, graph.min_scores,
+                             options)  # fmt: skip
     if fitted is None:
         say(f"no atypicality output: {len(calib.train)} training images, {MIN_IMAGES} needed")
     else:
         facts = fitted.facts
         say(f"atypicality fitted on {facts['fit_images']} + {facts['norm_images']} training "
-            f"images (gate at q={quantile})")  # fmt: skip
+            f"images (gate at q={options.quantile})")  # fmt: skip
     return dataclasses.replace(graph, atypicality=fitted)
 
 
@@ -221,10 +229,8 @@ def refit_in_graph(proto, graph: Graph, images: np.ndarray) -> Graph:
     "in a graph", for why)."""
     if graph.atypicality is None:
         return graph
-    facts = graph.atypicality.facts
     statistics = graph_statistics(proto, OUTPUT_NAMES[0])
-    fitted = fit_on(statistics, images, graph.min_distances, quantile=facts["quantile"],
-                    weight=facts["weight"])  # fmt: skip
+    fitted = fit_on(statistics, images, graph.min_scores, graph.atypicality.options)
     if fitted is None:  # the same images as the first fit: cannot happen
         raise RuntimeError("the atypicality could not be refitted")
     write_into(proto, fitted.module)
@@ -284,20 +290,23 @@ def to_onnx(graph: Graph, preprocess: Preprocess, fp16: bool = False):
         )
     proto = onnx.load_from_string(buffer.getvalue())
     _centers_to_initializer(proto, centers.numpy())
-    proto.doc_string = "center-embed: uint8 images -> embeddings, distances to centers"
+    proto.doc_string = (
+        "center-embed: uint8 images -> embeddings, distances to centers, unknown scores"
+    )
     return proto
 
 
 class ExportGraph(nn.Module):
-    """EmbeddingNet.embed with in-graph normalisation, the distances to the centers and,
-    when the graph has one, the atypicality (in fp32 whatever the network's precision)."""
+    """EmbeddingNet.embed with in-graph normalisation, the distances to the centers, the
+    unknown score and, when the graph has one, the atypicality (in fp32 whatever the
+    network's precision)."""
 
     def __init__(self, graph: Graph, mean: list[float], std: list[float], fp16: bool = False):
         super().__init__()
         net = copy.deepcopy(graph.model)  # fp16 converts it in place; the caller keeps fp32
         self.net = net.half() if fp16 else net.float()
         self.fp16 = fp16
-        self.distance = graph.distance
+        self.score_kind = graph.score_kind
         fitted = graph.atypicality
         self.atypicality = copy.deepcopy(fitted.module).float() if fitted else None
         # Pixels stay in 0..255: scaling mean and std saves a multiply per pixel.
@@ -310,15 +319,18 @@ class ExportGraph(nn.Module):
         maps = self.net.feature_maps(x.half() if self.fp16 else x)
         e = self.net.embed_maps(maps[-1]).float()  # (N, D)
         # The matmul form: one (N, D) x (D, C) product, never an (N, C, D) difference; the
-        # same formulas as contract.distances.
-        d = centers.pow(2).sum(1)[None, :] - 2 * e @ centers.T  # (N, C)
-        if self.distance == "squared_euclidean":
-            d = (d + e.pow(2).sum(1, keepdim=True)).clamp_min(0)
+        # same formulas as contract.center_scores.
+        s = centers.pow(2).sum(1)[None, :] - 2 * e @ centers.T  # (N, C): ‖e − c‖² − ‖e‖²
+        d = (s + e.pow(2).sum(1, keepdim=True)).clamp_min(0)  # (N, C): ‖e − c‖²
+        if self.score_kind == "squared_euclidean":
+            s = d
+        labels = s.argmin(1)  # (N,): the argmin of the distances too
+        min_d = d.gather(1, labels[:, None])[:, 0]  # (N,)
+        score = s.amin(1)  # (N,)
         if self.atypicality is None:
-            return e, d, d.argmin(1), d.amin(1)
-        a = self.atypicality(maps)  # (N,): the same for every center, so labels stay
-        d = d + a[:, None]
-        return e, d, d.argmin(1), d.amin(1), a
+            return e, d, labels, min_d, score
+        a = self.atypicality(maps)  # (N,)
+        return e, d, labels, min_d, score + a, a
 
 
 def torch_reference(graph: Graph, preprocess: Preprocess):
@@ -362,7 +374,7 @@ def static_metadata(ckpt: Checkpoint, precision: str, graph: Graph) -> dict[str,
         "class_names": ckpt.class_names,
         "embedding_dim": ckpt.embedding_dim,
         "num_classes": ckpt.num_classes,
-        "distance": graph.distance,
+        "unknown_score": graph.unknown_score,
         "input_layout": pre.layout,
         "input_size": list(pre.input_size),
         "resize": pre.resize,
@@ -414,10 +426,10 @@ def calibration_source(facts: dict[str, Any]) -> str:
 def threshold_metadata(
     held_out: dict[str, np.ndarray], calib, info, quantile: float
 ) -> dict[str, Any]:
-    """Thresholds from the exported model's own min distances on the held-out images, so
+    """Thresholds from the exported model's own unknown scores on the held-out images, so
     that what is calibrated is exactly what the service computes."""
     threshold, per_class, facts = unknown_thresholds(
-        held_out["min_distances"],
+        held_out[UNKNOWN_SCORES],
         held_out["labels"],
         np.asarray(calib.held_out.labels),
         info.class_names,

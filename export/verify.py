@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from center_embed.contract import ATYPICALITY, our_metadata, run_batched
+from center_embed.contract import ATYPICALITY, UNKNOWN_SCORES, our_metadata, run_batched
 from center_embed.data import load_for_classes
 from center_embed.errors import UserError
 from center_embed.runtime import OnnxModel, RuntimeOptions
@@ -52,8 +52,14 @@ def check_file(path: str | Path) -> None:
         raise VerificationFailed(f"the exported model fails onnx.checker: {first}") from None
 
 
-def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
-    scale = max(float(np.abs(reference).max()), 1e-12) if reference.size else 1.0
+def relative_error(
+    actual: np.ndarray, reference: np.ndarray, scale_of: np.ndarray | None = None
+) -> float:
+    """max|actual − reference| over the largest |value| of `scale_of` (default: of the
+    reference itself): an unknown score's error is measured against the distances' scale,
+    as one image's score may lie near 0."""
+    scale_of = reference if scale_of is None else scale_of
+    scale = max(float(np.abs(scale_of).max()), 1e-12) if scale_of.size else 1.0
     return float(np.abs(actual.astype(np.float64) - reference).max() / scale)
 
 
@@ -77,13 +83,14 @@ def check_parity(
     VerificationFailed beyond the model precision's tolerance. Returns the figures."""
     precision = model.info.precision
     tol = TOLERANCES[precision]
-    worst = {"embeddings": 0.0, "distances": 0.0}
+    worst = {"embeddings": 0.0, "distances": 0.0, UNKNOWN_SCORES: 0.0}
     mismatched = compared = 0
     for b in batches:
         batch = _take(images, b)
         got, want = model.run(batch), reference(batch)
         for name in worst:
-            worst[name] = max(worst[name], relative_error(got[name], want[name]))
+            scale = want["distances"] if name == UNKNOWN_SCORES else None
+            worst[name] = max(worst[name], relative_error(got[name], want[name], scale))
         if got["labels"].shape != (b,) or got["min_distances"].shape != (b,):
             raise VerificationFailed(f"batch of {b}: outputs have the wrong shape")
         mismatched += label_mismatches(got["labels"], want, tol["distances"])
@@ -99,13 +106,14 @@ def check_parity(
         "tolerance": tol,
     }
     report["summary"] = (
-        f"embeddings {worst['embeddings']:.2e}, distances {worst['distances']:.2e} relative "
+        f"embeddings {worst['embeddings']:.2e}, distances {worst['distances']:.2e}, "
+        f"unknown scores {worst[UNKNOWN_SCORES]:.2e} (of the largest distance) relative "
         f"(tolerance {tol['embeddings']:g}, {tol['distances']:g}); "
         f"{mismatched}/{compared} labels differ"
     )
     if ATYPICALITY in worst:
         report["summary"] += f"; atypicality {worst[ATYPICALITY]:.2e} of the largest distance"
-    limits = {**tol, ATYPICALITY: tol["distances"]}
+    limits = {**tol, ATYPICALITY: tol["distances"], UNKNOWN_SCORES: tol["distances"]}
     too_far = [name for name, err in worst.items() if not err <= limits[name]]
     if too_far or mismatched > tol["labels"] * compared:
         raise VerificationFailed(f"onnxruntime disagrees with torch: {report['summary']}")
@@ -214,11 +222,11 @@ def runtime_parity(
     """A runtime's outputs against the onnxruntime reference on the same images: accuracy,
     label agreement, errors relative to the largest reference value (as the export's
     parity; the atypicality's relative to the largest reference distance, its units), the
-    share of images with an atypicality above 0 in both, the worst per-image min-distance
-    error (relative to the image's largest reference distance: distances may be negative or
-    near zero), and whether the unknown flag, `unknown(min_distances, labels)`
+    share of images with an atypicality above 0 in both, the worst per-image unknown-score
+    error (relative to the image's largest reference distance: a score may be negative or
+    near zero), and whether the unknown flag, `unknown(unknown_scores, labels)`
     (ModelInfo.unknown), flags the same images. `passed` applies RUNTIME_TOLERANCES."""
-    ref_min, min_d = reference["min_distances"], out["min_distances"]
+    ref_min, min_d = reference[UNKNOWN_SCORES], out[UNKNOWN_SCORES]
     row_scale = np.abs(reference["distances"]).max(1, initial=0.0)  # (N,)
     figures: dict[str, Any] = {
         "reference": "onnxruntime, the file's own precision",
@@ -228,7 +236,10 @@ def runtime_parity(
             name: _relative_error(out[name], reference[name])
             for name in ("embeddings", "distances")
         },
-        "min_distance_p99": float(
+        UNKNOWN_SCORES: _relative_error(
+            out[UNKNOWN_SCORES], reference[UNKNOWN_SCORES], reference["distances"]
+        ),  # fmt: skip
+        "unknown_score_p99": float(
             np.quantile(np.abs(min_d - ref_min) / np.maximum(row_scale, 1e-12), 0.99)
             if len(ref_min)
             else 0.0
@@ -246,18 +257,20 @@ def runtime_parity(
     tol = RUNTIME_TOLERANCES
     checks = [figures["label_agreement"] >= tol["label_agreement"],
               figures["distances"] <= tol["distances"],
+              figures[UNKNOWN_SCORES] <= tol["distances"],
               figures["atypicality"] <= tol["distances"],
               figures.get("unknown_agreement", 1.0) >= tol["unknown_agreement"]]  # fmt: skip
     figures["tolerances"], figures["passed"] = tol, all(checks)
     return figures
 
 
-def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
-    """max|value − reference| / max|reference| (0 for no images)."""
+def _relative_error(
+    value: np.ndarray, reference: np.ndarray, scale_of: np.ndarray | None = None
+) -> float:
+    """max|value − reference| / max|scale_of| (default: the reference; 0 for no images)."""
     if reference.size == 0:
         return 0.0
-    scale = max(float(np.abs(reference).max()), 1e-12)
-    return float(np.abs(value.astype(np.float64) - reference).max()) / scale
+    return relative_error(value, reference, scale_of)
 
 
 def _with_progress(run: Callable, total: int, progress: bool) -> Callable:

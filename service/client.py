@@ -129,11 +129,12 @@ def error_code(text: str) -> ErrorCode | str:
 class Classification:
     label: int
     class_name: str
-    min_distance: float
-    unknown: bool
-    distances: dict[str, float]  # by class name, nearest first
+    min_distance: float  # ‖e − c‖² to the nearest center, >= 0
+    unknown: bool  # unknown_score above the nearest class's threshold
+    distances: dict[str, float]  # ‖e − c‖² by class name, nearest first
+    unknown_score: float = 0.0  # higher = more unknown; not a distance (may be negative)
     embedding: np.ndarray | None = None  # float32 (D,), when asked for
-    atypicality: float | None = None  # part of each distance; None for bare vectors
+    atypicality: float | None = None  # part of the unknown score; None for bare vectors
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Classification:
@@ -144,6 +145,7 @@ class Classification:
             min_distance=row["min_distance"],
             unknown=row["unknown"],
             distances=row["distances"],
+            unknown_score=row.get("unknown_score", row["min_distance"]),
             embedding=None if embedding is None else np.asarray(embedding, np.float32),
             atypicality=row.get("atypicality"),
         )

@@ -18,12 +18,34 @@ from prometheus_client import (
     generate_latest,
 )
 
+from center_embed.service.error_codes import ErrorCode
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Min distance buckets as multiples of the calibrated unknown threshold: a drift in the
 # input distribution shows as mass moving to the right of 1.
 THRESHOLD_MULTIPLES = (0.125, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
-FALLBACK_DISTANCE_BUCKETS = tuple(10.0**k for k in range(-2, 6))
+# Without a threshold: decades of either sign (an unknown score may be negative)
+FALLBACK_DISTANCE_BUCKETS = (
+    *(-(10.0**k) for k in range(5, -3, -1)),
+    0.0,
+    *(10.0**k for k in range(-2, 6)),
+)
+
+# Connections refused or aborted at the edge (service/protocol.py), before or outside any
+# request the app sees: one counter per process, registered in every app's registry.
+EDGE_CODES = (ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.HEADERS_TOO_LARGE, ErrorCode.HEADER_TIMEOUT)
+WRITE_TIMEOUT = "write_timeout"  # not an error answer: the connection is aborted
+EDGE_REASONS = (*(str(code) for code in EDGE_CODES), WRITE_TIMEOUT)
+CONNECTION_REFUSALS = Counter(
+    "center_embed_connection_refusals",
+    "connections refused (503 too_many_connections, 431 headers_too_large, 408 "
+    "header_timeout) or aborted (write_timeout: the peer did not read) at the edge",
+    ["reason"],
+    registry=None,
+)
+for _reason in EDGE_REASONS:
+    CONNECTION_REFUSALS.labels(_reason)  # every reason exported, at 0 until it happens
 
 
 def multiprocess_dir() -> str | None:
@@ -85,7 +107,9 @@ class Metrics:
             "center_embed_centers_version", "version of the centers served (0: the model's own)",
             multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
-        self.min_distance: Histogram | None = None
+        self.unknown_score: Histogram | None = None
+        r.register(CONNECTION_REFUSALS)
+        self.connection_refusals = CONNECTION_REFUSALS
 
     def _histogram(
         self, name: str, text: str, buckets: tuple[float, ...], labels: Sequence[str] = ()
@@ -93,17 +117,17 @@ class Metrics:
         return Histogram(name, text, labels, buckets=buckets, registry=self.registry)
 
     def set_model(self, unknown_threshold: float | None) -> None:
-        """The min-distance histogram's buckets follow the model's threshold."""
-        if self.min_distance is not None:
+        """The unknown-score histogram's buckets follow the model's threshold."""
+        if self.unknown_score is not None:
             return
         if unknown_threshold:  # around it, either sign (‖e − c‖² − ‖e‖² is often negative)
             scale = abs(unknown_threshold)
             buckets = tuple(unknown_threshold + scale * (m - 1) for m in THRESHOLD_MULTIPLES)
-            text = f"min distance of each classified image (threshold {unknown_threshold:.4g})"
+            text = f"unknown score of each classified image (threshold {unknown_threshold:.4g})"
         else:
-            buckets, text = FALLBACK_DISTANCE_BUCKETS, "min distance of each classified image"
-        self.min_distance = self._histogram(
-            "center_embed_min_distance", text + "; a drift signal", buckets
+            buckets, text = FALLBACK_DISTANCE_BUCKETS, "unknown score of each classified image"
+        self.unknown_score = self._histogram(
+            "center_embed_unknown_score", text + "; a drift signal", buckets
         )
 
     def observe_batch(self, images: int, requests: int, seconds: float) -> None:
@@ -111,10 +135,10 @@ class Metrics:
         self.batch_requests.observe(requests)
         self.inference.observe(seconds)
 
-    def observe_distances(self, min_distances, unknown, atypicality) -> None:
-        if self.min_distance is not None:
-            for value in min_distances.tolist():
-                self.min_distance.observe(value)
+    def observe_scores(self, unknown_scores, unknown, atypicality) -> None:
+        if self.unknown_score is not None:
+            for value in unknown_scores.tolist():
+                self.unknown_score.observe(value)
         self.unknown.inc(int(unknown.sum()))
         self.atypical.inc(int((atypicality > 0).sum()))
 

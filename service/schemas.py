@@ -50,7 +50,10 @@ class ModelSummary(BaseModel):
     centers_version: int = Field(
         description="version of the centers answered with (0: the model file's own classes)"
     )
-    unknown_threshold: float | None = Field(description="min distance beyond which unknown")
+    unknown_threshold: float | None = Field(
+        description="the model's global threshold: an unknown_score above it is unknown "
+        "(classes may have their own: GET /v1/centers)"
+    )
     provider: str = Field(description="onnxruntime execution provider in use")
 
 
@@ -58,19 +61,24 @@ class Classification(BaseModel):
     label: int = Field(description="index of the nearest center")
     class_name: str = Field(description="class name of the nearest center")
     min_distance: float = Field(
-        description="distance to the nearest center, of the model's kind (`distance` in /v1/model)"
+        description="squared Euclidean distance ‖e − c‖² to the nearest center, >= 0 (a "
+        "model of format 1 answers its own distance kind: `distance` in /v1/model)"
+    )
+    unknown_score: float = Field(
+        description="the evidence that the image belongs to no class, higher = more unknown "
+        "(its formula: `unknown_score` in /v1/model; not a distance, may be negative)"
     )
     unknown: bool = Field(
-        description="min_distance above the unknown threshold of its nearest class"
+        description="unknown_score above the unknown threshold of the nearest class"
     )
     distances: dict[str, float] = Field(
-        description="distance to each center by class name, nearest first "
+        description="squared distance to each center by class name, nearest first "
         "(the top_k nearest when top_k is given)"
     )
     atypicality: float | None = Field(
         None,
         description="how far the image's low-level feature statistics lie beyond the "
-        "training images', in distance units (0: typical); part of each of its distances. "
+        "training images', in unknown-score units (0: typical); a part of its unknown_score. "
         "Images only (absent for /v1/distances vectors); 0 for a model exported without it",
     )
     embedding: list[float] | None = Field(
@@ -103,7 +111,10 @@ class Center(BaseModel):
 class CentersResponse(BaseModel):
     centers: list[Center]
     dim: int
-    distance: str = Field(description="the distance kind of the model's score space")
+    distance: str = Field(
+        description="what `distances` hold: squared_euclidean in a model of format 2; a "
+        "format-1 file's own kind (which may be squared_euclidean_minus_norm)"
+    )
     version: int = Field(description="grows by one with each enrolment or removal")
 
 

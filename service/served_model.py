@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from center_embed.contract import distances, nearest_centers, read_centers
+from center_embed.contract import center_scores, read_centers
 from center_embed.enrolment import CenterSet, CentersFile, CentersSnapshot
 from center_embed.errors import UserError
 from center_embed.fileio import sha256_file
@@ -114,27 +114,29 @@ class ServedModel:
     def distances(
         self, embeddings: np.ndarray, centers: CentersSnapshot | None = None
     ) -> dict[str, np.ndarray]:
-        """float32 (N, D) -> distances (N, C), labels (N,), min_distances (N,) against
-        `centers` (default: the current snapshot)."""
+        """float32 (N, D) -> distances (N, C), labels, min_distances, unknown_scores (N,)
+        against `centers` (default: the current snapshot); a bare vector has no atypicality."""
         return (centers or self.current_centers()).scores(embeddings)
 
     def unknown(
         self, outputs: dict[str, np.ndarray], centers: CentersSnapshot | None = None
     ) -> np.ndarray:
-        """True where an image's min distance exceeds its nearest class's threshold."""
+        """True where an image's unknown score exceeds its nearest class's threshold."""
         return (centers or self.current_centers()).unknown(outputs)
 
     def file_distances(
         self, embeddings: np.ndarray, atypicality: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         """The same against the model file's own centers: what the graph computes."""
-        d = distances(embeddings, self.centers, self.info.distance, atypicality=atypicality)
-        return {"distances": d, **nearest_centers(d)}
+        info = self.info
+        return center_scores(
+            embeddings, self.centers, info.score_kind, info.true_distances, atypicality
+        )
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the graph once per batch size, and check that the centers read from the file
-        give the graph's own distances (so /v1/distances agrees with /v1/classify, less the
-        image's atypicality, which a bare embedding does not carry)."""
+        give the graph's own distances and unknown scores (so /v1/distances agrees with
+        /v1/classify, less the image's atypicality, which a bare embedding does not carry)."""
         h, w = self.info.input_size
         rng = np.random.default_rng(WARMUP_SEED)
         for n in batch_sizes:
@@ -142,14 +144,15 @@ class ServedModel:
             out = self.run(images)
             if not all(np.isfinite(v).all() for v in out.values()):
                 raise RuntimeError("the model gave non-finite outputs at warm-up")
-        ours = self.file_distances(out["embeddings"], out["atypicality"])["distances"]
-        scale = max(1.0, float(np.abs(out["distances"]).max()))
-        error = float(np.abs(ours - out["distances"]).max()) / scale
-        if error > 1e-3:
-            raise RuntimeError(
-                f"distances from the file's centers differ from the graph's by {error:.2e} "
-                "(relative): the centers initializer is not what the graph uses"
-            )
+        ours = self.file_distances(out["embeddings"], out["atypicality"])
+        for name in ("distances", "unknown_scores"):
+            scale = max(1.0, float(np.abs(out[name]).max()))
+            error = float(np.abs(ours[name] - out[name]).max()) / scale
+            if error > 1e-3:
+                raise RuntimeError(
+                    f"{name} from the file's centers differ from the graph's by {error:.2e} "
+                    "(relative): the centers initializer is not what the graph uses"
+                )
 
     def summary(self, centers: CentersSnapshot | None = None) -> dict[str, Any]:
         """The short description every classify / distances answer carries."""

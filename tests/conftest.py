@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_config, write_image_folder
+from tests.helpers import format_1_copy, tiny_config, write_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +51,16 @@ def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def tiny_plain_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported without the atypicality output (four outputs, as every
-    file exported before it): what older models look like to the service and the scorer."""
+    """A model file of format 1 (four outputs, squared distances, no atypicality, no
+    unknown_scores: what files exported before 2026-12-01 hold), made from the tiny
+    checkpoint: what older models look like to every reader."""
+    from center_embed.export.atypicality import AtypicalityOptions
     from center_embed.export.onnx_export import export_checkpoint
 
-    out = tmp_path_factory.mktemp("onnx-plain") / "plain.onnx"
-    return export_checkpoint(tiny_checkpoint, out, atypicality_quantile=None)
+    folder = tmp_path_factory.mktemp("onnx-plain")
+    source = export_checkpoint(tiny_checkpoint, folder / "v2.onnx", unknown_score="min_distance",
+                               atypicality=AtypicalityOptions(enabled=False))  # fmt: skip
+    return format_1_copy(source, folder / "plain.onnx")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ as `from tests.helpers import ...` (the one import between test files).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import math
@@ -227,9 +228,135 @@ def tiny_images(n: int, seed: int = 1, size: int = 32) -> list[np.ndarray]:
     return [make_tiny_images(1, i % 3, rng, size)[0] for i in range(n)]
 
 
+def corrupt_png() -> bytes:
+    """A PNG cut short after its first 60 bytes: a readable header, then nothing."""
+    return encode(tiny_images(1)[0])[:60]
+
+
+CORRUPT = corrupt_png()
+
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height pixels with a tiny IDAT (one definition,
     shared with the soak benchmark's attack payloads)."""
     from benchmarks.attacks import png_bomb as make
 
     return make(width, height)
+
+
+# --------------------------------------------------------------------------- the service in-process
+
+
+@contextlib.contextmanager
+def running(model_path: Path, served=None, wait_ready: bool = True, **settings) -> Iterator:
+    """A TestClient of the app with these settings (and this ServedModel, if given), its
+    lifespan run, ready unless told not to wait."""
+    import warnings
+
+    from center_embed.service.app import create_app
+    from center_embed.service.settings import Settings
+
+    with warnings.catch_warnings():  # starlette's notice that its TestClient will move to httpx2
+        warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    app = create_app(Settings(model=model_path, **settings), model=served)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 20
+        while wait_ready and client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.01)
+        yield client
+
+
+class Gate:
+    """Wraps a ServedModel's run so a test decides when each batch may run."""
+
+    def __init__(self, served, is_open: bool = True) -> None:
+        self.opened, self.entered = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+        if is_open:
+            self.opened.set()
+        inner = served.run
+
+        def run(images: np.ndarray):
+            self.entered.set()
+            self.batches.append(len(images))
+            assert self.opened.wait(30), "gate never opened"
+            return inner(images)
+
+        served.run = run
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll `condition()` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.005)
+
+
+def expected(reference, files: list[bytes]) -> dict[str, np.ndarray]:
+    """onnxruntime directly on the same decoded pixels."""
+    return reference.run(np.stack([reference.decode(data) for data in files]))
+
+
+def multipart(*files: bytes, names: list[str] | None = None) -> list[tuple]:
+    names = names or [f"image{i}.png" for i in range(len(files))]
+    parts = zip(names, files, strict=True)
+    return [("files", (name, data, "application/octet-stream")) for name, data in parts]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def error(status: int, code: str, message: str) -> tuple[int, dict]:
+    return status, {"error": {"code": code, "message": message}}
+
+
+def answer(response) -> tuple[int, dict]:
+    return response.status_code, response.json()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def metric_value(exposition: str, name: str) -> float:
+    """The value of an unlabelled sample `name` in a Prometheus text exposition."""
+    line = next(x for x in exposition.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+# --------------------------------------------------------------------------- model formats
+
+
+def format_1_copy(source: Path, out: Path) -> Path:
+    """A model file of format 1 made from `source`, a format-2 export with
+    unknown_score=min_distance and no atypicality: the same graph without the
+    `unknown_scores` output (there it equals `min_distances`, the score format-1 thresholds
+    were calibrated on), and the metadata of format 1 (`distance`, no `unknown_score`)."""
+    import onnx
+
+    proto = onnx.load(str(source))
+    keep = [o for o in proto.graph.output if o.name != "unknown_scores"]
+    assert len(keep) == 4, [o.name for o in proto.graph.output]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["center_embed.unknown_score"] == "min_distance"
+    props.pop("center_embed.unknown_score")
+    props |= {"center_embed.format_version": "1", "center_embed.distance": "squared_euclidean"}
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(out))
+    return out

@@ -25,14 +25,18 @@ from center_embed.cli.common import (
 )
 from center_embed.contract import (
     DEFAULT_ATYPICALITY_QUANTILE,
-    DEFAULT_EXPORT_DISTANCE,
-    DISTANCE_KINDS,
+    DEFAULT_UNKNOWN_SCORE,
+    SCORE_DISTANCE_KIND,
+    UNKNOWN_SCORE_KINDS,
 )
 from center_embed.errors import UserError
 from center_embed.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from center_embed.runtime import OnnxModel
+
+# --distance (format 1) named the per-center score; the unknown score it meant
+LEGACY_DISTANCE = {kind: score for score, kind in SCORE_DISTANCE_KIND.items()}
 
 # --------------------------------------------------------------------------- export
 
@@ -51,27 +55,30 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the run's validation split)",
     )  # fmt: skip
     p.add_argument(
-        "--quantile", type=float, default=0.95,
-        help="share of correctly classified held-out images under the threshold (default 0.95)",
+        "--threshold-quantile", "--quantile", type=float, default=0.95, dest="quantile",
+        metavar="Q",
+        help="the unknown threshold: the share of correctly classified held-out images whose "
+        "unknown score lies under it (default 0.95; --quantile is its old name)",
     )  # fmt: skip
     p.add_argument(
-        "--distance", choices=sorted(DISTANCE_KINDS), default=DEFAULT_EXPORT_DISTANCE,
-        help="what `distances` and the unknown score hold (default %(default)s: "
-        "‖e − c‖² − ‖e‖², the same labels and rankings as squared_euclidean, a better "
-        "unknown score; README, 'Quality of the distances')",
+        "--unknown-score", choices=sorted(UNKNOWN_SCORE_KINDS), default=DEFAULT_UNKNOWN_SCORE,
+        help="the formula of the `unknown_scores` output (default %(default)s: min over "
+        "centers of ‖e − c‖² − ‖e‖², plus the atypicality; it separates unknown images better "
+        "than the squared distance; docs/benchmarks.md). `distances` are ‖e − c‖² either way",
     )  # fmt: skip
+    p.add_argument("--distance", choices=sorted(LEGACY_DISTANCE), help=argparse.SUPPRESS)
     atypicality = p.add_mutually_exclusive_group()
     atypicality.add_argument(
         "--atypicality-quantile", type=float, metavar="Q",
         help=f"the share of training images whose atypicality is 0 (default "
-        f"{DEFAULT_ATYPICALITY_QUANTILE}): the "
-        "`atypicality` output, part of every distance, grows for images whose low-level "
-        "feature statistics lie beyond the training images' (README, 'Quality of the "
-        "distances')",
+        f"{DEFAULT_ATYPICALITY_QUANTILE}): the `atypicality` output, a part of the unknown "
+        "score, grows for images whose low-level feature statistics lie beyond the training "
+        "images' (docs/export.md)",
     )  # fmt: skip
     atypicality.add_argument(
         "--no-atypicality", action="store_true",
-        help="export without the `atypicality` output (distances from the embedding alone)",
+        help="export without the `atypicality` output (the unknown score from the embedding "
+        "alone)",
     )  # fmt: skip
     add_data_argument(p, default="the run's, as the checkpoint records it; give it if it moved")
     p.add_argument("--no-verify", action="store_true", help="skip the checker and parity checks")
@@ -91,9 +98,19 @@ def run_export(args: argparse.Namespace) -> int:
         refuse_existing(args.out, args.overwrite)
     if args.triton_repo:
         refuse_existing(_triton_model_folder(args.triton_repo), args.overwrite)
-    atypicality = {"atypicality_quantile": None} if args.no_atypicality else {}
-    if args.atypicality_quantile is not None:
-        atypicality = {"atypicality_quantile": args.atypicality_quantile}
+    from center_embed.export.atypicality import AtypicalityOptions
+
+    atypicality = AtypicalityOptions(
+        enabled=not args.no_atypicality,
+        quantile=DEFAULT_ATYPICALITY_QUANTILE
+        if args.atypicality_quantile is None
+        else args.atypicality_quantile,
+    )
+    unknown_score = args.unknown_score
+    if args.distance:  # the option of format-1 exports: what the unknown score was
+        unknown_score = LEGACY_DISTANCE[args.distance]
+        print(f"--distance is deprecated: distances are always ‖e − c‖²; this exports "
+              f"--unknown-score {unknown_score}", file=sys.stderr)  # fmt: skip
     path = export_checkpoint(
         args.checkpoint,
         args.out,
@@ -103,9 +120,9 @@ def run_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         quantile=args.quantile,
         data=args.data,
-        distance=args.distance,
+        unknown_score=unknown_score,
+        atypicality=atypicality,
         log=print,
-        **atypicality,
     )
     info = _open_model(path).info
     print(f"wrote {path} ({info.precision}, {format_size(path.stat().st_size)}, "
@@ -241,8 +258,9 @@ def print_parity(parity: dict[str, Any]) -> int:
     print(f"    label agreement        {parity['label_agreement']:.4f} (at least "
           f"{tol['label_agreement']:g})")  # fmt: skip
     print(f"    distances error        {parity['distances']:.4f} of the largest (at most "
-          f"{tol['distances']:g}); embeddings {parity['embeddings']:.4f}; min distance "
-          f"p99 {parity['min_distance_p99']:.4f} of the image's largest")  # fmt: skip
+          f"{tol['distances']:g}); embeddings {parity['embeddings']:.4f}; unknown scores "
+          f"{parity['unknown_scores']:.4f}, p99 {parity['unknown_score_p99']:.4f} of the "
+          f"image's largest distance")  # fmt: skip
     print(f"    atypicality error      {parity['atypicality']:.4f} of the largest distance (at "
           f"most {tol['distances']:g}); above 0 on {parity['atypical_share']:.2%} of the images "
           f"(reference {parity['atypical_share_reference']:.2%})")  # fmt: skip
@@ -282,8 +300,14 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
     h, w = info.input_size
     training = meta.get("training", {})
     calibration = meta.get("unknown_threshold_calibration", {})
-    outputs = "labels [N], min_distances [N]" + (", atypicality [N]" * model.has_atypicality)
-    kind = info.distance + (" + atypicality" * model.has_atypicality)
+    extra = ", atypicality [N]" * model.has_atypicality
+    if info.format_version == 1:  # its distances are its score, atypicality included
+        kind = info.distance + (" + atypicality" * model.has_atypicality)
+        score = "the min distance (format 1)"
+    else:
+        kind = "squared Euclidean, >= 0"
+        score = f"unknown_scores [N]: {UNKNOWN_SCORE_KINDS[info.unknown_score]}"
+    outputs = f"labels [N], min_distances [N]{extra}; {score}"
     lines = [
         f"{model.path}  ({format_size(Path(model.path).stat().st_size)})",
         f"  format          {meta.get('format_version')}  precision {info.precision}  "
@@ -304,7 +328,7 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
             f"  atypicality     0 for {atypicality.get('quantile')} of "
             f"{atypicality.get('norm_images')} training images (Gaussians of "
             f"{', '.join(atypicality.get('layers', []))}, fitted on "
-            f"{atypicality.get('fit_images')}); part of every distance"
+            f"{atypicality.get('fit_images')}); part of the unknown score"
         )
     loss = meta.get("precision_loss")
     if isinstance(loss, dict) and "accuracy_drop_points" in loss:

@@ -7,7 +7,7 @@ saved beside it as PNG files) and four PNG figures:
 
     embedding_2d.png       test embeddings in 2-D (PCA unless the model is 2-D), centers marked
     confusion.png          confusion matrix of nearest-center labels
-    min_distance_hist.png  min distances of correct versus wrong predictions, unknown threshold
+    unknown_score_hist.png unknown scores of correct versus wrong predictions, the threshold
     training_curves.png    the run's metrics.jsonl, per epoch (only with --run)
 
 Where each figure comes from, said again in the report itself: everything about the
@@ -37,7 +37,7 @@ from center_embed.metrics import intra_inter_ratio, retrieval_metrics
 PLOTS = {
     "embedding_2d": "embedding_2d.png",
     "confusion": "confusion.png",
-    "min_distance_hist": "min_distance_hist.png",
+    "unknown_score_hist": "unknown_score_hist.png",
     "training_curves": "training_curves.png",
 }
 
@@ -277,14 +277,14 @@ def _plot_all(
         ", ".join(f"{k} {calibration[k]}" for k in ("quantile", "split") if k in calibration)
         or "as stored in the model"
     )
-    plots.plot_min_distance_histogram(
-        outputs["min_distances"],
+    plots.plot_unknown_score_histogram(
+        outputs["unknown_scores"],
         outputs["labels"] == labels,
         info.unknown_threshold,
         note,
-        out / PLOTS["min_distance_hist"],
+        out / PLOTS["unknown_score_hist"],
     )
-    written["min_distance_hist"] = PLOTS["min_distance_hist"]
+    written["unknown_score_hist"] = PLOTS["unknown_score_hist"]
     if records:
         plots.plot_training_curves(records, out / PLOTS["training_curves"])
         written["training_curves"] = PLOTS["training_curves"]

@@ -33,9 +33,9 @@ CAPTIONS = {
     "confusion": "Confusion matrix of the nearest-center labels the ONNX model outputs: rows are "
     "the true classes, columns the predicted ones; each cell shows the share of its row "
     "and the count.",
-    "min_distance_hist": "Distance to the nearest center, for images the model labels "
-    "correctly and wrongly, with the unknown threshold stored in the model: images beyond "
-    "it are flagged unknown by the service and the scorer.",
+    "unknown_score_hist": "The unknown score (higher = more unknown), for images the model "
+    "labels correctly and wrongly, with the unknown threshold stored in the model: images "
+    "beyond it are flagged unknown by the service and the scorer.",
     "training_curves": "The run's metrics.jsonl, one point per epoch: training losses and "
     "the validation figures measured during training (held-out part of train, torch).",
 }

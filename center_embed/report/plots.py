@@ -136,25 +136,25 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) ->
     _save(fig, path)
 
 
-def plot_min_distance_histogram(
-    min_distances: np.ndarray,
+def plot_unknown_score_histogram(
+    scores: np.ndarray,
     correct: np.ndarray,
     threshold: float | None,
     threshold_note: str,
     path: Path,
 ) -> None:
-    """Min distances of correct and wrong nearest-center predictions, with the threshold."""
+    """Unknown scores of correct and wrong nearest-center predictions, with the threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    # Squared distances start at 0; the default kind (‖e − c‖² − ‖e‖²) is often negative.
-    bottom = min(0.0, float(np.quantile(min_distances, 0.005))) if len(min_distances) else 0.0
-    top = float(np.quantile(min_distances, 0.995)) if len(min_distances) else 1.0
+    # The default score (min of ‖e − c‖² − ‖e‖², plus the atypicality) is often negative.
+    bottom = min(0.0, float(np.quantile(scores, 0.005))) if len(scores) else 0.0
+    top = float(np.quantile(scores, 0.995)) if len(scores) else 1.0
     if threshold is not None:
         top = max(top, threshold + 0.1 * abs(threshold))
     top = max(top, bottom + 1e-6)
     bins = np.linspace(bottom, top, 80)
     for mask, name, color in ((correct, "correct", "tab:green"), (~correct, "wrong", "tab:red")):
-        values = min_distances[mask]
+        values = scores[mask]
         if not len(values):
             continue
         label = f"{name} ({len(values)} images"
@@ -179,10 +179,10 @@ def plot_min_distance_histogram(
             linewidth=1.5,
             label=f"unknown threshold {threshold:.3g} ({threshold_note})",
         )
-    ax.set_xlabel("distance to the nearest center, of the model's kind (values outside the "
-                  "bins drawn in the outermost)")  # fmt: skip
+    ax.set_xlabel("unknown score, higher = more unknown (values outside the bins drawn in "
+                  "the outermost)")  # fmt: skip
     ax.set_ylabel("density (each histogram has area 1)")
-    ax.set_title("Distance to the nearest center: correct versus wrong predictions")
+    ax.set_title("Unknown score: correct versus wrong predictions")
     ax.set_xlim(bottom, top)
     ax.legend(loc="upper right", fontsize=9)
     _save(fig, path)

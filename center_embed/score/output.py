@@ -1,17 +1,20 @@
 """Where `center-embed score` writes: row batches -> Arrow tables -> Parquet (or .npy files).
 
-One row per image (DESIGN.md, "Scoring output"):
+One row per image (docs/scoring.md, "Columns"):
 
     id            string   relative path, list line as written, or <split>/<index>
     path          string   the file read, absolute (sources.absolute_path; null for images
                            from a dataset archive)
     label         int32    nearest center                      null where the image failed
     class_name    string   that center's class                 null where the image failed
-    min_distance  float32  distance to it (the model's kind)   null where the image failed
-    unknown       bool     min_distance > the unknown threshold of its nearest class
-    atypicality   float32  the model's `atypicality` output, part of every distance (0 for
-                           typical images, and for models exported without it)
-    distances     fixed_size_list<float32>[C]  distance to every center, in the
+    min_distance  float32  ‖e − c‖² to it, >= 0 (a format-1    null where the image failed
+                           model: its own distance kind)
+    unknown_score float32  the model's unknown score (higher = more unknown; a format-1
+                           model: its min distance)
+    unknown       bool     unknown_score > the unknown threshold of its nearest class
+    atypicality   float32  the model's `atypicality` output, part of the unknown score (0
+                           for typical images, and for models exported without it)
+    distances     fixed_size_list<float32>[C]  ‖e − c‖² to every center, in the
                   model's class order (the `class_names` list in the file's metadata)
     embedding     fixed_size_list<float32>[D]
     true_class    string   ground truth: the input's (a dataset archive's label, a Parquet
@@ -46,7 +49,8 @@ from center_embed.errors import UserError
 from center_embed.fileio import atomic_path, atomic_write_text
 from center_embed.score.sources import folder_class
 
-SCORES_FORMAT_VERSION = 2  # the Parquet file and the .partial manifest (2: atypicality)
+# The Parquet file and the .partial manifest (2: atypicality; 3: unknown_score)
+SCORES_FORMAT_VERSION = 3
 FORMATS = ("parquet", "npy")
 # How `true_class` is filled, recorded in the .partial manifest: parts written before the
 # folder rule (true_class left null for folders) must not be resumed into a file whose
@@ -55,7 +59,7 @@ TRUE_CLASS_RULE = "the input's, else the image's folder when a model class"
 # Metadata values stored as JSON text (the rest are plain strings); read_scores_metadata
 # decodes them, so npy's model.json and Python readers get lists, dicts and numbers.
 JSON_METADATA_KEYS = ("scores_version", "class_names", "embedding_dim", "unknown_threshold",
-                      "source")  # fmt: skip
+                      "source", "model_format_version")  # fmt: skip
 
 
 def scores_metadata(
@@ -68,7 +72,9 @@ def scores_metadata(
         "model_sha256": model_sha256,
         "class_names": json.dumps(info.class_names),
         "embedding_dim": str(info.embedding_dim),
+        "model_format_version": json.dumps(info.format_version),
         "distance": info.distance,
+        "unknown_score": info.unknown_score,
         "unknown_threshold": json.dumps(info.unknown_threshold),
         "source": json.dumps(source),
     }
@@ -104,6 +110,7 @@ def make_schema(num_classes: int, embedding_dim: int, metadata: dict[str, str]):
             pa.field("label", pa.int32()),
             pa.field("class_name", pa.string()),
             pa.field("min_distance", pa.float32()),
+            pa.field("unknown_score", pa.float32()),
             pa.field("unknown", pa.bool_()),
             pa.field("atypicality", pa.float32()),
             pa.field("distances", pa.list_(pa.float32(), num_classes)),
@@ -149,6 +156,7 @@ def rows_table(
             pa.array(labels, pa.int32(), mask=failed), pa.array(class_names, pa.string())
         ).cast(pa.string()),
         pa.array(full(outputs["min_distances"].astype(np.float32), 0), pa.float32(), mask=failed),
+        pa.array(full(outputs["unknown_scores"].astype(np.float32), 0), pa.float32(), mask=failed),
         pa.array(full(unknown.astype(bool), False), pa.bool_(), mask=failed),
         pa.array(full(outputs["atypicality"].astype(np.float32), 0), pa.float32(), mask=failed),
     ]
@@ -341,6 +349,7 @@ class PartWriter:
             "distances": array("distances", np.float32, (n, c)),
             "labels": array("labels", np.int64, (n,)),
             "min_distances": array("min_distances", np.float32, (n,)),
+            "unknown_scores": array("unknown_scores", np.float32, (n,)),
             "unknown": array("unknown", np.bool_, (n,)),
             "atypicality": array("atypicality", np.float32, (n,)),
         }
@@ -361,6 +370,9 @@ class PartWriter:
                 arrays["labels"][start:stop] = t.column("label").fill_null(-1).to_numpy()
                 arrays["min_distances"][start:stop] = (
                     t.column("min_distance").fill_null(np.nan).to_numpy()
+                )
+                arrays["unknown_scores"][start:stop] = (
+                    t.column("unknown_score").fill_null(np.nan).to_numpy()
                 )
                 arrays["unknown"][start:stop] = t.column("unknown").fill_null(False).to_numpy()
                 arrays["atypicality"][start:stop] = (

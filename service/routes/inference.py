@@ -195,21 +195,22 @@ async def classify(
     top_k: int | None = TOP_K,
     return_embeddings: bool = WITH_EMBEDDINGS,
 ) -> JSONResponse:
-    """Per image: nearest center (label, class name), min distance, unknown flag, the
-    distances to every center by class name (enrolled classes included) and the image's
-    atypicality (part of each distance)."""
+    """Per image: nearest center (label, class name), its squared distance, the unknown score
+    and flag, the squared distances to every center by class name (enrolled classes
+    included) and the image's atypicality (part of its unknown score)."""
     result = await pipeline.run(request)
     out = scored(result.outputs, centers)
     embeddings = out["embeddings"] if return_embeddings else None
     results = classifications(centers, out, top_k, embeddings)
-    metrics.observe_distances(out["min_distances"], centers.unknown(out), out["atypicality"])
+    metrics.observe_scores(out["unknown_scores"], centers.unknown(out), out["atypicality"])
     return JSONResponse(
         {"results": results, "model": model.summary(centers)}, headers=timing_headers(result)
     )
 
 
 def scored(outputs: dict[str, np.ndarray], centers: CentersSnapshot) -> dict[str, np.ndarray]:
-    """The graph's outputs with distances, labels and min distances against `centers`."""
+    """The graph's outputs with distances, labels, min distances and unknown scores against
+    `centers` (the atypicality from the graph)."""
     out = {**outputs, **centers.scores(outputs["embeddings"], outputs["atypicality"])}
     require_finite(out, [f"images[{i}]" for i in range(len(outputs["embeddings"]))])
     return out
@@ -230,7 +231,8 @@ async def distances(
     decoder: DecoderDep,
     top_k: int | None = TOP_K,
 ) -> JSONResponse:
-    """Nearest center and distances for embedding vectors (no images): as /v1/classify."""
+    """Nearest center, distances and unknown score for embedding vectors (no images): as
+    /v1/classify, without an atypicality (a vector carries none)."""
     require_media_type(request, (JSON,))
     dim = model.info.embedding_dim
     limit = vectors_body_limit(settings.max_body_bytes, settings.max_vectors, dim)
@@ -264,6 +266,7 @@ def classifications(
     unknown = centers.unknown(out)
     rows = d.tolist()
     atypicality = out["atypicality"].tolist() if "atypicality" in out else None
+    scores = out["unknown_scores"].tolist()
     results = []
     for i, (label, min_distance) in enumerate(
         zip(out["labels"].tolist(), out["min_distances"].tolist(), strict=True)
@@ -272,6 +275,7 @@ def classifications(
             "label": label,
             "class_name": names[label],
             "min_distance": min_distance,
+            "unknown_score": scores[i],
             "unknown": bool(unknown[i]),
             "distances": {names[j]: rows[i][j] for j in nearest[i].tolist()},
         }

@@ -8,7 +8,7 @@ KServe's clients, load generators and gateways can call this service as they cal
     POST /v2/models/{name}[/versions/{v}]/infer
          JSON tensors or binary ones (Inference-Header-Content-Length); `images` UINT8
          [N, H, W, 3] in, any of the file's outputs (embeddings / distances / labels /
-         min_distances, and atypicality where the file has it) out
+         min_distances / unknown_scores, and atypicality where the file has it) out
 
 The model's name and version: center_embed.contract (PROTOCOL_MODEL_NAME, protocol_version).
 Inference goes through the same micro-batcher, limits (max_body_bytes, max_images, the
@@ -202,7 +202,8 @@ async def infer(
     metrics: MetricsDep,
 ) -> Response:
     """Run the request's images through the micro-batcher; answer the outputs it asks for
-    (distances, labels and min distances against the request's centers snapshot, as /v1)."""
+    (distances, labels, min distances and unknown scores against the request's centers
+    snapshot, as /v1)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise ApiError(
@@ -231,7 +232,7 @@ async def infer(
         raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     metrics.queue_time.observe(result.queue_s)
     out = scored(result.outputs, centers)
-    metrics.observe_distances(out["min_distances"], centers.unknown(out), out["atypicality"])
+    metrics.observe_scores(out["unknown_scores"], centers.unknown(out), out["atypicality"])
     content, headers = encode_response(
         PROTOCOL_MODEL_NAME, served_version(model), parsed.id, out, parsed.outputs
     )

@@ -60,11 +60,14 @@ def test_enroll_writes_a_new_checked_model(tiny_onnx, zebra_folder, tmp_path, ca
     dims = next(o for o in proto.graph.output if o.name == "distances").type.tensor_type.shape.dim
     assert dims[1].dim_value == 4
     out_of_graph = model.run(np.stack([model.decode(files[0])]))
-    # The model's kind (export's default): ‖e − c‖² − ‖e‖².
-    assert model.info.distance == "squared_euclidean_minus_norm"
-    brute = sum((e[0][j] - brute_center[j]) ** 2 - e[0][j] ** 2 for j in range(len(brute_center)))
-    brute += float(out_of_graph["atypicality"][0])  # the image's own, in every distance
+    # A distance is ‖e − c‖²; the score (export's default) its min less ‖e‖², plus the
+    # image's atypicality.
+    assert model.info.unknown_score == "min_distance_minus_norm"
+    brute = sum((e[0][j] - brute_center[j]) ** 2 for j in range(len(brute_center)))
     assert out_of_graph["distances"][0, 3] == pytest.approx(brute, rel=1e-3, abs=1e-3)
+    if out_of_graph["labels"][0] == 3:
+        score = brute - float((e[0] ** 2).sum()) + float(out_of_graph["atypicality"][0])
+        assert out_of_graph["unknown_scores"][0] == pytest.approx(score, rel=1e-3, abs=1e-3)
     assert "zebra" in model.info.class_thresholds  # 6 images: its own threshold
     log = model.info.metadata["center_embed.enrolment"]
     assert '"class": "zebra"' in log and '"images": 6' in log
@@ -224,3 +227,29 @@ def test_enroll_a_class_of_atypical_images(tiny_onnx, tmp_path):
     got = after.run(held_out)
     assert [after.info.class_names[k] for k in got["labels"]] == ["flat", "flat"]
     assert not after.unknown(got).any()
+
+
+def test_enroll_a_format_1_model_keeps_its_format(tiny_plain_onnx, zebra_folder, tmp_path):
+    """A file of format 1 enrols as it declares: its squared distances, its min distance as
+    the unknown score (and the enrolled class's threshold on it), four outputs kept."""
+    from center_embed.runtime import OnnxModel, RuntimeOptions
+
+    out = tmp_path / "v2.onnx"
+    argv = ["enroll", str(tiny_plain_onnx), "--class", "zebra", str(zebra_folder / "zebra"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    model = OnnxModel(out, RuntimeOptions(device="cpu"))
+    assert model.info.format_version == 1 and len(model.output_names) == 4
+    files = sorted((zebra_folder / "zebra").iterdir())
+    got = model.run(np.stack([model.decode(f) for f in files]))
+    e, c = _embeddings(tiny_plain_onnx, files), model_centers(out)
+    brute = ((e[:, None, :] - c[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(got["distances"], brute, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(got["unknown_scores"], got["min_distances"])
+    assert model.info.class_thresholds["zebra"] > 0  # a squared distance's quantile
+
+
+def model_centers(path: Path) -> np.ndarray:
+    from center_embed.contract import read_centers
+
+    return read_centers(path)

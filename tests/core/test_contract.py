@@ -1,4 +1,5 @@
-"""The contract's distance kinds: every reader computes distances and class centers here."""
+"""The contract's distance kinds, unknown scores and model formats: every reader computes
+distances, scores and class centers here."""
 
 from __future__ import annotations
 
@@ -62,8 +63,24 @@ def test_minus_norm_ranks_centers_as_the_squared_distance_does():
 
 def test_unknown_kinds_and_empty_classes_are_refused():
     with pytest.raises(UserError, match="does not know"):
-        contract.parse_metadata(_props(distance="hyperbolic"), "m.onnx")
-    assert contract.parse_metadata(_props()).distance == contract.DISTANCE  # files without it
+        contract.parse_metadata(_props(format_version="1", distance="hyperbolic"), "m.onnx")
+    with pytest.raises(UserError, match="unknown_score 'entropy', which this center-embed"):
+        contract.parse_metadata(_props(unknown_score="entropy"), "m.onnx")
+    with pytest.raises(UserError, match="format version 3; this center-embed reads versions 1, 2"):
+        contract.parse_metadata(_props(format_version="3"), "m.onnx")
+    old = contract.parse_metadata(_props(format_version="1"))  # format 1 without `distance`
+    assert (old.distance, old.unknown_score, old.score_kind) == (
+        contract.DISTANCE,
+        "min_distance",
+        contract.DISTANCE,
+    )
+    new = contract.parse_metadata(_props())
+    assert (new.format_version, new.distance, new.unknown_score, new.score_kind) == (
+        2,
+        "squared_euclidean",
+        contract.DEFAULT_UNKNOWN_SCORE,
+        "squared_euclidean_minus_norm",
+    )
     with pytest.raises(ValueError, match="unknown distance kind"):
         contract.distances(np.zeros((1, 2)), np.zeros((1, 2)), "hyperbolic")
     with pytest.raises(ValueError, match="n >= 1"):
@@ -79,3 +96,32 @@ def test_unknown_uses_the_nearest_classes_threshold():
     none = contract.parse_metadata(_props(unknown_threshold="", class_thresholds={}))
     assert none.label_thresholds() is None and not none.unknown(np.ones(2), np.zeros(2)).any()
     assert json.loads(_props()["center_embed.class_thresholds"]) == {"a": 1.0}
+
+
+def test_center_scores_format_2_distances_are_distances_and_the_score_apart():
+    """Format 2: distances = ‖e − c‖² (>= 0), labels their argmin, min_distances their min,
+    unknown_scores = min over centers of ‖e − c‖² − ‖e‖², plus the atypicality."""
+    rng = np.random.default_rng(7)
+    e, c = rng.normal(size=(40, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+    a = np.where(rng.random(40) < 0.3, rng.uniform(0, 9, 40), 0).astype(np.float32)
+    out = contract.center_scores(e, c, "squared_euclidean_minus_norm", True, a)
+    brute = np.array([[_brute("squared_euclidean", x, y) for y in c] for x in e])
+    np.testing.assert_allclose(out["distances"], brute, rtol=1e-4, atol=1e-4)
+    assert (out["distances"] >= 0).all()
+    np.testing.assert_array_equal(out["labels"], brute.argmin(1))
+    np.testing.assert_allclose(out["min_distances"], brute.min(1), rtol=1e-4, atol=1e-4)
+    score = (brute - (e.astype(np.float64) ** 2).sum(1, keepdims=True)).min(1) + a
+    np.testing.assert_allclose(out["unknown_scores"], score, rtol=1e-4, atol=1e-4)
+    bare = contract.center_scores(e, c, "squared_euclidean_minus_norm", True)  # no image
+    np.testing.assert_allclose(out["unknown_scores"] - bare["unknown_scores"], a, atol=1e-4)
+
+
+def test_center_scores_format_1_keeps_the_declared_kind_and_scores_by_min_distance():
+    rng = np.random.default_rng(8)
+    e, c = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    a = rng.uniform(0, 2, 20).astype(np.float32)
+    out = contract.center_scores(e, c, "squared_euclidean_minus_norm", False, a)
+    declared = contract.distances(e, c, "squared_euclidean_minus_norm", atypicality=a)
+    np.testing.assert_allclose(out["distances"], declared, rtol=1e-6)
+    np.testing.assert_array_equal(out["unknown_scores"], out["min_distances"])
+    np.testing.assert_allclose(out["min_distances"], declared.min(1), rtol=1e-6)

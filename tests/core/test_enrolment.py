@@ -38,6 +38,7 @@ def _info(threshold: str = "2.0", quantile: float = 0.9) -> contract.ModelInfo:
         "unknown_threshold": threshold,
         "class_thresholds": {"a": 1.0, "b": 1.5},
         "unknown_threshold_calibration": {"quantile": quantile},
+        "unknown_score": "min_distance",  # the score of squared distances: brute force below
     }
     return contract.parse_metadata(contract.encode_metadata(values))
 
@@ -115,12 +116,14 @@ def test_atypicality_is_part_of_the_threshold_and_of_every_distance():
     )
     assert with_it == pytest.approx(loo[int(np.ceil(0.9 * 12)) - 1], rel=1e-5)  # inverted_cdf
     out = other.scores(e[:2], atypicality[:2])
-    np.testing.assert_allclose(out["distances"], other.scores(e[:2])["distances"]
-                               + atypicality[:2, None], rtol=1e-6)  # fmt: skip
+    bare = other.scores(e[:2])  # distances never hold it; the unknown score does
+    np.testing.assert_array_equal(out["distances"], bare["distances"])
+    np.testing.assert_allclose(out["unknown_scores"], bare["unknown_scores"] + atypicality[:2],
+                               rtol=1e-6)  # fmt: skip
     scoped = other.model_info(info)
-    assert not scoped.unknown(out["min_distances"], out["labels"]).any()  # its own kind: known
+    assert not scoped.unknown(out["unknown_scores"], out["labels"]).any()  # its own kind: known
     # Had the threshold left the atypicality out, the class's own images would be unknown.
-    assert plain.model_info(info).unknown(out["min_distances"], out["labels"]).all()
+    assert plain.model_info(info).unknown(out["unknown_scores"], out["labels"]).all()
     added = other.with_class("c", e[:3], info=info, mode="add")  # no atypicality given: 0
     np.testing.assert_array_equal(added.atypicality_of("c"), np.r_[atypicality, np.zeros(3)])
     with pytest.raises(ValueError, match="atypicality values"):

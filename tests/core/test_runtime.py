@@ -139,19 +139,21 @@ def test_openvino_runs_the_int8_file_as_onnxruntime_does(tiny_int8_onnx, tiny_fo
 
 @needs_bf16
 def test_bf16_distances_are_exact_fp32_of_its_embeddings(tiny_onnx):
-    """The distance tail runs in fp32, so /v1/distances on bf16 embeddings gives the same,
-    plus the images' atypicality (noise: far from 0)."""
-    from center_embed.contract import distances, read_centers
+    """The distance tail runs in fp32, so /v1/distances on bf16 embeddings gives the same
+    distances, and the same unknown scores less the images' atypicality (noise: far from 0)."""
+    from center_embed.contract import center_scores, read_centers
 
     model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", runtime="openvino", precision="bf16"))
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    assert model.info.distance == "squared_euclidean_minus_norm"
+    info = model.info
+    assert info.score_kind == "squared_euclidean_minus_norm" and info.true_distances
     assert model.has_atypicality and (out["atypicality"] > 0).all()
-    expected = distances(out["embeddings"], read_centers(tiny_onnx), model.info.distance,
-                         atypicality=out["atypicality"])  # fmt: skip
-    np.testing.assert_allclose(out["distances"], expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(out["labels"], expected.argmin(1))
+    expected = center_scores(out["embeddings"], read_centers(tiny_onnx), info.score_kind,
+                             True, out["atypicality"])  # fmt: skip
+    for name in ("distances", "min_distances", "unknown_scores"):
+        np.testing.assert_allclose(out[name], expected[name], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out["labels"], expected["labels"])
     assert out["labels"].dtype == np.int64
 
 
@@ -173,7 +175,7 @@ def test_openvino_from_several_threads_and_empty_batches(tiny_onnx):
     empty = model.run(batches[0][:0])
     assert {k: v.shape for k, v in empty.items()} == {
         "embeddings": (0, model.info.embedding_dim), "distances": (0, model.info.num_classes),
-        "labels": (0,), "min_distances": (0,), "atypicality": (0,),
+        "labels": (0,), "min_distances": (0,), "unknown_scores": (0,), "atypicality": (0,),
     }  # fmt: skip
 
 

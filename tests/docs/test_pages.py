@@ -78,11 +78,11 @@ def test_missing_figures_render_as_not_measured(monkeypatch: pytest.MonkeyPatch,
     text = renderer.headline()
     assert text.count(renderer.NOT_MEASURED) == 2
     new = {
-        "benchmark": "bench_service",
+        "benchmark": "service",
         "command": "python benchmarks/bench_service.py model.onnx",
         "commit": "0" * 40,
         "date": "2027-01-01",
-        "machine": {"cpu": "Test CPU", "flags": "avx2", "cores": 2, "gpu": None},
+        "machine": {"cpu": "Test CPU", "flags": ["avx2"], "cores": 2, "gpu": None},
         "results": {"requests_per_second": 1234.5},
     }
     (tmp_path / "service-2027-01-01.json").write_text(__import__("json").dumps(new))

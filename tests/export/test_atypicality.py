@@ -13,12 +13,14 @@ import torch
 
 from center_embed import contract
 from center_embed.cli import main
+from center_embed.errors import UserError
 from center_embed.export.atypicality import (
     LAYERS,
     MIN_IMAGES,
     NORM_IMAGES,
     SHRINKAGE,
     Atypicality,
+    AtypicalityOptions,
     _gaussian,
     fit_on,
     graph_statistics,
@@ -92,7 +94,8 @@ def test_fit_gates_at_its_quantile_of_training_images():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (800, 8, 8, 3), dtype=np.uint8)  # training-like: noise
     min_distances = lambda e: e.sum(1)  # noqa: E731
-    fitted = fit_on(fake_statistics, images, min_distances, quantile=0.9, weight=2.0)
+    fitted = fit_on(fake_statistics, images, min_distances,
+                    AtypicalityOptions(quantile=0.9, weight=2.0))  # fmt: skip
     facts = fitted.facts
     assert facts["norm_images"] == 160 and facts["fit_images"] == 640  # a fifth, the rest
     order = np.random.default_rng(0).permutation(800)
@@ -105,8 +108,8 @@ def test_fit_gates_at_its_quantile_of_training_images():
     flat = np.full((4, 8, 8, 3), 128, np.uint8)  # no texture at all: far beyond the gate
     assert (fitted.module.forward_statistics(fake_statistics(flat)[0]) > 0).all()
     assert fit_on(fake_statistics, images[: MIN_IMAGES - 1], min_distances) is None
-    with pytest.raises(ValueError, match="quantile"):
-        fit_on(fake_statistics, images, min_distances, quantile=1.0)
+    with pytest.raises(UserError, match="quantile must lie in"):
+        AtypicalityOptions(quantile=1.0)
 
 
 def norm_images(checkpoint) -> np.ndarray:
@@ -124,7 +127,7 @@ def test_the_shipped_file_is_calibrated_on_its_own_activations(tiny_checkpoint, 
     on fp32's statistics (the gate at 0.99), the tiny int8 model gave 17% of them one
     instead of 1%."""
     path = export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", int8=precision == "int8",
-                             atypicality_quantile=0.9)  # fmt: skip
+                             atypicality=AtypicalityOptions(quantile=0.9))  # fmt: skip
     model = OnnxModel(path, RuntimeOptions(device="cpu"))
     images = norm_images(tiny_checkpoint)
     share = (model.run(images)["atypicality"] > 0).mean()
@@ -152,7 +155,7 @@ def test_write_into_needs_every_initializer(tiny_onnx):
         write_into(proto, Atypicality([72, 24, 48, 8]))  # a fourth layer it does not have
 
 
-def test_export_without_atypicality_keeps_the_four_outputs(tiny_checkpoint, tiny_onnx, tmp_path):
+def test_export_without_atypicality_has_the_five_outputs(tiny_checkpoint, tiny_onnx, tmp_path):
     out = tmp_path / "plain.onnx"
     assert main(["export", str(tiny_checkpoint), "--out", str(out), "--no-atypicality"]) == 0
     proto = onnx.load(str(out))
@@ -172,7 +175,9 @@ def test_export_without_atypicality_keeps_the_four_outputs(tiny_checkpoint, tiny
     np.testing.assert_array_equal(a["atypicality"], np.zeros(4, np.float32))  # reads as 0
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(a["labels"], b["labels"])  # a per-image constant
-    np.testing.assert_allclose(b["distances"] - a["distances"],
-                               np.repeat(b["atypicality"][:, None], 3, 1), atol=1e-3)  # fmt: skip
+    # It is part of the unknown score, never of a distance.
+    np.testing.assert_allclose(b["distances"], a["distances"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(b["unknown_scores"] - a["unknown_scores"], b["atypicality"],
+                               atol=1e-3)  # fmt: skip
     assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx"),
                  "--atypicality-quantile", "1.5"]) == 1  # fmt: skip

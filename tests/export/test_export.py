@@ -55,32 +55,36 @@ def splits(checkpoint: Path):
 
 
 def torch_outputs(checkpoint: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Brute force in torch float64: the outputs the default export (format 2) computes."""
     ckpt = load_checkpoint(checkpoint)
     model, criterion, _ = build_model(ckpt)
     pre = ckpt["preprocess"]
     e = embed_images(model, images, pre["mean"], pre["std"], torch.device("cpu")).double()
     c = criterion.centers.double()
     squared = ((e[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # (N, C), brute force
-    a = torch_atypicality(checkpoint, images)[:, None]  # (N, 1)
-    d = squared - (e**2).sum(1, keepdim=True) + a  # export's default kind: minus ‖e‖²
+    a = torch_atypicality(checkpoint, images)  # (N,)
+    score = squared - (e**2).sum(1, keepdim=True)  # the default score: minus ‖e‖²
+    labels = score.argmin(1)
     return {
         "embeddings": e.numpy(),
-        "distances": d.numpy(),
-        "squared": (squared + a).numpy(),
-        "labels": d.argmin(1).numpy(),
-        "atypicality": a[:, 0].numpy(),
+        "distances": squared.numpy(),
+        "labels": labels.numpy(),
+        "min_distances": squared.gather(1, labels[:, None])[:, 0].numpy(),
+        "unknown_scores": (score.min(1).values + a).numpy(),
+        "atypicality": a.numpy(),
     }
 
 
 def torch_atypicality(checkpoint: Path, images: np.ndarray, kind: str = "") -> torch.Tensor:
-    """(N,) float64: the atypicality export fits (same images, same seed), in torch."""
+    """(N,) float64: the atypicality export fits (same images, same seed), in torch, scaled
+    by the spread of the min of the per-center score `kind` (default: the default score's)."""
     from center_embed.export.atypicality import fit_atypicality
     from center_embed.export.calibrate import calibration_set
 
     ckpt = Checkpoint.load(checkpoint)
     model, criterion = ckpt.build_model()
     c = criterion.centers.numpy()
-    kind = kind or contract.DEFAULT_EXPORT_DISTANCE
+    kind = kind or contract.SCORE_DISTANCE_KIND[contract.DEFAULT_UNKNOWN_SCORE]
     fitted = fit_atypicality(model, calibration_set(ckpt).train.images, ckpt.preprocess,
                              lambda e: contract.distances(e, c, kind).min(1))  # fmt: skip
     mean = torch.tensor(ckpt.preprocess.mean).view(1, 3, 1, 1) * 255
@@ -106,9 +110,9 @@ def test_parity_with_torch(tiny_checkpoint, tiny_onnx, batch):
     assert relative(got["embeddings"], want["embeddings"]) < 1e-4
     assert relative(got["distances"], want["distances"]) < 1e-4
     np.testing.assert_array_equal(got["labels"], want["labels"])
-    np.testing.assert_allclose(got["min_distances"], want["distances"].min(1), rtol=1e-4, atol=1e-4)
     scale = np.abs(want["distances"]).max()
-    np.testing.assert_allclose(got["atypicality"], want["atypicality"], atol=1e-4 * scale)
+    for name in ("min_distances", "unknown_scores", "atypicality"):
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4 * scale, err_msg=name)
     assert got["labels"].dtype == np.int64 and got["embeddings"].dtype == np.float32
 
 
@@ -123,7 +127,9 @@ def test_parity_of_the_atypicality_where_it_is_not_zero(tiny_checkpoint, tiny_on
     want = torch_outputs(tiny_checkpoint, images)
     assert (want["atypicality"] > 1).all()
     assert relative(got["atypicality"], want["atypicality"]) < 1e-4
-    assert relative(got["distances"], want["distances"]) < 1e-4
+    assert relative(got["distances"], want["distances"]) < 1e-4  # distances never hold it
+    scale = np.abs(want["distances"]).max()
+    np.testing.assert_allclose(got["unknown_scores"], want["unknown_scores"], atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "none"])  # rms: the tiny_checkpoint above
@@ -156,14 +162,15 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
         assert out["embeddings"].shape == (n, 16) and out["distances"].shape == (n, 3)
         assert out["labels"].shape == (n,) and out["min_distances"].shape == (n,)
         assert out["atypicality"].shape == (n,) and (out["atypicality"] >= 0).all()
-        # The outputs agree with each other: nearest label and min distance of `distances`.
+        assert out["unknown_scores"].shape == (n,) and (out["distances"] >= 0).all()
+        # The outputs agree with each other: nearest label and min distance of `distances`,
+        # the score the min of ‖e − c‖² − ‖e‖², plus the atypicality.
         np.testing.assert_array_equal(out["labels"], out["distances"].argmin(1))
         np.testing.assert_array_equal(out["min_distances"], out["distances"].min(1))
-        # The default kind, ‖e − c‖² − ‖e‖², is a squared distance less the image's own ‖e‖²
-        # (plus its atypicality).
-        squared = out["distances"] - out["atypicality"][:, None]
-        squared += (out["embeddings"] ** 2).sum(1, keepdims=True)
-        assert squared.min() > -1e-3 * np.abs(squared).max()
+        norms = (out["embeddings"].astype(np.float64) ** 2).sum(1)
+        score = out["min_distances"] - norms + out["atypicality"]
+        scale = np.abs(out["distances"]).max()
+        np.testing.assert_allclose(out["unknown_scores"], score, atol=1e-4 * scale)
     empty = model.run_batched(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["distances"].shape == (0, 3) and empty["labels"].dtype == np.int64
     expected = contract.empty_outputs(3, 16)
@@ -172,54 +179,68 @@ def test_dynamic_batch_and_io_contract(tiny_onnx):
     }
 
 
-def test_contract_distances_are_the_graphs(tiny_onnx):
+def test_a_plain_client_finds_true_distances(tiny_onnx):
+    """The contract, as a plain onnxruntime client checks it with nothing of ours:
+    `distances` equal ‖e − c‖² from `embeddings` and the `centers` initializer, all >= 0,
+    labels their argmin, min_distances their min."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(5).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"images": images}), strict=True))
+    initializers = onnx.load(str(tiny_onnx)).graph.initializer
+    centers = next(t for t in initializers if t.name == "centers")
+    centers = onnx.numpy_helper.to_array(centers).astype(np.float64)
+    e = out["embeddings"].astype(np.float64)
+    brute = ((e[:, None, :] - centers[None]) ** 2).sum(-1)
+    assert (out["distances"] >= 0).all()
+    np.testing.assert_allclose(out["distances"], brute, rtol=1e-4, atol=1e-4 * brute.max())
+    np.testing.assert_array_equal(out["labels"], brute.argmin(1))
+    np.testing.assert_allclose(out["min_distances"], brute.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_contract_scores_are_the_graphs(tiny_onnx):
     """The numpy formula the service uses on vectors gives the graph's own outputs."""
     model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", threads=1))
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     out = model.run(images)
-    assert model.info.distance == "squared_euclidean_minus_norm"
+    info = model.info
+    assert info.format_version == 2 and info.unknown_score == "min_distance_minus_norm"
     centers = contract.read_centers(tiny_onnx)
-    d = contract.distances(out["embeddings"], centers, model.info.distance,
-                           atypicality=out["atypicality"])  # fmt: skip
-    np.testing.assert_allclose(d, out["distances"], rtol=1e-4, atol=1e-4)
-    nearest = contract.nearest_centers(out["distances"])
-    np.testing.assert_array_equal(nearest["labels"], out["labels"])
-    np.testing.assert_array_equal(nearest["min_distances"], out["min_distances"])
+    ours = contract.center_scores(out["embeddings"], centers, info.score_kind, True,
+                                  out["atypicality"])  # fmt: skip
+    for name in ("distances", "min_distances", "unknown_scores"):
+        np.testing.assert_allclose(ours[name], out[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(ours["labels"], out["labels"])
     batched = contract.run_batched(model.run, images, batch_size=4)
     assert set(batched) == set(contract.ALL_OUTPUT_NAMES)
     for name in contract.ALL_OUTPUT_NAMES:
         np.testing.assert_allclose(batched[name], out[name], rtol=1e-5, atol=1e-5)
 
 
-def test_squared_euclidean_export_keeps_the_old_contract(tiny_checkpoint, tiny_onnx, tmp_path):
-    """--distance squared_euclidean: clamped squared distances (what every model exported
-    before the default changed holds), the same labels as the default kind, its own
-    threshold; the service and the contract read either kind from the metadata."""
-    old = export_checkpoint(tiny_checkpoint, tmp_path / "old.onnx", distance="squared_euclidean")
-    model, default = (
-        OnnxModel(old, RuntimeOptions(device="cpu")),
-        OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")),
-    )
+def test_the_min_distance_score_and_the_deprecated_distance_option(tiny_checkpoint, tiny_onnx,
+                                                                   tmp_path):  # fmt: skip
+    """--unknown-score min_distance: the same distances and labels, the score is the min
+    distance plus the atypicality (scaled by the spread of its own kind), its own threshold;
+    --distance is the old name of the choice."""
+    path = export_checkpoint(tiny_checkpoint, tmp_path / "md.onnx", unknown_score="min_distance")
+    model = OnnxModel(path, RuntimeOptions(device="cpu"))
+    default = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
     _, test = splits(tiny_checkpoint)
     images = np.ascontiguousarray(test.images[:20])
     got, new = model.run(images), default.run(images)
-    want = torch_outputs(tiny_checkpoint, images)
-    # This file's atypicality is scaled by the spread of its own kind's min distances.
-    own = torch_atypicality(tiny_checkpoint, images, "squared_euclidean").numpy()
-    want["squared"] += (own - want["atypicality"])[:, None]
-    assert model.info.distance == "squared_euclidean"
-    assert relative(got["distances"], want["squared"]) < 1e-4 and (got["distances"] >= 0).all()
+    assert model.info.unknown_score == "min_distance"
+    np.testing.assert_allclose(got["distances"], new["distances"], rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(got["labels"], new["labels"])
-    centers = contract.read_centers(old)
-    np.testing.assert_allclose(
-        contract.distances(got["embeddings"], centers, "squared_euclidean",
-                           atypicality=got["atypicality"]),
-        got["distances"], rtol=1e-4, atol=1e-4,
-    )  # fmt: skip
-    assert model.info.unknown_threshold > 0  # calibrated in its own kind
+    own = torch_atypicality(tiny_checkpoint, images, "squared_euclidean").numpy()
+    scale = np.abs(got["distances"]).max()
+    np.testing.assert_allclose(got["unknown_scores"], got["min_distances"] + own,
+                               atol=1e-4 * scale)  # fmt: skip
+    assert model.info.unknown_threshold > 0  # calibrated on its own score
     assert model.info.unknown_threshold != default.info.unknown_threshold
-    with pytest.raises(UserError, match="--distance must be one of"):
-        export_checkpoint(tiny_checkpoint, tmp_path / "x.onnx", distance="cosine")
+    with pytest.raises(UserError, match="--unknown-score must be one of"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "x.onnx", unknown_score="cosine")
 
 
 def test_checkpoint_object_gives_back_the_dict_on_disk(tiny_checkpoint):
@@ -259,8 +280,9 @@ def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
     assert info.class_names == ckpt["class_names"] == ["blue", "green", "red"]
     assert info.embedding_dim == 16 and info.input_size == (32, 32)
     assert info.mean == ckpt["preprocess"]["mean"] and info.std == ckpt["preprocess"]["std"]
-    assert info.distance == "squared_euclidean_minus_norm" and info.precision == "fp32"
-    assert props["center_embed.format_version"] == "1"
+    assert info.distance == "squared_euclidean" and info.precision == "fp32"
+    assert info.unknown_score == "min_distance_minus_norm"
+    assert props["center_embed.format_version"] == "2"
     assert props["center_embed.input_layout"] == "NHWC uint8 RGB"
     training = json.loads(props["center_embed.training"])
     assert training["update"] == "paper" and training["center_weight"] == 0.01
@@ -273,13 +295,13 @@ def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
 
 
 def test_threshold_matches_its_definition(tiny_checkpoint, tiny_onnx):
-    """The global threshold is the 95% quantile of min distances of correctly classified
+    """The global threshold is the 95% quantile of unknown scores of correctly classified
     validation images; each class's is the same over that class."""
     model = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
     val, _ = splits(tiny_checkpoint)
     out = model.run_batched(val.images)
     correct = out["labels"] == val.labels
-    md = out["min_distances"]
+    md = out["unknown_scores"]
     assert model.info.unknown_threshold == pytest.approx(
         np.quantile(md[correct], 0.95, method="inverted_cdf"), rel=1e-6
     )
@@ -331,7 +353,7 @@ def test_quantile_and_no_silent_test_split_fallback(tiny_checkpoint, tiny_folder
     test = load_for_classes(str(other), model.info.class_names, 32).test
     out = model.run_batched(test.images)
     correct = out["labels"] == test.labels
-    expected = np.quantile(out["min_distances"][correct], 0.5, method="inverted_cdf")
+    expected = np.quantile(out["unknown_scores"][correct], 0.5, method="inverted_cdf")
     assert model.info.unknown_threshold == pytest.approx(expected, rel=1e-6)
 
 

@@ -80,15 +80,15 @@ def test_repository_matches_the_onnx_file(tiny_onnx, tmp_path):
     assert [t.name for t in config.input] == ["images"]
     assert config.input[0].format == mc.ModelInput.FORMAT_NHWC
     assert [t.name for t in config.output] == [
-        "embeddings", "distances", "labels", "min_distances", "atypicality",
+        "embeddings", "distances", "labels", "min_distances", "unknown_scores", "atypicality",
     ]  # fmt: skip
-    assert len(tensors) == 6  # one input, five outputs: nothing left undeclared
+    assert len(tensors) == 7  # one input, six outputs: nothing left undeclared
     for declared in [*config.input, *config.output]:
         check_tensor(declared, *tensors[declared.name])
     assert list(config.input[0].dims) == [32, 32, 3]  # the tiny model's input size
 
 
-def test_a_file_without_atypicality_declares_four_outputs(tiny_plain_onnx, tmp_path):
+def test_a_format_1_file_declares_its_four_outputs(tiny_plain_onnx, tmp_path):
     config = parse_config(write_triton_repository(tiny_plain_onnx, tmp_path / "repo"))
     assert [t.name for t in config.output] == ["embeddings", "distances", "labels",
                                                "min_distances"]  # fmt: skip

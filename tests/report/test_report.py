@@ -97,7 +97,7 @@ def test_report_files_and_metrics_equal_brute_force(
     ratio = brute_force_intra_inter(points, truth, centers.tolist())
     assert m["intra_inter_ratio"] == pytest.approx(ratio, rel=1e-5)
     per_class = np.array([model.info.class_thresholds[n] for n in model.info.class_names])
-    unknown = result["min_distances"] > per_class[result["labels"]]  # its nearest class's
+    unknown = result["unknown_scores"] > per_class[result["labels"]]  # its nearest class's
     assert m["unknown_rate"] == pytest.approx(unknown.mean())
     assert np.array(m["confusion_matrix"]).sum() == 48
     assert np.trace(m["confusion_matrix"]) == np.sum(result["labels"] == labels)
@@ -118,7 +118,7 @@ def test_report_files_and_metrics_equal_brute_force(
 
 def test_report_without_a_run(tiny_onnx, tiny_folder, tmp_path):
     report = build_report(tiny_onnx, tmp_path / "r", str(tiny_folder), max_points=20)
-    assert set(report["plots"]) == {"embedding_2d", "confusion", "min_distance_hist"}
+    assert set(report["plots"]) == {"embedding_2d", "confusion", "unknown_score_hist"}
     assert not (tmp_path / "r" / "training_curves.png").exists()
     page = (tmp_path / "r" / "index.html").read_text()
     # train() alone records no test figures, so neither a run nor the model has softmax.

@@ -23,8 +23,8 @@ from center_embed.score.local import score
 from center_embed.score.output import PartWriter
 from tests.helpers import ROOT, write_cifar
 
-MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown", "atypicality", "distances",
-                 "embedding"]  # fmt: skip
+MODEL_COLUMNS = ["label", "class_name", "min_distance", "unknown_score", "unknown", "atypicality",
+                 "distances", "embedding"]  # fmt: skip
 
 
 @pytest.fixture()
@@ -80,26 +80,29 @@ def test_folder_with_broken_files_scores_every_image(tiny_onnx, messy_folder, tm
     np.testing.assert_array_equal([r["label"] for r in good], expected["labels"])
     np.testing.assert_allclose([r["embedding"] for r in good], expected["embeddings"], rtol=1e-5)
     np.testing.assert_allclose([r["distances"] for r in good], expected["distances"], rtol=1e-5)
-    np.testing.assert_allclose(
-        [r["min_distance"] for r in good], expected["min_distances"], rtol=1e-5
-    )
+    for column, name in (("min_distance", "min_distances"), ("unknown_score", "unknown_scores")):
+        np.testing.assert_allclose([r[column] for r in good], expected[name], rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
     np.testing.assert_allclose([r["atypicality"] for r in good], expected["atypicality"],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     names = model.info.class_names
     assert [r["class_name"] for r in good] == [names[k] for k in expected["labels"]]
     assert [r["class_name"] for r in good] == ["green"] * 2 + ["red"] * 2 + ["blue"] * 2
     # The flag uses the nearest class's own threshold (per-class calibration).
-    flags = model.info.unknown(expected["min_distances"], expected["labels"])
+    flags = model.info.unknown(expected["unknown_scores"], expected["labels"])
     assert [r["unknown"] for r in good] == flags.tolist()
     assert [r["path"] for r in good] == [str(messy_folder / r["id"]) for r in good]
     assert not (tmp_path / "scores.parquet.partial").exists()
 
 
-def test_a_file_without_atypicality_scores_zero_for_it(tiny_plain_onnx, tiny_folder, tmp_path):
+def test_a_format_1_file_scores_as_it_declares(tiny_plain_onnx, tiny_folder, tmp_path):
+    """Four outputs: an atypicality of 0, and the min distance as the unknown score."""
     out = tmp_path / "plain.parquet"
     score(tiny_plain_onnx, tiny_folder / "test", out, progress=False)
     table = read(out)
     assert table.num_rows == 48 and table.column("atypicality").to_pylist() == [0.0] * 48
+    assert table.column("unknown_score").to_pylist() == table.column("min_distance").to_pylist()
+    assert table.schema.metadata[b"center_embed.model_format_version"] == b"1"
 
 
 def test_parquet_schema_and_metadata(tiny_onnx, messy_folder, tmp_path):
@@ -114,6 +117,7 @@ def test_parquet_schema_and_metadata(tiny_onnx, messy_folder, tmp_path):
         ("label", pa.int32(), True),
         ("class_name", pa.string(), True),
         ("min_distance", pa.float32(), True),
+        ("unknown_score", pa.float32(), True),
         ("unknown", pa.bool_(), True),
         ("atypicality", pa.float32(), True),
         ("distances", pa.list_(pa.float32(), c), True),

@@ -92,7 +92,8 @@ def test_npy_model_json_is_plain_json(tiny_onnx, class_tree, tmp_path):
     score(tiny_onnx, class_tree, tmp_path / "s.npy", fmt="npy", progress=False)
     meta = json.loads((tmp_path / "s.npy" / "model.json").read_text())
     assert meta["class_names"] == info.class_names == sorted(TINY_CLASSES)
-    assert meta["scores_version"] == 2
+    assert meta["scores_version"] == 3
+    assert (meta["model_format_version"], meta["unknown_score"]) == (2, info.unknown_score)
     assert meta["embedding_dim"] == info.embedding_dim
     assert meta["source"] == {"kind": "folder", "path": str(class_tree), "all_files": False}
     assert meta["distance"] == info.distance
@@ -104,7 +105,7 @@ def test_npy_model_json_is_plain_json(tiny_onnx, class_tree, tmp_path):
     score(tiny_onnx, class_tree, tmp_path / "s.parquet", progress=False)
     raw = pq.read_schema(tmp_path / "s.parquet").metadata
     assert json.loads(raw[b"center_embed.class_names"]) == info.class_names
-    assert raw[b"center_embed.scores_version"] == b"2"
+    assert raw[b"center_embed.scores_version"] == b"3"
     assert read_scores_metadata(raw) == meta
 
 
@@ -179,7 +180,8 @@ def test_resume_of_a_partial_run_from_before_the_rule(tiny_onnx, class_tree, tmp
 
 
 def test_ray_resume_of_a_run_of_the_previous_format(tiny_onnx, class_tree, tmp_path, monkeypatch):
-    """Format 1 had no atypicality column: its parts must not be mixed with version 2's."""
+    """Format 1 had no atypicality column, format 2 no unknown_score: their parts must not
+    be mixed with version 3's."""
     ray = pytest.importorskip("ray")
     from center_embed.score import ray as ray_engine
     from center_embed.score.output import TRUE_CLASS_RULE
@@ -191,8 +193,8 @@ def test_ray_resume_of_a_run_of_the_previous_format(tiny_onnx, class_tree, tmp_p
            "true_class": TRUE_CLASS_RULE}  # fmt: skip
     (out / ray_engine.RUN_FILE).write_text(json.dumps(run))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    assert SCORES_FORMAT_VERSION == 2
-    with pytest.raises(UserError, match="the run differs: format_version: was 1, now 2"):
+    assert SCORES_FORMAT_VERSION == 3
+    with pytest.raises(UserError, match="the run differs: format_version: was 1, now 3"):
         ray_engine.score_on_ray(str(tiny_onnx), str(class_tree), str(out), resume=True,
                                 options=RuntimeOptions(device="cpu"), rows_per_block=16,
                                 progress=False)  # fmt: skip

@@ -81,9 +81,14 @@ def test_enrolled_class_is_answered_and_persists_across_a_restart(model_copy, pi
     assert after["centers"][3]["images"] == 6 and after["centers"][0]["images"] is None
     np.testing.assert_allclose(after["centers"][3]["center"], brute_center, rtol=1e-4, atol=1e-5)
     query = embeddings_of(model_copy, [pictures[7]])[0].astype(np.float64)
-    # the model's kind (export's default): ‖e − c‖² − ‖e‖²
-    brute = sum((query[j] - brute_center[j]) ** 2 - query[j] ** 2 for j in range(len(query)))
-    assert result["results"][0]["distances"]["zebra"] == pytest.approx(brute, rel=1e-3, abs=1e-3)
+    # A distance is a squared distance; the score (export's default) the min of it less ‖e‖²,
+    # plus the image's atypicality.
+    brute = sum((query[j] - brute_center[j]) ** 2 for j in range(len(query)))
+    answer = result["results"][0]
+    assert answer["distances"]["zebra"] == pytest.approx(brute, rel=1e-3, abs=1e-3)
+    if answer["class_name"] == "zebra":
+        score = brute - sum(q**2 for q in query) + answer["atypicality"]
+        assert answer["unknown_score"] == pytest.approx(score, rel=1e-3, abs=1e-3)
     assert result["model"]["num_classes"] == 4 and result["model"]["centers_version"] == 1
     assert 'center_embed_enrolments_total{action="enrol"} 1.0' in metrics
     assert "center_embed_centers_version 1.0" in metrics

@@ -107,6 +107,7 @@ def test_health_and_metadata(client, reference):
             {"name": "distances", "datatype": "FP32", "shape": [-1, c]},
             {"name": "labels", "datatype": "INT64", "shape": [-1]},
             {"name": "min_distances", "datatype": "FP32", "shape": [-1]},
+            {"name": "unknown_scores", "datatype": "FP32", "shape": [-1]},
             {"name": "atypicality", "datatype": "FP32", "shape": [-1]},
         ],
     }
@@ -117,6 +118,7 @@ def test_health_and_metadata(client, reference):
         "distances": "tensor(float)",
         "labels": "tensor(int64)",
         "min_distances": "tensor(float)",
+        "unknown_scores": "tensor(float)",
         "atypicality": "tensor(float)",
     }
     assert client.get_model_metadata(NAME, "1") == meta
