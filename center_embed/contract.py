@@ -236,9 +236,11 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
                 f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         if version == 1:
-            kind, score = _distance_kind(ours.get("distance", DISTANCE), source), "min_distance"
+            kind = _known(ours.get("distance", DISTANCE), DISTANCE_KINDS, "distance", source)
+            score = "min_distance"
         else:
-            score = _score_kind(ours.get("unknown_score", DEFAULT_UNKNOWN_SCORE), source)
+            score = ours.get("unknown_score", DEFAULT_UNKNOWN_SCORE)
+            score = _known(score, UNKNOWN_SCORE_KINDS, "unknown_score", source)
             kind = "squared_euclidean"
         threshold = ours.get("unknown_threshold")
         per_class = ours.get("class_thresholds")
@@ -260,20 +262,13 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
         raise UserError(f"{source} has malformed center_embed metadata ({e!r})") from None
 
 
-def _score_kind(kind: str, source: str) -> str:
-    if kind not in UNKNOWN_SCORE_KINDS:
+def _known(kind: str, table: dict[str, str], key: str, source: str) -> str:
+    """`kind` when `table` (DISTANCE_KINDS, UNKNOWN_SCORE_KINDS) knows it; else a UserError
+    naming the metadata `key` it was read from."""
+    if kind not in table:
         raise UserError(
-            f"{source} declares unknown_score {kind!r}, which this center-embed does not know "
-            f"({', '.join(UNKNOWN_SCORE_KINDS)}): it was exported by a newer version"
-        )
-    return kind
-
-
-def _distance_kind(kind: str, source: str) -> str:
-    if kind not in DISTANCE_KINDS:
-        raise UserError(
-            f"{source} declares distance {kind!r}, which this center-embed does not know "
-            f"({', '.join(DISTANCE_KINDS)}): it was exported by a newer version"
+            f"{source} declares {key} {kind!r}, which this center-embed does not know "
+            f"({', '.join(table)}): it was exported by a newer version"
         )
     return kind
 
