@@ -35,13 +35,17 @@ def settings_help() -> str:
     """The CENTER_EMBED_* environment variables, their meaning and defaults, for --help."""
     from center_embed.service.settings import Settings
 
+    fields = {name: f for name, f in Settings.model_fields.items() if name != "model"}
+    width = max(len(name) for name in fields)
     lines = ["environment (each CENTER_EMBED_<NAME>):"]
-    for name, field in Settings.model_fields.items():
-        if name == "model":
-            continue
-        default = field.get_default(call_default_factory=True)
-        shown = "none" if default in (None, []) else default
-        lines.append(f"  {name.upper():<16} {field.description} (default: {shown})")
+    for name, field in fields.items():
+        description = field.description or ""
+        if "(default:" not in description:  # a description may say its default itself
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, list | tuple):
+                default = ",".join(map(str, default))
+            description += f" (default: {default if default not in (None, '') else 'none'})"
+        lines.append(f"  {name.upper():<{width}}  {description}")
     return "\n".join(lines)
 
 

@@ -278,3 +278,15 @@ def test_test_files_import_only_the_helpers():
     }
     for source, names in forms.items():
         assert imported_names(ast.parse(source).body[0]) == names, source
+
+
+def test_serve_help_lists_each_setting_once_aligned():
+    from center_embed.cli.serve import settings_help
+
+    lines = settings_help().splitlines()[1:]
+    assert len(lines) > 20
+    assert all(line.count("(default:") == 1 for line in lines), lines
+    starts = {len(line) - len(line[2:].split(maxsplit=1)[1]) for line in lines}
+    assert len(starts) == 1  # every description starts in one column
+    assert any("GRACEFUL_SHUTDOWN_S" in line and "(default: timeout_s + 5)" in line
+               for line in lines)  # fmt: skip
