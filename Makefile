@@ -13,11 +13,13 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup test lint demo docs docs-build clean
 
+# The editable install: setuptools' "folders with the same name as your package" warning is
+# silenced, as ./center_embed is the package itself.
 $(BIN)/center-embed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)  # unquoted: TORCH may carry --index-url
-	$(BIN)/pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/center-embed
