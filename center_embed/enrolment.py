@@ -38,6 +38,7 @@ import fcntl
 import functools
 import io
 import json
+import math
 import os
 import time
 import unicodedata
@@ -76,20 +77,29 @@ class EnrolmentError(UserError):
         self.kind = kind  # bad_name | unknown_class | last_class | cannot_add | no_images
 
 
+def normalize_class_name(name: str) -> str:
+    """The one form of a class name that is compared and stored: Unicode NFC (the composed
+    and decomposed spellings of "é" are one name) without surrounding whitespace."""
+    return unicodedata.normalize("NFC", name).strip()
+
+
 def check_class_name(name: str) -> str:
-    """`name` when it may name a class: 1 to 128 characters, not only spaces, no control
-    characters (nor other invisible format characters), no '/' (a folder separator)."""
-    if not name or not name.strip():
+    """`name` normalised (`normalize_class_name`) when it may name a class: 1 to 128
+    characters, every one printable (`str.isprintable`: no control or invisible format
+    character, no line or paragraph separator U+2028/U+2029, no space but ' '), no '/'
+    (a folder separator)."""
+    name = normalize_class_name(name)
+    if not name:
         raise EnrolmentError("bad_name", "the class name is empty")
     if len(name) > MAX_CLASS_NAME:
         raise EnrolmentError(
             "bad_name", f"the class name has {len(name)} characters; at most {MAX_CLASS_NAME}"
         )
-    bad = next((c for c in name if unicodedata.category(c).startswith("C") or c == "/"), None)
+    bad = next((c for c in name if not c.isprintable() or c == "/"), None)
     if bad is not None:
         raise EnrolmentError(
-            "bad_name", f"the class name holds the character {bad!r}: control characters and "
-            "'/' are not allowed",
+            "bad_name", f"the class name holds the character {bad!r} (U+{ord(bad):04X}): "
+            "control characters, separators other than ' ', and '/' are not allowed",
         )  # fmt: skip
     return name
 
@@ -223,7 +233,7 @@ class CenterSet:
         `atypicality` (n,) (None: zeros): a new class, or an existing one replaced (mode
         "replace"), or an enrolled one given more images (mode "add": its center from all
         its images so far)."""
-        check_class_name(name)
+        name = check_class_name(name)
         if mode not in MODES:
             raise EnrolmentError("bad_mode", f"mode must be one of {', '.join(MODES)}")
         if not len(embeddings):
@@ -269,6 +279,8 @@ class CenterSet:
 
     def without_class(self, name: str, source: str = "") -> CenterSet:
         """This set without the class `name` (trained or enrolled); never the last one."""
+        if name not in self.names:
+            name = normalize_class_name(name)  # as enrolment stored it
         if name not in self.names:
             raise EnrolmentError("unknown_class", f"no class {name!r} to remove")
         if len(self.names) == 1:
@@ -339,35 +351,137 @@ def encode_center_set(centers: CenterSet) -> bytes:
     return buffer.getvalue()
 
 
+class _Invalid(ValueError):
+    """What is wrong with a centers file's content (decode_center_set says which file)."""
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise _Invalid(message)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _float_array(npz: Any, key: str, ndim: int) -> np.ndarray:
+    """`npz[key]` as float32 when it is a finite real array of `ndim` dimensions."""
+    _need(key in npz.files, f"no array {key!r}")
+    array = npz[key]
+    _need(
+        array.ndim == ndim and array.dtype.kind in "fiu",
+        f"{key!r} is a {array.dtype} array of shape {array.shape}, not {ndim}-D numbers",
+    )
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32)
+    _need(bool(np.isfinite(array).all()), f"{key!r} holds values that are not finite")
+    return array
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
+    """`meta` when it has every key of `encode_center_set`'s, each of its type."""
+    _need(isinstance(meta, dict), f"its meta is a JSON {type(meta).__name__}, not an object")
+    _need(
+        meta.get("format") == CENTERS_FILE_FORMAT,
+        f"format {meta.get('format')!r}, not {CENTERS_FILE_FORMAT}",
+    )
+    types = {
+        "model_sha256": str,
+        "distance": str,
+        "names": list,
+        "thresholds": dict,
+        "version": int,
+        "log": list,
+        "enrolled": list,
+    }
+    for key, kind in types.items():
+        _need(key in meta, f"its meta has no {key!r}")
+        value = meta[key]
+        _need(
+            isinstance(value, kind) and not isinstance(value, bool),
+            f"its meta's {key!r} is {type(value).__name__}, not {kind.__name__}",
+        )
+    names, enrolled = meta["names"], meta["enrolled"]
+    _need(
+        bool(names) and all(isinstance(n, str) and n for n in names),
+        "its class names are not all non-empty strings",
+    )
+    _need(len(set(names)) == len(names), "its class names repeat")
+    _need(
+        all(isinstance(n, str) for n in enrolled)
+        and len(set(enrolled)) == len(enrolled)
+        and set(enrolled) <= set(names),
+        "its enrolled classes are not among its names",
+    )
+    for name, value in meta["thresholds"].items():
+        _need(name in names, f"a threshold for {name!r}, which is not one of its classes")
+        _need(_is_number(value), f"the threshold of {name!r} is {value!r}, not a finite number")
+    _need(meta["version"] >= 0, f"version {meta['version']}")
+    _need(all(isinstance(entry, dict) for entry in meta["log"]), "its log is not of objects")
+    return meta
+
+
 def decode_center_set(data: bytes, source: str) -> CenterSet:
-    """A CenterSet from `encode_center_set`'s bytes; UserError naming `source` if unreadable."""
+    """A CenterSet from `encode_center_set`'s bytes, its whole structure checked: meta an
+    object of the expected keys and types, class names strings, centers a finite (C, D)
+    array of one row per name, thresholds finite numbers of known classes, each enrolled
+    class's embeddings a finite (n, D) array and its atypicality finite (n,). UserError
+    naming `source` (one line) when anything is not so."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            if meta.get("format") != CENTERS_FILE_FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}, not {CENTERS_FILE_FORMAT}")
-            embeddings = {
-                name: npz[f"embeddings_{i}"].astype(np.float32)
-                for i, name in enumerate(meta["enrolled"])
-            }
-            atypicality = {
-                name: npz[f"atypicality_{i}"].astype(np.float32)
-                for i, name in enumerate(meta["enrolled"])
-                if f"atypicality_{i}" in npz.files
-            }
+            _need("meta" in npz.files, "no 'meta' entry")
+            raw = npz["meta"]
+            _need(raw.ndim == 0 and raw.dtype.kind == "U", "its meta is not a JSON string")
+            meta = _checked_meta(json.loads(str(raw)))
+            names = meta["names"]
+            centers = _float_array(npz, "centers", 2)
+            _need(
+                centers.shape[0] == len(names) and centers.shape[1] > 0,
+                f"centers of shape {centers.shape} for {len(names)} classes",
+            )
+            dim = centers.shape[1]
+            embeddings, atypicality = {}, {}
+            for i, name in enumerate(meta["enrolled"]):
+                own = _float_array(npz, f"embeddings_{i}", 2)
+                _need(
+                    len(own) > 0 and own.shape[1] == dim,
+                    f"'embeddings_{i}' has shape {own.shape}; the centers' dim is {dim}",
+                )
+                embeddings[name] = own
+                if f"atypicality_{i}" in npz.files:
+                    atypicality[name] = _float_array(npz, f"atypicality_{i}", 1)
+                    _need(
+                        len(atypicality[name]) == len(own),
+                        f"'atypicality_{i}' has {len(atypicality[name])} values for "
+                        f"{len(own)} embeddings",
+                    )
             return CenterSet(
-                names=tuple(meta["names"]),
-                centers=npz["centers"].astype(np.float32),
+                names=tuple(names),
+                centers=centers,
                 thresholds={k: float(v) for k, v in meta["thresholds"].items()},
-                version=int(meta["version"]),
-                distance=str(meta["distance"]),
-                model_sha256=str(meta["model_sha256"]),
+                version=meta["version"],
+                distance=meta["distance"],
+                model_sha256=meta["model_sha256"],
                 log=tuple(meta["log"]),
                 embeddings=embeddings,
                 atypicality=atypicality,
             )
-    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{source} is not a readable centers file ({e})") from None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        RecursionError,
+    ) as e:
+        raise UserError(f"{source} is not a readable centers file ({one_line(e)})") from None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's words on one line, at most 200 characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_for_model(centers: CenterSet, sha256: str, info: ModelInfo, source: str) -> CenterSet:
@@ -396,10 +510,13 @@ class CentersFile:
     a reader never sees a torn file and needs no lock; `signature` (inode, size, mtime) is
     one os.stat that tells a reader the file changed."""
 
-    def __init__(self, path: str | Path, sha256: str, info: ModelInfo) -> None:
+    def __init__(
+        self, path: str | Path, sha256: str, info: ModelInfo, name: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sha256, self.info = sha256, info
+        self.name = name or str(self.path)  # how messages name it (a server: the file name)
 
     def signature(self) -> tuple[int, int, int] | None:
         """(inode, size, mtime_ns) of the file, None when there is none."""
@@ -416,9 +533,9 @@ class CentersFile:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise UserError(f"cannot read {self.path}: {e.strerror}") from None
-        return check_for_model(decode_center_set(data, str(self.path)), self.sha256,
-                               self.info, str(self.path))  # fmt: skip
+            raise UserError(f"cannot read {self.name}: {e.strerror}") from None
+        return check_for_model(decode_center_set(data, self.name), self.sha256,
+                               self.info, self.name)  # fmt: skip
 
     def write(self, centers: CenterSet) -> None:
         data = encode_center_set(centers)

@@ -9,7 +9,9 @@ model's input size (bilinear, antialiased when shrinking), centre-cropped.
 Nothing here lets a request cost much before it is refused:
 - the body is read with a deadline (408) and a size bound (413, from Content-Length when
   declared, else as it streams); multipart is parsed as it streams, counting parts (413);
-- JSON is parsed (and base64 decoded) in the decode pool, never on the event loop;
+- JSON is parsed (and base64 decoded) in the decode pool, never on the event loop, and
+  only when its byte counts show no more values than an accepted request holds (413 for
+  more); element types are checked before the schema, naming at most five problems;
 - image headers are read first (`probe_parts`): the format, each image's pixels and the
   request's total pixels are checked before anything is decoded (413, 415);
 - then images are decoded one at a time (`decode_part`), so a request holds at most one
@@ -28,6 +30,7 @@ import asyncio
 import binascii
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -58,17 +61,17 @@ from center_embed.service.decode_pool import (
 )
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError, validation_message
-from center_embed.service.schemas import DistancesRequest, ImagesRequest
+from center_embed.service.schemas import ImagesRequest
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 FILES = "files"
 _DATA_URI = re.compile(r"data:[\w.+/-]*(?:;[\w.+=-]+)*;base64,", re.ASCII)
 _IMAGES = TypeAdapter(ImagesRequest)
-_VECTORS = TypeAdapter(DistancesRequest)
 CLOSE = {"Connection": "close"}  # the rest of an unread body must not become a next request
 EXTRA_PARTS = 8  # multipart parts not named `files` that a form may carry along
 BYTES_PER_VALUE = 64  # JSON text per float, generously (indentation, long exponents)
+SPARE_VALUES = 64  # values a JSON body may hold beyond its list's (other keys, ignored)
 
 
 @dataclass
@@ -141,6 +144,74 @@ def load_json(body: bytes) -> Any:
         raise ApiError(ErrorCode.MALFORMED_BODY, f"body is not valid JSON: {e}") from None
 
 
+def check_values_bound(body: bytes, code: ErrorCode, what: str, limit: int, bound: int) -> None:
+    """Refuse, from byte counts alone (C speed, nothing built), a JSON body that holds more
+    values than `limit` `what` (the most one request may carry) hold, at most `bound`: before
+    json.loads builds its objects (4 million `[]` are 300 MB of lists) and before any
+    per-element validation. Every value but the first follows a ',' (413 past the bound), or
+    opens an array or object: more brackets than the bound, with few commas, are arrays nested
+    in one another, a malformed body (400)."""
+    commas = body.count(b",")
+    if commas > bound:
+        raise ApiError(
+            code, f"the JSON body holds more than {commas} values; {limit} {what}, the most "
+            f"one request may carry, hold at most {bound}",
+        )  # fmt: skip
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > bound:
+        raise ApiError(
+            ErrorCode.MALFORMED_BODY, f"the JSON body opens {brackets} arrays or objects; "
+            f"{limit} {what}, the most one request may carry, open at most {bound}",
+        )  # fmt: skip
+
+
+class Problems:
+    """Validation problems found by a walk over a parsed body: the first MAX_PROBLEMS kept,
+    the rest only counted (never one object per bad element)."""
+
+    MAX_PROBLEMS = 5
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+        self.more = 0
+
+    def one_more(self) -> bool:
+        """Count one more problem: True when it is to be kept (then `add` its words)."""
+        if len(self.kept) < self.MAX_PROBLEMS:
+            return True
+        self.more += 1
+        return False
+
+    def add(self, where: str, message: str) -> None:
+        self.kept.append(f"{where}: {message}")
+
+    def raise_any(self) -> None:
+        if self.kept:
+            more = [f"and {self.more} more"] if self.more else []
+            raise ApiError(ErrorCode.VALIDATION_ERROR, "; ".join([*self.kept, *more]))
+
+
+def json_field(value: Any, field: str, model: str) -> list:
+    """`value[field]` when `value` is an object whose `field` is a non-empty array; else the
+    422 that pydantic would give (same words), without validating any element."""
+    if not isinstance(value, dict):
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR, f"body: Input should be a valid dictionary or instance "
+            f"of {model}",
+        )  # fmt: skip
+    if field not in value:
+        raise ApiError(ErrorCode.VALIDATION_ERROR, f"body.{field}: Field required")
+    items = value[field]
+    if not isinstance(items, list):
+        raise ApiError(ErrorCode.VALIDATION_ERROR, f"body.{field}: Input should be a valid list")
+    if not items:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            f"body.{field}: List should have at least 1 item after validation, not 0",
+        )
+    return items
+
+
 def validate(adapter: TypeAdapter, value: Any) -> Any:
     try:
         return adapter.validate_python(value)
@@ -157,11 +228,43 @@ def too_many(code: ErrorCode, what: str, count: int | str, limit: int) -> ApiErr
 
 
 def parts_from_json(body: bytes, max_images: int) -> list[ImagePart]:
-    request = validate(_IMAGES, load_json(body))
-    if len(request.images) > max_images:
-        raise too_many(ErrorCode.TOO_MANY_IMAGES, "images", len(request.images), max_images)
+    """{"images": ["<base64>", ...]} -> parts. Work in proportion to what may be accepted:
+    a body that holds more values than `max_images` strings (and their data URIs' commas) is
+    refused before it is parsed, a list of more than `max_images` before its elements are
+    validated, and at most Problems.MAX_PROBLEMS validation problems are spelled out."""
+    bound = 2 * max_images + SPARE_VALUES  # a comma between strings, one in each data URI
+    check_values_bound(body, ErrorCode.TOO_MANY_IMAGES, "images", max_images, bound)
+    images = json_field(load_json(body), "images", "ImagesRequest")
+    if len(images) > max_images:
+        raise too_many(ErrorCode.TOO_MANY_IMAGES, "images", len(images), max_images)
+    problems = Problems()
+    for i, image in enumerate(images):
+        if not isinstance(image, str) and problems.one_more():
+            problems.add(f"body.images.{i}", "Input should be a valid string")
+    problems.raise_any()
+    request = validate(_IMAGES, {"images": images})  # the schema's own check, on <= max_images
     names = [f"images[{i}]" for i in range(len(request.images))]
     return [ImagePart(n, b64decode(s, n)) for n, s in zip(names, request.images, strict=True)]
+
+
+def not_a_number(value: Any) -> str:
+    """What a strict number check says of `value` (a string's words as pydantic's)."""
+    if isinstance(value, bool):
+        return "Input should be a valid number, not a boolean (true/false are not coerced)"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return "Input should be a valid number, unable to parse string as a number"
+        return "Input should be a valid number, not a string (strings are not coerced)"
+    return "Input should be a valid number"
+
+
+def _finite_or_nan(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
 
 
 def b64decode(text: str, where: str) -> bytes:
@@ -181,11 +284,27 @@ def b64decode(text: str, where: str) -> bytes:
 
 def vectors_from_json(body: bytes, dim: int, max_vectors: int, max_norm: float) -> np.ndarray:
     """{"embeddings": [[D floats], ...]} -> float32 (N, D), every value finite and every
-    vector's norm at most `max_norm` (beyond it its distances would overflow float32)."""
-    request = validate(_VECTORS, load_json(body))
-    vectors = request.embeddings
+    vector's norm at most `max_norm` (beyond it its distances would overflow float32).
+
+    Strict: every value a JSON number (no string, no true/false: nothing is coerced). Work
+    in proportion to what may be accepted, as `parts_from_json`: a body of more values than
+    `max_vectors` vectors hold is refused unparsed, a list of more than `max_vectors` before
+    its elements are looked at, and at most Problems.MAX_PROBLEMS problems are spelled out."""
+    bound = max_vectors * (dim + 1) + SPARE_VALUES  # per vector: its '[' and dim - 1 commas, ','
+    check_values_bound(body, ErrorCode.TOO_MANY_VECTORS, "vectors", max_vectors, bound)
+    vectors = json_field(load_json(body), "embeddings", "DistancesRequest")
     if len(vectors) > max_vectors:
         raise too_many(ErrorCode.TOO_MANY_VECTORS, "vectors", len(vectors), max_vectors)
+    problems = Problems()
+    for i, vector in enumerate(vectors):
+        if not isinstance(vector, list):
+            if problems.one_more():
+                problems.add(f"body.embeddings.{i}", "Input should be a valid list")
+            continue
+        for j, value in enumerate(vector):
+            if type(value) is not float and type(value) is not int and problems.one_more():
+                problems.add(f"body.embeddings.{i}.{j}", not_a_number(value))
+    problems.raise_any()
     for i, vector in enumerate(vectors):
         if len(vector) != dim:
             raise ApiError(
@@ -193,7 +312,10 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int, max_norm: float) 
                 f"embeddings[{i}] has {len(vector)} values; the model's embedding dim is {dim}",
             )
     with np.errstate(over="ignore"):
-        array = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim)
+        try:
+            array = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim)
+        except OverflowError:  # an integer beyond float's range: not finite either
+            array = np.array([[_finite_or_nan(v) for v in row] for row in vectors], np.float32)
     bad = np.flatnonzero(~np.isfinite(array).all(1))
     if len(bad):
         raise ApiError(

@@ -9,6 +9,9 @@ tensors; the `Inference-Header-Content-Length` header then gives the JSON object
      "outputs": [{"name": "labels", "parameters": {"binary_data": true}}]}
     <N*H*W*3 bytes, row-major, little-endian>
 
+The JSON itself is refused unparsed when its byte counts show more values than an accepted
+request holds, and its lists (inputs, outputs, a shape) when longer than any accepted one,
+before their elements are validated: parsing costs in proportion to what may be accepted.
 Every size is checked against the header before the work it implies: the shape against the
 model and `max_images`, the declared byte size against shape × element size, the bytes that
 follow the JSON against the declared sizes; only then is a tensor made (zero-copy over the
@@ -45,6 +48,9 @@ UNSUPPORTED_PARAMETERS = {
 }
 
 Parameters = dict[str, Any]
+MAX_TENSORS = 16  # inputs or outputs a request may list (the model has one input, <= 5 outputs)
+MAX_DIMS = 8  # dimensions of a shape (the input has 4)
+SPARE_VALUES = 256  # JSON values beyond the tensors' (id, parameters, names)
 
 
 class RequestInput(BaseModel):
@@ -126,12 +132,42 @@ def parse_request(
     N <= max_images; outputs among `output_names`, the model file's) and split out its
     tensor; no tensor is built yet (see `images_array`)."""
     header, binary = split_body(body, header_length)
+    bound = _values_bound(input_size, max_images, len(output_names))
+    count = header.count(b",") + header.count(b"[") + header.count(b"{")
+    if count > bound:  # refused before json.loads builds millions of objects
+        raise bad(f"the JSON header holds about {count} values (commas and brackets); a "
+                  f"request of at most {max_images} images holds at most {bound}")  # fmt: skip
+    raw = _load_json(header)
+    _check_list_lengths(raw)
     try:
-        request = _REQUEST.validate_python(_load_json(header))
+        request = _REQUEST.validate_python(raw)
     except ValidationError as e:
         raise bad(f"not an inference request: {validation_message(list(e.errors()))}") from None
     images = _images_input(request.inputs, binary, input_size, max_images)
     return ParsedRequest(request.id, images, _requested_outputs(request, output_names))
+
+
+def _values_bound(input_size: tuple[int, int], max_images: int, outputs: int) -> int:
+    """The most values (commas and brackets) the JSON header of an accepted request holds:
+    `max_images` images as nested JSON arrays (each number and each row after a comma, each
+    row and image opening a bracket), the outputs asked for, and some to spare."""
+    h, w = input_size
+    return max_images * (h * w * 4 + 2 * h + 4) + 8 * outputs + SPARE_VALUES
+
+
+def _check_list_lengths(raw: Any) -> None:
+    """Refuse lists longer than any accepted request has before pydantic validates their
+    elements (one error object for each bad one: a million `null` inputs were 1.4 GB)."""
+    if not isinstance(raw, dict):
+        return  # pydantic says so, in one error
+    for key, most in (("inputs", MAX_TENSORS), ("outputs", MAX_TENSORS)):
+        items = raw.get(key)
+        if isinstance(items, list) and len(items) > most:
+            raise bad(f"{len(items)} {key} in the request; the model has {most} at most")
+    for i, given in enumerate(raw.get("inputs") or []):
+        shape = given.get("shape") if isinstance(given, dict) else None
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:
+            raise bad(f"inputs[{i}] has a shape of {len(shape)} dimensions; at most {MAX_DIMS}")
 
 
 def _load_json(header: bytes) -> Any:

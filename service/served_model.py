@@ -15,6 +15,7 @@ answers from it to the end, so an enrolment never tears a request's answer. Each
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from center_embed.fileio import sha256_file
 from center_embed.runtime import OnnxModel, RuntimeOptions, describe
 
 WARMUP_SEED = 0
+log = logging.getLogger("center_embed.service")
 
 
 class ServedModel:
@@ -46,6 +48,7 @@ class ServedModel:
             )
         self.base_centers = CenterSet.from_model(self.info, centers, sha256)
         self.store: CentersFile | None = None
+        self._failure: tuple[Any, str] | None = None  # (a bad file's signature, why refused)
         # (snapshot, the centers file's signature it was read at): replaced as one value
         self._state: tuple[CentersSnapshot, Any] = (
             CentersSnapshot.of(self.base_centers, self.info),
@@ -79,22 +82,43 @@ class ServedModel:
     # ------------------------------------------------------------------ the centers
 
     def use_centers_file(self, path: str | Path) -> None:
-        """Serve the centers persisted at `path` (when it exists; UserError when it belongs
-        to another model), and persist enrolments there."""
-        self.store = CentersFile(path, self.sha256, self.info)
+        """Serve the centers persisted at `path` (when it exists), and persist enrolments
+        there. A file that is not a valid centers file of this model is a one-line UserError
+        here, at start (naming the file by its name only, as every message of a server does:
+        its folders are none of a client's business)."""
+        path = Path(path)
+        self.store = CentersFile(path, self.sha256, self.info, name=path.name)
         self._state = (self._state[0], object())  # unlike any signature: read at first use
+        self._failure = None
         self.current_centers()
 
     def current_centers(self) -> CentersSnapshot:
-        """The snapshot a request starting now answers with (reloaded when the file changed)."""
+        """The snapshot a request starting now answers with (reloaded when the file changed).
+
+        When the file is replaced by one that is not a valid centers file of this model
+        (unreadable, odd meta, NaN centers or thresholds, another model's, ...), the last good
+        snapshot is kept but not answered with: every call raises the UserError naming the
+        file by its name (the routes that need the centers answer 503 centers_unavailable),
+        logged once per bad version of the file, until a valid file (or none) replaces it.
+        Serving the last snapshot instead would answer with classes that may no longer be the
+        file's. The bad file is read once, not once per request (its signature is kept)."""
         snapshot, seen = self._state
         if self.store is None:
             return snapshot
         signature = self.store.signature()
-        if signature != seen:
+        if signature == seen:
+            return snapshot
+        failure = self._failure
+        if failure is not None and failure[0] == signature:
+            raise UserError(failure[1])  # a new one: a re-raised one would grow its traceback
+        try:
             stored = self.store.read() or self.base_centers  # no file: the model's own
-            snapshot = CentersSnapshot.of(stored, self.info)
-            self._state = (snapshot, signature)
+        except UserError as e:
+            log.warning("centers file refused; answering 503 until it is fixed: %s", e)
+            self._failure = (signature, str(e))
+            raise
+        snapshot = CentersSnapshot.of(stored, self.info)
+        self._state, self._failure = (snapshot, signature), None
         return snapshot
 
     def change_centers(self, change: Callable[[CenterSet], CenterSet]) -> CentersSnapshot:

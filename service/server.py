@@ -26,6 +26,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from center_embed.enrolment import centers_file_for
 from center_embed.errors import UserError
 from center_embed.service.middleware import log_config
 from center_embed.service.protocol import protocol_path
@@ -59,7 +60,9 @@ def check_and_load_settings(model: Path, workers: int) -> Settings:
     settings = load_settings()
     settings.keys()  # an unreadable key file fails here, not in every worker
     # one-line errors for a file that is not ours, or a runtime/precision that cannot run it
-    ServedModel.open(model, replace(settings.runtime_options(), threads=1))
+    served = ServedModel.open(model, replace(settings.runtime_options(), threads=1))
+    # and for a centers file beside it that is not a valid one of this model
+    served.use_centers_file(settings.centers_file or centers_file_for(model))
     return settings
 
 

@@ -20,6 +20,7 @@ Every refusal (bad name, no such class, the last class, images refused) changes 
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -56,6 +57,7 @@ class AnyText(Convertor):
 
 
 register_url_convertor("class_name", AnyText())
+CENTERS_PREFIX = b"/v1/centers/"
 ClassName = Annotated[str, Path(description="the class's name: 1-128 characters, no controls")]
 Mode = Query("replace", description="replace: the class from these images alone; add: "
              "these images added to an enrolled class's")  # fmt: skip
@@ -88,7 +90,7 @@ async def enrol(
     mode: Literal["replace", "add"] = Mode,
 ) -> JSONResponse:
     """Enrol the class `name` from the images sent (multipart `files` or JSON base64)."""
-    refused_unless(check_class_name, name)  # before the body is read
+    name = class_name(request, name)  # before the body is read
     result = await pipeline.run(request)
     embeddings = result.outputs["embeddings"]  # (n, D)
     atypicality = result.outputs["atypicality"]  # (n,)
@@ -107,16 +109,32 @@ async def enrol(
     response_model=EnrolmentResponse,
     responses={**ok(EnrolmentResponse), **errors(401, 403, 404, 409, 422, 503)},
 )
-async def remove(name: ClassName, model: ModelDep, metrics: MetricsDep) -> JSONResponse:
+async def remove(
+    name: ClassName, request: Request, model: ModelDep, metrics: MetricsDep
+) -> JSONResponse:
     """Remove the class `name`: it is no longer answered, from the next request on."""
-    refused_unless(check_class_name, name)
+    name = class_name(request, name)
     snapshot = await apply(model, lambda current: current.without_class(name, "DELETE"))
     return answer(snapshot, name, metrics)
 
 
-def refused_unless(check: Callable[[str], object], name: str) -> None:
+def class_name(request: Request, name: str) -> str:
+    """The class name of the request's path, normalised (NFC, surrounding spaces trimmed) as
+    every name is before it is compared or stored: 422 when it may not name a class, 400
+    when the path's bytes are not UTF-8 (`%FF`, an encoded lone surrogate), which the router
+    would have turned into U+FFFD, another name than the client's."""
+    raw = request.scope.get("raw_path")
+    if raw is not None:
+        segment = raw.split(b"?", 1)[0].split(CENTERS_PREFIX, 1)[-1]
+        try:
+            urllib.parse.unquote_to_bytes(segment).decode("utf-8")  # strict: no surrogates
+        except UnicodeDecodeError as e:
+            raise ApiError(
+                ErrorCode.BAD_REQUEST, f"the class name in the path is not valid UTF-8 (byte "
+                f"{e.object[e.start]:#04x} at {e.start}): percent-encode its UTF-8 bytes",
+            ) from None  # fmt: skip
     try:
-        check(name)
+        return check_class_name(name)
     except EnrolmentError as e:
         raise refusal(e) from None
 
@@ -135,8 +153,10 @@ async def apply(model: ServedModel, change: Callable[[CenterSet], CenterSet]) ->
         raise refusal(e) from None
     except UserError as e:
         raise ApiError(ErrorCode.CENTERS_UNAVAILABLE, str(e)) from None
-    except OSError as e:
-        message = f"the centers file cannot be written: {e}"
+    except OSError as e:  # its words, never its path (the server's folders are not for clients)
+        file = model.store.path.name if model.store is not None else "centers file"
+        reason = e.strerror or type(e).__name__
+        message = f"the centers file {file} cannot be written: {reason}"
         raise ApiError(ErrorCode.CENTERS_UNAVAILABLE, message) from None
 
 

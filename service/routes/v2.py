@@ -211,12 +211,12 @@ async def infer(
             f"Content-Encoding {encoding} is not supported; send the body uncompressed",
         )
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    parsed = parse_request(
-        body, request.headers.get(HEADER_LENGTH), model.info.input_size, settings.max_images,
-        model.output_names,
+    loop = asyncio.get_running_loop()  # parsing megabytes of JSON is not for the event loop
+    parsed = await loop.run_in_executor(
+        decoder, parse_request, body, request.headers.get(HEADER_LENGTH), model.info.input_size,
+        settings.max_images, model.output_names,
     )  # fmt: skip
     metrics.images.labels(request.scope["route"].path).inc(parsed.images.count)
-    loop = asyncio.get_running_loop()
     try:
         async with batcher.arrival(parsed.images.count) as arrival:
             if parsed.images.binary is not None:  # a view of the body: no work to offload
