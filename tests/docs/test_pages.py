@@ -83,7 +83,7 @@ def test_missing_figures_render_as_not_measured(monkeypatch: pytest.MonkeyPatch,
         "commit": "0" * 40,
         "date": "2027-01-01",
         "machine": {"cpu": "Test CPU", "flags": ["avx2"], "cores": 2, "gpu": None},
-        "results": {"requests_per_second": 1234.5},
+        "results": {"load": {"requests_per_second": 1234.5}},
     }
     (tmp_path / "service-2027-01-01.json").write_text(__import__("json").dumps(new))
     text = renderer.headline()
