@@ -9,7 +9,7 @@ Side by side in one run: the good requests' p50/p99 latency with the attacks run
 without (a short quiet round first, same server). Required: no 500 at all, no 5xx to a good
 request (the attacks designed to get one get 503 too_many_connections or 504 timeout), and
 the server's peak RSS under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
-bounded in time and every read has a timeout. The payloads come from benchmarks/attacks.py.
+bounded in time and every read has a timeout. The payloads come from tests/attacks.py.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import statistics
 import time
 from collections import Counter
 
-import attacks
 import numpy as np
-from _common import add_json_argument, http_get, rss_mb, serve, write_results
+from _common import add_json_argument, http_get, serve, tree_rss_mb, write_results
 from PIL import Image
+
+from tests import attacks
 
 READ_TIMEOUT = 60.0
 
@@ -79,6 +80,13 @@ class Payloads:
             "slowloris": "slowloris",
             "short body": attacks.short_body(),
             "64 KB path": attacks.request("GET", attacks.long_path(), {}),
+            "10k-scan jpeg": files_request("/v1/classify", attacks.repeated_scan_jpeg()),
+            "float tiff": files_request("/v1/classify", attacks.float_tiff()),
+            "4M [] body": attacks.request("POST", "/v1/embed", json_type,
+                                          attacks.empty_lists_body()),
+            "1M string vectors": vectors_request(attacks.string_vectors_body()),
+            "v2 1M nulls": attacks.request("POST", "/v2/models/center_embed/infer", json_type,
+                                           attacks.v2_nulls_body()),
         }  # fmt: skip
 
 
@@ -152,7 +160,7 @@ async def soak(server, payloads, clients, seconds, attack: bool) -> dict:
     async def watch_memory() -> None:
         started = time.monotonic()
         while time.monotonic() < deadline:
-            rss.append((time.monotonic() - started, rss_mb(pid)))
+            rss.append((time.monotonic() - started, tree_rss_mb(pid)))  # decode workers too
             await asyncio.sleep(1.0)
 
     await asyncio.gather(watch_memory(), *(client(i) for i in range(clients)))

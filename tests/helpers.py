@@ -239,7 +239,7 @@ CORRUPT = corrupt_png()
 def png_bomb(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height pixels with a tiny IDAT (one definition,
     shared with the soak benchmark's attack payloads)."""
-    from benchmarks.attacks import png_bomb as make
+    from tests.attacks import png_bomb as make
 
     return make(width, height)
 

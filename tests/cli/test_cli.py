@@ -258,14 +258,15 @@ def imported_names(node: ast.AST) -> list[str]:
 
 
 def test_test_files_import_only_the_helpers():
-    """Under tests/, an import of tests.* names tests.helpers and nothing else (no test
-    module, no conftest): fixtures reach tests through pytest, helpers through one module."""
+    """Under tests/, an import of tests.* names tests.helpers (or tests.attacks, the attack
+    set bench_soak.py shares) and nothing else (no test module, no conftest): fixtures
+    reach tests through pytest, helpers through one module."""
     offenders = [
         f"{path.relative_to(ROOT)}:{node.lineno}: {name}"
         for path in sorted((ROOT / "tests").rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         for name in imported_names(node)
-        if name.split(".")[0] == "tests" and name != "tests.helpers"
+        if name.split(".")[0] == "tests" and name not in ("tests.helpers", "tests.attacks")
     ]
     assert offenders == []
     # The check sees each form a test file could use.

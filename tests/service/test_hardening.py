@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import attacks
 from center_embed.runtime import RuntimeOptions
 from center_embed.service.served_model import ServedModel
 from center_embed.service.settings import Settings
+from tests import attacks
 from tests.helpers import free_port, metric_samples, running, tiny_images, wait_until
 
 # The real server's limits in these tests: short, so that each case takes seconds.

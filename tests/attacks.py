@@ -1,5 +1,6 @@
-"""The payloads of issue 11's attacks, written once: the hardening tests and
-benchmarks/bench_soak.py both import them (`from benchmarks.attacks import ...`).
+"""The attack set, written once: the hardening tests import it (`from tests import
+attacks`, the one test module beside tests.helpers that tests may import) and
+benchmarks/bench_soak.py mixes it into its load.
 
 Each function returns bytes (an image, a body, or a whole raw HTTP request); none sends
 anything. All are small to build (a few KB to a few MB) except where the attack is the size.
@@ -143,3 +144,38 @@ def long_path(length: int = 65_536) -> str:
     """A path of `length` characters (percent-encoded; 65,532 once decoded at the default)
     with control characters in it (item 12)."""
     return "/" + "%0a%1b" + "x" * (length - 7)
+
+
+# --------------------------------------------------------------------------- round 2
+
+
+def repeated_scan_jpeg(side: int = 4096, scans: int = 10_000) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has `scans` scans: one held
+    a decoder ~17 s at 4096² before scans were counted (about 400 KB)."""
+    import re
+
+    data = encode(Image.new("RGB", (side, side)), "JPEG", progressive=True)
+    sos = [m.start() for m in re.finditer(rb"\xff\xda", data)]
+    last = data[sos[-1] : data.rindex(b"\xff\xd9")]
+    return data[: sos[-1]] + last * (scans - len(sos) + 1) + b"\xff\xd9"
+
+
+def float_tiff(side: int = 4096) -> bytes:
+    """A deflate TIFF of side² float32 zeros (tens of KB): 540 MB to decode before the
+    decoders converted deep pixels in bands."""
+    return encode(Image.new("F", (side, side)), "TIFF", compression="tiff_adobe_deflate")
+
+
+def empty_lists_body(count: int = 4_000_000) -> bytes:
+    """{"images": [[], [], ...]}: once one validation error object per element (5.8 GB)."""
+    return b'{"images": [' + b",".join([b"[]"] * count) + b"]}"
+
+
+def string_vectors_body(count: int = 1_000_000) -> bytes:
+    """{"embeddings": [["a"], ...]}: once +1.3 GB of errors, and strings coerced to floats."""
+    return b'{"embeddings": [' + b",".join([b'["a"]'] * count) + b"]}"
+
+
+def v2_nulls_body(count: int = 1_000_000) -> bytes:
+    """{"inputs": [null, ...]}: once parsed on the event loop (5 s frozen, +1.4 GB)."""
+    return b'{"inputs": [' + b",".join([b"null"] * count) + b"]}"
