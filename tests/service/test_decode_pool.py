@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -125,10 +126,19 @@ def test_a_decode_past_its_deadline_is_504_and_others_go_on(server):
     assert [a.status_code for a in answers] == [200] * 8
 
 
+def stop_workers(pool: DecodePool) -> list[int]:
+    """SIGSTOP every worker of `pool`, so a call sent to one waits (a stuck decoder, from
+    outside: the pool holds no test hook); the stopped pids."""
+    pids = pool.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
 def test_a_decode_worker_that_dies_is_a_bad_image_and_is_replaced(server):
     pool: DecodePool = server.app.state.decode_pool
     replaced = pool.replaced
-    pool.test_stall_s = 30  # every call now waits in its worker: one is killed from outside
+    stopped = stop_workers(pool)  # a call now waits in its worker: one is killed from outside
     try:
         with ThreadPoolExecutor(1) as threads:
             stuck = threads.submit(post, server.url, one_pixel_png())
@@ -138,7 +148,9 @@ def test_a_decode_worker_that_dies_is_a_bad_image_and_is_replaced(server):
             busy.process.kill()
             answer = stuck.result(30)
     finally:
-        pool.test_stall_s = 0.0
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     assert answer.status_code == 400
     assert "the decode worker died (killed by SIGKILL)" in answer.json()["error"]["message"]
     assert pool.replaced == replaced + 1
@@ -157,7 +169,7 @@ def test_shutdown_with_a_stuck_decode_ends_within_its_grace(tiny_onnx):
     with serve(settings) as live, ThreadPoolExecutor(1) as threads:
         pool: DecodePool = live.app.state.decode_pool
         pids = pool.pids
-        pool.test_stall_s = 120  # a decode that would hold its worker two minutes
+        stop_workers(pool)  # a decode that holds its worker until it is killed
         stuck = threads.submit(post, live.url, one_pixel_png())
         wait_until(lambda: pool.busy > 0, 10, "the decode stuck in its worker")
         started = time.monotonic()
