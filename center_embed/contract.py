@@ -33,6 +33,8 @@ numpy only (never torch, onnx or onnxruntime), so a serving install can use all 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +140,8 @@ METADATA_KEYS = {
     "precision_loss": "accuracy of a reduced-precision model against fp32",
     "enrolment": "classes enrolled or removed since training: action, class, images, time, source",
     "atypicality": "how the `atypicality` output was fitted: layers, images, quantile, weight",
+    "self_check": "held-out images (uint8, base64 .npy) and the labels, unknown flags, min "
+    "distances and unknown scores the export's own runtime gave them (SelfCheck)",
 }
 
 
@@ -503,3 +507,51 @@ def _tensor(message: memoryview) -> np.ndarray:
     else:
         raise ValueError("the centers tensor holds no data")
     return array.reshape(dims).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the self-check
+
+
+@dataclass
+class SelfCheck:
+    """A model's own verification set: a few held-out images and what the export's own
+    runtime (onnxruntime at the file's precision) answered for them. Another runtime or
+    precision that opens the file runs them and must agree (runtime.SELF_CHECK_TOLERANCES)."""
+
+    images: np.ndarray  # uint8 (n, H, W, 3)
+    labels: np.ndarray  # (n,) int64
+    unknown: np.ndarray  # (n,) bool
+    min_distances: np.ndarray  # (n,) float32
+    unknown_scores: np.ndarray  # (n,) float32
+
+    def to_metadata(self) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(self.images, np.uint8), allow_pickle=False)
+        return {
+            "images": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "labels": self.labels.astype(int).tolist(),
+            "unknown": self.unknown.astype(bool).tolist(),
+            "min_distances": self.min_distances.astype(float).tolist(),
+            "unknown_scores": self.unknown_scores.astype(float).tolist(),
+        }
+
+    @classmethod
+    def from_metadata(cls, raw: str, source: str = "model") -> SelfCheck:
+        try:
+            values = json.loads(raw)
+            images = np.load(io.BytesIO(base64.b64decode(values["images"])), allow_pickle=False)
+            check = cls(
+                images=np.asarray(images, np.uint8),
+                labels=np.asarray(values["labels"], np.int64),
+                unknown=np.asarray(values["unknown"], bool),
+                min_distances=np.asarray(values["min_distances"], np.float32),
+                unknown_scores=np.asarray(values["unknown_scores"], np.float32),
+            )
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise UserError(f"{source} has a malformed self_check ({e!r:.200})") from None
+        n = len(check.images)
+        if check.images.ndim != 4 or any(
+            len(a) != n for a in (check.labels, check.unknown, check.unknown_scores)
+        ):
+            raise UserError(f"{source} has a malformed self_check (shapes disagree)")
+        return check

@@ -12,15 +12,19 @@ A runtime is a `Backend`: it opens the file, says which device it runs on, and r
 batch to the graph's outputs (four, or five with `atypicality`). `choose_runtime` turns
 `--runtime auto|onnxruntime|openvino` and `--precision auto|fp32|bf16|int8|fp16` into one
 `RuntimeChoice` and says why (auto picks by what is installed and what the CPU supports).
-The default stays onnxruntime at the file's own precision: bf16 changes numbers slightly
-(README, "Runtimes"), so a user opts in. It imports numpy and Pillow, and a runtime only
-when one is opened (never torch), so a serving install stays small.
+`serve` and `score` default to auto: the fastest runtime and precision here, checked on
+the file's self-check (a few held-out images and what the export's own runtime answered)
+before use, with a fall back to onnxruntime at the file's own precision on a miss. The
+library (`RuntimeOptions()`) and `verify` default to that reference itself. It imports
+numpy and Pillow, and a runtime only when one is opened (never torch), so a serving
+install stays small.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,9 +35,11 @@ from center_embed.contract import (
     ATYPICALITY,
     FORMAT_1_OUTPUT_NAMES,
     INPUT_NAME,
+    METADATA_PREFIX,
     OUTPUT_NAMES,
     UNKNOWN_SCORES,
     ModelInfo,
+    SelfCheck,
     is_model_outputs,
     our_metadata,
     parse_metadata,
@@ -46,9 +52,13 @@ from center_embed.imageio import decode_image
 RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8", "fp16")
-DEFAULT_RUNTIME = "onnxruntime"  # today's behaviour; `auto` is asked for
+DEFAULT_RUNTIME = "onnxruntime"  # the library's and verify's: the export's own reference
+# serve and score: the fastest runtime this machine has, checked by the file's self-check
+# (OnnxModel falls back to the file's own precision when it misses)
+SERVING_DEFAULT_RUNTIME = "auto"
 DEFAULT_PRECISION = "auto"  # the fastest the chosen runtime gives on this file and CPU
 EXTRA_FOR_RUNTIME = {"onnxruntime": "cpu", "openvino": "openvino"}
+log = logging.getLogger("center_embed.runtime")
 # /proc/cpuinfo flags that give bf16 matrix arithmetic (AVX512-BF16 dot products, AMX tiles)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -339,6 +349,36 @@ class OnnxModel:
         if h != w:  # every reader here (decoding, scoring, serving) resizes to a square
             raise UserError(f"{self.path}: only square inputs are supported, got {h}x{w}")
         self.image_size = h  # the side of the square uint8 images the graph takes
+        # Another runtime or precision than the export's own runs the file's self-check
+        # first, and falls back to the file's own precision on a miss.
+        self.self_check = self._check_self(options, spinning, streams)
+
+    def _check_self(
+        self, options: RuntimeOptions, spinning: bool, streams: int
+    ) -> dict[str, Any] | None:
+        """None for the export's own runtime and precision, or a file without a self-check;
+        else the check's figures, after falling back to onnxruntime at the file's precision
+        (said in one log line) when they are outside SELF_CHECK_TOLERANCES."""
+        raw = self.info.metadata.get(METADATA_PREFIX + "self_check")
+        if not raw or (self.choice.runtime, self.choice.precision) == (
+            "onnxruntime", self.info.precision
+        ):  # fmt: skip
+            return None
+        check = SelfCheck.from_metadata(raw, str(self.path))
+        result = compare_self_check(self.run(check.images), check, self.info)
+        result["checked"] = f"{self.choice.runtime} {self.choice.precision}"
+        if result["passed"]:
+            return result
+        fallback = RuntimeChoice(
+            "onnxruntime", self.info.precision,
+            f"fallback: {result['checked']} failed the file's self-check ({result['summary']})",
+        )  # fmt: skip
+        log.warning("%s: %s", self.path.name, fallback.reason)
+        self.backend = open_backend(
+            fallback, self.path, options.device, options.threads, spinning, streams
+        )
+        self.choice = fallback
+        return result | {"fallback": True}
 
     @property
     def provider(self) -> str:
@@ -348,7 +388,8 @@ class OnnxModel:
     @property
     def runtime(self) -> dict[str, Any]:
         """What runs the model and why: for /v1/model, the logs and `inspect`."""
-        return {**asdict(self.choice), "provider": self.provider, "threads": self.backend.threads}
+        return {**asdict(self.choice), "provider": self.provider, "threads": self.backend.threads,
+                "self_check": self.self_check}  # fmt: skip
 
     @property
     def has_atypicality(self) -> bool:
@@ -384,6 +425,39 @@ class OnnxModel:
         return self.info.unknown(outputs[UNKNOWN_SCORES], outputs["labels"])
 
 
+# What another runtime or precision must reproduce of the file's self-check (a few dozen
+# images): nearly every label and unknown flag (one near-tie may flip in bf16), and the
+# min distances and unknown scores within 5% of the largest (bf16 keeps 8 bits of mantissa;
+# export/verify.RUNTIME_TOLERANCES measures the same on a whole split).
+SELF_CHECK_TOLERANCES = {"label_agreement": 0.9, "unknown_agreement": 0.9, "scores": 0.05}
+
+
+def compare_self_check(
+    out: dict[str, np.ndarray], check: SelfCheck, info: ModelInfo
+) -> dict[str, Any]:
+    """A runtime's outputs on the self-check images against what the export recorded."""
+    labels = float((out["labels"] == check.labels).mean())
+    flags = float((info.unknown(out[UNKNOWN_SCORES], out["labels"]) == check.unknown).mean())
+    scale = max(float(np.abs(check.min_distances).max(initial=0.0)),
+                float(np.abs(check.unknown_scores).max(initial=0.0)), 1e-12)  # fmt: skip
+    error = (
+        max(
+            float(np.abs(out["min_distances"] - check.min_distances).max(initial=0.0)),
+            float(np.abs(out[UNKNOWN_SCORES] - check.unknown_scores).max(initial=0.0)),
+        )
+        / scale
+    )
+    tol = SELF_CHECK_TOLERANCES
+    passed = labels >= tol["label_agreement"] and flags >= tol["unknown_agreement"]
+    passed = passed and error <= tol["scores"]
+    return {
+        "images": len(check.labels), "label_agreement": labels, "unknown_agreement": flags,
+        "scores_error": error, "tolerances": tol, "passed": passed,
+        "summary": f"{len(check.labels)} images: labels {labels:.0%}, unknown flags "
+        f"{flags:.0%}, scores {error:.2e} of the largest",
+    }  # fmt: skip
+
+
 def _file_precision(path: Path) -> str:
     """The precision the file was exported in; fp32 where it cannot be read (the runtime
     then reports the file as unreadable, in its own words)."""
@@ -402,4 +476,6 @@ def describe(info: ModelInfo) -> dict[str, Any]:
         except (ValueError, TypeError):
             out[name] = value
     out.setdefault("unknown_score", info.unknown_score)  # format 1: "min_distance"
+    if isinstance(out.get("self_check"), dict):  # its images are for runtimes, not readers
+        out["self_check"] = {"images": len(out["self_check"].get("labels", []))}
     return out

@@ -62,6 +62,11 @@ def replace_centers(proto: onnx.ModelProto, centers: CenterSet) -> None:
         dims[1].Clear()
         dims[1].dim_value = len(centers.names)
     del graph.value_info[:]
+    # The self-check recorded the file's own classes; an enrolled copy has none (it is run
+    # as today's files: no check, whatever the runtime).
+    kept = [p for p in proto.metadata_props if p.key != "center_embed.self_check"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     values = {
         "class_names": list(centers.names),
         "num_classes": len(centers.names),

@@ -61,9 +61,11 @@ from center_embed.contract import (
     SCORE_DISTANCE_KIND,
     UNKNOWN_SCORE_KINDS,
     UNKNOWN_SCORES,
+    SelfCheck,
     distances,
     set_metadata,
 )
+from center_embed.data import spread_sample
 from center_embed.errors import UserError
 from center_embed.export.atypicality import (
     MIN_IMAGES,
@@ -133,6 +135,7 @@ def export_checkpoint(
         meta = {"verification": verified(tmp, shipped, graph, ckpt, calib, say)} if verify else {}
         held_out = shipped.run_batched(calib.held_out.images)
         meta |= threshold_metadata(held_out, calib, shipped.info, quantile)
+        meta["self_check"] = self_check_metadata(held_out, calib, shipped.info, meta)
         where = calibration_source(meta["unknown_threshold_calibration"])
         say(f"unknown threshold {meta['unknown_threshold'] or 'none'} ({where}, q={quantile})")
         if precision != "fp32":
@@ -421,6 +424,32 @@ def calibration_source(facts: dict[str, Any]) -> str:
     if facts.get("split") == "validation":
         return f"the run's validation split of {facts.get('source')}, {images}"
     return f"the {facts.get('split')} split of {facts.get('source')}, {images}"
+
+
+SELF_CHECK_IMAGES = 32  # held-out images stored in the file: ~100 KB at 32x32
+
+
+def self_check_metadata(
+    held_out: dict[str, np.ndarray], calib, info, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The file's self-check (contract.SelfCheck): SELF_CHECK_IMAGES held-out images spread
+    over the split, and what this graph at its own precision answers for them, its
+    thresholds included."""
+    index = spread_sample(len(calib.held_out), SELF_CHECK_IMAGES)
+    threshold = meta["unknown_threshold"]
+    scoped = dataclasses.replace(
+        info,
+        unknown_threshold=float(threshold) if threshold != "" else None,
+        class_thresholds=meta["class_thresholds"] or None,
+    )
+    labels, scores = held_out["labels"][index], held_out[UNKNOWN_SCORES][index]
+    return SelfCheck(
+        images=np.asarray(calib.held_out.images[index], np.uint8),
+        labels=labels,
+        unknown=scoped.unknown(scores, labels),
+        min_distances=held_out["min_distances"][index],
+        unknown_scores=scores,
+    ).to_metadata()
 
 
 def threshold_metadata(

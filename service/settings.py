@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         description="longest decode of one image (its worker process is then killed); 504",
     )
     runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
-        "onnxruntime", description="inference runtime; auto picks by what is installed and the CPU"
+        "auto",
+        description="inference runtime; auto picks by what is installed and the CPU "
+        "(checked by the model's self-check)",
     )
     precision: Literal["auto", "fp32", "bf16", "int8", "fp16"] = Field(
         "auto", description="arithmetic precision (auto: bf16 under OpenVINO on bf16 CPUs)"

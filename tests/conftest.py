@@ -8,11 +8,17 @@ Plain helper functions live in tests/helpers.py; this file holds fixtures and ho
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import format_1_copy, tiny_config, write_image_folder
+
+# serve and score run onnxruntime in the tests, the reference every answer is compared
+# with, session fixtures included; their default (auto) is tested on its own
+# (tests/core/test_runtime.py).
+os.environ.setdefault("CENTER_EMBED_RUNTIME", "onnxruntime")
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ thing, and defaults to the same value, in `eval`, `score` and `report` alike.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from center_embed.errors import UserError
@@ -49,21 +50,26 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
 def add_runtime_arguments(p: argparse.ArgumentParser, *, from_environment: bool = False) -> None:
     """`--runtime` and `--precision` (center_embed.runtime.choose_runtime says what they do).
 
-    from_environment: the flags are absent unless given, so the service's
-    CENTER_EMBED_RUNTIME / CENTER_EMBED_PRECISION settings decide (serve)."""
+    from_environment (serve, score): the flags are absent unless given, so the settings
+    CENTER_EMBED_RUNTIME / CENTER_EMBED_PRECISION decide, else auto (the fastest runtime
+    here, checked by the file's self-check); otherwise (verify) onnxruntime, the export's
+    own reference."""
     from center_embed.runtime import (
         DEFAULT_PRECISION,
         DEFAULT_RUNTIME,
         PRECISION_CHOICES,
         RUNTIME_CHOICES,
+        SERVING_DEFAULT_RUNTIME,
     )
 
+    runtime = SERVING_DEFAULT_RUNTIME if from_environment else DEFAULT_RUNTIME
     where = "CENTER_EMBED_{}, else " if from_environment else ""
     p.add_argument(
         "--runtime", choices=RUNTIME_CHOICES,
-        default=None if from_environment else DEFAULT_RUNTIME,
-        help="inference runtime; auto: OpenVINO where installed (CPU), else onnxruntime "
-        f"(default: {where.format('RUNTIME')}{DEFAULT_RUNTIME})",
+        default=None if from_environment else runtime,
+        help="inference runtime; auto: OpenVINO where installed (CPU), else onnxruntime; "
+        "another runtime or precision than the export's own is checked against the file's "
+        f"self-check first (default: {where.format('RUNTIME')}{runtime})",
     )  # fmt: skip
     p.add_argument(
         "--precision", choices=PRECISION_CHOICES,
@@ -79,12 +85,23 @@ def runtime_options(args: argparse.Namespace):
     --threads, --runtime, --precision."""
     from center_embed.runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, RuntimeOptions
 
+    runtime = getattr(args, "runtime", DEFAULT_RUNTIME)
+    precision = getattr(args, "precision", DEFAULT_PRECISION)
     return RuntimeOptions(
         device=getattr(args, "device", "auto"),
         threads=getattr(args, "threads", DEFAULT_THREADS),
-        runtime=getattr(args, "runtime", DEFAULT_RUNTIME),
-        precision=getattr(args, "precision", DEFAULT_PRECISION),
+        runtime=runtime or environment_runtime("RUNTIME"),
+        precision=precision or environment_runtime("PRECISION"),
     )
+
+
+def environment_runtime(name: str) -> str:
+    """CENTER_EMBED_RUNTIME / _PRECISION, as serve reads them, else serve's and score's
+    defaults (auto)."""
+    from center_embed.runtime import DEFAULT_PRECISION, SERVING_DEFAULT_RUNTIME
+
+    default = SERVING_DEFAULT_RUNTIME if name == "RUNTIME" else DEFAULT_PRECISION
+    return os.environ.get(f"CENTER_EMBED_{name}", "").strip().lower() or default
 
 
 def add_data_argument(p: argparse.ArgumentParser, default: str) -> None:

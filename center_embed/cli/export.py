@@ -330,6 +330,11 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
             f"{', '.join(atypicality.get('layers', []))}, fitted on "
             f"{atypicality.get('fit_images')}); part of the unknown score"
         )
+    check = meta.get("self_check")
+    if isinstance(check, dict):
+        lines.append(f"  self-check      {check.get('images')} held-out images with the answers "
+                     f"of onnxruntime {info.precision}: run when another runtime opens the "
+                     "file")  # fmt: skip
     loss = meta.get("precision_loss")
     if isinstance(loss, dict) and "accuracy_drop_points" in loss:
         lines.append(f"  {info.precision} vs fp32    {loss.get('summary')}")

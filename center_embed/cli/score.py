@@ -54,7 +54,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_threads_argument(p)
     add_device_argument(p)
-    add_runtime_arguments(p)
+    add_runtime_arguments(p, from_environment=True)
     p.add_argument(
         "--row-group-size", type=int, default=None,
         help="rows per Parquet row group; also how much an interruption can lose (default "

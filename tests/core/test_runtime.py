@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,71 @@ def test_a_model_with_non_square_inputs_is_refused_at_open(tiny_onnx, tmp_path):
     with pytest.raises(UserError, match="only square inputs are supported, got 32x16"):
         OnnxModel(path, RuntimeOptions(device="cpu"))
     assert OnnxModel(tiny_onnx, RuntimeOptions(device="cpu")).image_size == 32
+
+
+def test_a_model_checks_itself_under_another_runtime_and_falls_back(tiny_onnx, tmp_path, caplog):
+    """The export stores a self-check; OpenVINO opening the file runs it (and passes); on
+    a perturbed copy (its recorded labels moved) it misses, and the model falls back to
+    onnxruntime at the file's own precision, saying so in one log line and in `runtime`."""
+    import json
+
+    import onnx
+
+    from center_embed.contract import SelfCheck
+
+    own = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu"))
+    check = SelfCheck.from_metadata(own.info.metadata["center_embed.self_check"])
+    assert check.images.shape == (32, 32, 32, 3) and own.self_check is None  # its own runtime
+    np.testing.assert_array_equal(own.run(check.images)["labels"], check.labels)
+    other = OnnxModel(tiny_onnx, RuntimeOptions(device="cpu", runtime="openvino", precision="fp32"))
+    assert other.self_check["passed"] and other.choice.runtime == "openvino"
+    assert other.runtime["self_check"]["label_agreement"] == 1.0
+
+    proto = onnx.load(str(tiny_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == "center_embed.self_check":
+            values = json.loads(prop.value)
+            values["labels"] = [(label + 1) % 3 for label in values["labels"]]
+            prop.value = json.dumps(values)
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(proto, str(perturbed))
+    with caplog.at_level("WARNING", logger="center_embed.runtime"):
+        fell = OnnxModel(perturbed, RuntimeOptions(device="cpu", runtime="openvino",
+                                                   precision="fp32"))  # fmt: skip
+    assert (fell.choice.runtime, fell.choice.precision) == ("onnxruntime", "fp32")
+    assert fell.provider == "CPUExecutionProvider"
+    assert fell.self_check["fallback"] and not fell.self_check["passed"]
+    assert fell.self_check["label_agreement"] == 0.0
+    assert fell.runtime["reason"].startswith("fallback: openvino fp32 failed the file's self-check")
+    assert [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()] == [
+        f"perturbed.onnx: {fell.choice.reason}"
+    ]
+    np.testing.assert_array_equal(fell.run(check.images)["labels"], own.run(check.images)["labels"])
+
+
+def test_serve_and_score_default_to_auto_checked_by_the_self_check(tiny_onnx, monkeypatch):
+    """With no flag nor setting, serve and score ask for auto; the model then runs what
+    choose_runtime picks here, and a pick other than the export's own ran the self-check."""
+    import argparse
+
+    from center_embed.cli.common import add_runtime_arguments, runtime_options
+    from center_embed.service.served_model import ServedModel
+    from center_embed.service.settings import Settings
+
+    monkeypatch.delenv("CENTER_EMBED_RUNTIME", raising=False)
+    monkeypatch.delenv("CENTER_EMBED_PRECISION", raising=False)
+    p = argparse.ArgumentParser()
+    add_runtime_arguments(p, from_environment=True)
+    options = runtime_options(p.parse_args([]))
+    assert (options.runtime, options.precision) == ("auto", "auto")
+    settings = Settings(model=tiny_onnx)
+    assert settings.runtime_options().runtime == "auto"
+    served = ServedModel.open(tiny_onnx, replace(settings.runtime_options(), device="cpu"))
+    picked = choose_runtime(file_precision="fp32", device="cpu")
+    runtime = served.model.runtime
+    assert (runtime["runtime"], runtime["precision"]) == (picked.runtime, picked.precision)
+    own = (picked.runtime, picked.precision) == ("onnxruntime", "fp32")
+    assert (runtime["self_check"] is None) == own
+    assert own or runtime["self_check"]["passed"]
+    monkeypatch.setenv("CENTER_EMBED_RUNTIME", "onnxruntime")  # the setting still decides
+    assert runtime_options(p.parse_args([])).runtime == "onnxruntime"
