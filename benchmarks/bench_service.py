@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -74,7 +75,9 @@ def main() -> int:
     with serve(model, {"CENTER_EMBED_THREADS": str(args.threads)}) as server:
         body = [multipart(data) for data in files]
         asyncio.run(load(server.port, body[:8], 8, 1.0, server.pid))  # warm the connections
-        results = {"model": str(model), "concurrency": args.concurrency}
+        served = json.loads(http_get(server.port, "/v1/model")[1])["runtime"]
+        print(f"served by {served['runtime']} {served['precision']} ({served['reason']})")
+        results = {"model": str(model), "concurrency": args.concurrency, "runtime": served}
         results["load"] = rounds(server, baseline, body, args)
         latencies = asyncio.run(sequential(server.port, body, args.single))
     p50, p99 = np.percentile(latencies, [50, 99])

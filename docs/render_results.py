@@ -214,7 +214,11 @@ def headline() -> str:
             rows.append([label, NOT_MEASURED, ""])
         else:
             name, doc = found
-            rows.append([label, f"{result(doc, key):,.0f}", doc.get("date", "")[:10]])
+            value = f"{result(doc, key):,.0f}"
+            ran = result(doc, "runtime")
+            if isinstance(ran, dict):  # what served it, where the file records it
+                value += f" ({ran.get('runtime')} {ran.get('precision')})"
+            rows.append([label, value, doc.get("date", "")[:10]])
             files.append(name)
             docs[name] = doc
     return "\n\n".join(
