@@ -82,7 +82,7 @@ DISTANCE = "squared_euclidean"  # what `distances` holds in files that do not sa
 # own linear decision function: for one image it ranks the centers exactly as the squared
 # distance does (same label, same neighbours), but across images it does not reward a short
 # embedding, which is what an image unlike every class gives. As the unknown score it
-# measured far better than the squared distance (README, "Quality of the distances").
+# measured far better than the squared distance on far-OOD images (docs/benchmarks.md).
 # It can be negative.
 DISTANCE_KINDS = {
     "squared_euclidean": "‖e − c‖² between the embedding and each center",

@@ -345,8 +345,7 @@ def check_jpeg(data: bytes) -> JpegLayout:
 # simplejpeg (libjpeg-turbo, bundled in its wheel; it releases the GIL while decoding) gives
 # the same pixels as Pillow's JPEG decoder (both use libjpeg-turbo's default accurate DCT and
 # fancy upsampling) at a fifth to a third of the cost on 32x32 JPEGs, where Pillow's per-image
-# overhead dominates (README, "Runtimes", for the measurement and the PyTurboJPEG
-# comparison). Which decoder handles the bytes is decided once, from the header and the
+# overhead dominates. Which decoder handles the bytes is decided once, from the header and the
 # layout, before either decodes anything: simplejpeg takes complete YCbCr or grey JPEGs within
 # the pixel limits and without orientation to apply; everything else (other formats,
 # CMYK, truncated data, EXIF or XMP orientation, an image over a limit) goes to Pillow, which

@@ -2,7 +2,7 @@
 
 OpenVINO reads the ONNX file as it is (no conversion step, no second artifact) and compiles
 it for the CPU at a given inference precision: f32, or bf16 on CPUs with AVX512-BF16 or
-AMX, where its convolutions and matrix products run on the bf16 units (README, "Runtimes",
+AMX, where its convolutions and matrix products run on the bf16 units (docs/runtimes.md,
 for speed and parity). The precision is always set explicitly: OpenVINO's own default on a
 bf16 CPU is bf16, which must never happen to a user who asked for fp32.
 

@@ -208,7 +208,7 @@ def split_accuracy(
 # What another runtime or precision must keep against onnxruntime on the same file, on a
 # real split: the nearest center on 99% of images, and distances within a few percent of
 # the largest (bf16 keeps 8 bits of mantissa: ~0.4% per value, compounded over the layers;
-# README, "Runtimes", for what was measured), and the unknown threshold flagging the same
+# docs/runtimes.md for what was measured), and the unknown threshold flagging the same
 # images on 99% of them (then it holds for this runtime and needs no recalibration).
 RUNTIME_TOLERANCES = {"label_agreement": 0.99, "distances": 0.05, "unknown_agreement": 0.99}
 

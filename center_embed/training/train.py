@@ -489,8 +489,8 @@ def not_learning(train_ce: float, num_classes: int, epochs_done: int) -> str | N
     """A warning when, two epochs in, the training cross-entropy is still at or above chance
     (ln C: the loss of uniform guessing), else None. Seen on 2026-12-01: the cpu preset on
     six CIFAR-10 classes, before model.embedding_norm existed, collapsed its features onto
-    the centers and ended at 60% accuracy instead of 93% (README, "Quality of the
-    distances")."""
+    the centers and ended at 60% accuracy instead of 93% (docs/benchmarks.md, "The default
+    model against its predecessors")."""
     chance = math.log(num_classes)
     if epochs_done < 2 or train_ce < chance:
         return None

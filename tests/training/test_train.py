@@ -51,7 +51,7 @@ def test_eval_reports_every_metric(tiny_checkpoint):
         assert 0.9 <= result[key] <= 1.0, key
     # The classifier head lags the centers in this 18-step run with the RMS-normalised
     # embedding (measured 0.875 softmax against 1.0 nearest-center; 0.979 without the
-    # norm); on CIFAR-10 the two agree within 0.1 point (README, "Quality of the distances").
+    # norm); on CIFAR-10 the two agree within 0.1 point (docs/benchmarks.md).
     assert 0.8 <= result["softmax_accuracy"] <= 1.0
     assert 0.7 <= result["map_at_r"] <= result["precision_at_1"]
     assert 0 < result["intra_inter_ratio"] < 1
