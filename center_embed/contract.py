@@ -342,11 +342,21 @@ def center_scores(
     `atypicality` (N,) (the images' output of that name; an embedding given without its
     image has none: pass nothing). `true_distances` (format 2): `distances` are ‖e − c‖²;
     False (format 1): they are the per-center scores themselves, atypicality included."""
-    score = distances(embeddings, centers, score_kind, center_norms, atypicality)
+    e = embeddings.astype(np.float32, copy=False)
+    if center_norms is None:
+        center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    minus_norm = center_norms[None, :] - 2 * e @ centers.T  # (N, C), the one matmul
+    squared = np.maximum(minus_norm + (e * e).sum(1, keepdims=True), 0)  # ‖e − c‖²
+    by_kind = {"squared_euclidean": squared, "squared_euclidean_minus_norm": minus_norm}
+    if score_kind not in by_kind:
+        raise ValueError(f"unknown distance kind {score_kind!r}")
+    score = by_kind[score_kind]
+    if atypicality is not None:
+        score = score + np.asarray(atypicality, np.float32)[:, None]
     rows = np.arange(len(score))
     labels = score.argmin(1)
     unknown_scores = score[rows, labels]
-    d = squared_distances(embeddings, centers, center_norms) if true_distances else score
+    d = squared if true_distances else score
     return {"distances": d, "labels": labels, "min_distances": d[rows, labels],
             "unknown_scores": unknown_scores}  # fmt: skip
 
