@@ -224,6 +224,18 @@ def too_many(code: ErrorCode, what: str, count: int | str, limit: int) -> ApiErr
     return ApiError(code, f"{count} {what} in one request; at most {limit}")
 
 
+def bounded_list(
+    body: bytes, field: str, model: str, code: ErrorCode, what: str, limit: int, bound: int
+) -> list:
+    """`body`'s JSON array `field` of at most `limit` `what`: refused from byte counts
+    before parsing (check_values_bound), then by length before any element is looked at."""
+    check_values_bound(body, code, what, limit, bound)
+    items = json_field(load_json(body), field, model)
+    if len(items) > limit:
+        raise too_many(code, what, len(items), limit)
+    return items
+
+
 # --------------------------------------------------------------------------- JSON base64
 
 
@@ -233,10 +245,8 @@ def parts_from_json(body: bytes, max_images: int) -> list[ImagePart]:
     refused before it is parsed, a list of more than `max_images` before its elements are
     validated, and at most Problems.MAX_PROBLEMS validation problems are spelled out."""
     bound = 2 * max_images + SPARE_VALUES  # a comma between strings, one in each data URI
-    check_values_bound(body, ErrorCode.TOO_MANY_IMAGES, "images", max_images, bound)
-    images = json_field(load_json(body), "images", "ImagesRequest")
-    if len(images) > max_images:
-        raise too_many(ErrorCode.TOO_MANY_IMAGES, "images", len(images), max_images)
+    images = bounded_list(body, "images", "ImagesRequest", ErrorCode.TOO_MANY_IMAGES,
+                          "images", max_images, bound)  # fmt: skip
     problems = Problems()
     for i, image in enumerate(images):
         if not isinstance(image, str) and problems.one_more():
@@ -291,10 +301,8 @@ def vectors_from_json(body: bytes, dim: int, max_vectors: int, max_norm: float) 
     `max_vectors` vectors hold is refused unparsed, a list of more than `max_vectors` before
     its elements are looked at, and at most Problems.MAX_PROBLEMS problems are spelled out."""
     bound = max_vectors * (dim + 1) + SPARE_VALUES  # per vector: its '[' and dim - 1 commas, ','
-    check_values_bound(body, ErrorCode.TOO_MANY_VECTORS, "vectors", max_vectors, bound)
-    vectors = json_field(load_json(body), "embeddings", "DistancesRequest")
-    if len(vectors) > max_vectors:
-        raise too_many(ErrorCode.TOO_MANY_VECTORS, "vectors", len(vectors), max_vectors)
+    vectors = bounded_list(body, "embeddings", "DistancesRequest", ErrorCode.TOO_MANY_VECTORS,
+                           "vectors", max_vectors, bound)  # fmt: skip
     problems = Problems()
     for i, vector in enumerate(vectors):
         if not isinstance(vector, list):
