@@ -300,22 +300,13 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
     h, w = info.input_size
     training = meta.get("training", {})
     calibration = meta.get("unknown_threshold_calibration", {})
-    extra = ", atypicality [N]" * model.has_atypicality
-    if info.format_version == 1:  # its distances are its score, atypicality included
-        kind = info.distance + (" + atypicality" * model.has_atypicality)
-        score = "the min distance (format 1)"
-    else:
-        kind = "squared Euclidean, >= 0"
-        score = f"unknown_scores [N]: {UNKNOWN_SCORE_KINDS[info.unknown_score]}"
-    outputs = f"labels [N], min_distances [N]{extra}; {score}"
     lines = [
         f"{model.path}  ({format_size(Path(model.path).stat().st_size)})",
         f"  format          {meta.get('format_version')}  precision {info.precision}  "
         f"center-embed {meta.get('package_version')}",
         f"  input           images uint8 [N, {h}, {w}, 3] RGB, {meta.get('resize', '')}",
         f"  normalisation   mean {info.mean}  std {info.std} (of pixels/255)",
-        f"  outputs         embeddings [N, {info.embedding_dim}], distances [N, "
-        f"{info.num_classes}] ({kind}), {outputs}",
+        f"  outputs         {format_outputs(model)}",
         f"  {plural(info.num_classes, 'class'):<16}{', '.join(info.class_names[:20])}"
         + (" ..." if info.num_classes > 20 else ""),
         f"  unknown above   {format_optional_number(info.unknown_threshold)} "
@@ -358,6 +349,20 @@ def format_model_summary(model: OnnxModel, meta: dict[str, Any]) -> str:
         )
     lines.append(format_runtime_choice(info.precision))
     return "\n".join(lines)
+
+
+def format_outputs(model: OnnxModel) -> str:
+    """The outputs a file computes, with what its distances and unknown score are."""
+    info = model.info
+    extra = ", atypicality [N]" * model.has_atypicality
+    if info.format_version == 1:  # its distances are its score, atypicality included
+        kind = info.distance + (" + atypicality" * model.has_atypicality)
+        score = "the min distance (format 1)"
+    else:
+        kind = "squared Euclidean, >= 0"
+        score = f"unknown_scores [N]: {UNKNOWN_SCORE_KINDS[info.unknown_score]}"
+    return (f"embeddings [N, {info.embedding_dim}], distances [N, {info.num_classes}] "
+            f"({kind}), labels [N], min_distances [N]{extra}; {score}")  # fmt: skip
 
 
 def format_enrolment(log: Any, last: int = 10) -> list[str]:
