@@ -360,3 +360,23 @@ def format_1_copy(source: Path, out: Path) -> Path:
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(out))
     return out
+
+
+def small_model_info(threshold: str = "2.0", quantile: float = 0.9):
+    """The metadata of a 2-class, 3-d model (classes a and b, thresholds 1.0 and 1.5 with
+    a global 2.0) that scores by the squared distance: what the enrolment tests brute-force."""
+    from center_embed import contract
+
+    values = {
+        "format_version": str(contract.MODEL_FORMAT_VERSION),
+        "class_names": ["a", "b"],
+        "embedding_dim": 3,
+        "input_size": [8, 8],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "unknown_threshold": threshold,
+        "class_thresholds": {"a": 1.0, "b": 1.5},
+        "unknown_threshold_calibration": {"quantile": quantile},
+        "unknown_score": "min_distance",
+    }
+    return contract.parse_metadata(contract.encode_metadata(values))

@@ -13,7 +13,6 @@ import unicodedata
 import numpy as np
 import pytest
 
-from center_embed import contract
 from center_embed.enrolment import (
     CenterSet,
     CentersFile,
@@ -23,29 +22,17 @@ from center_embed.enrolment import (
     encode_center_set,
 )
 from center_embed.errors import UserError
+from tests.helpers import small_model_info
 
 SHA = "ab" * 32
 
 
-def _info() -> contract.ModelInfo:
-    values = {
-        "format_version": str(contract.MODEL_FORMAT_VERSION),
-        "class_names": ["a", "b"],
-        "embedding_dim": 3,
-        "input_size": [8, 8],
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "unknown_threshold": "2.0",
-        "class_thresholds": {"a": 1.0, "b": 1.5},
-        "unknown_score": "min_distance",
-    }
-    return contract.parse_metadata(contract.encode_metadata(values))
-
-
 def _enrolled() -> CenterSet:
-    base = CenterSet.from_model(_info(), np.array([[0, 0, 0], [10, 0, 0]], np.float32), SHA)
+    base = CenterSet.from_model(
+        small_model_info(), np.array([[0, 0, 0], [10, 0, 0]], np.float32), SHA
+    )
     e = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
-    return base.with_class("c", e, info=_info(), atypicality=np.zeros(6, np.float32))
+    return base.with_class("c", e, info=small_model_info(), atypicality=np.zeros(6, np.float32))
 
 
 def _npz(meta: object, **arrays: np.ndarray) -> bytes:
@@ -137,11 +124,11 @@ def test_the_file_is_named_as_its_reader_says(tmp_path):
     path.parent.mkdir()
     path.write_bytes(_bad_files()["meta a list"])
     with pytest.raises(UserError) as raised:
-        CentersFile(path, SHA, _info(), name=path.name).read()
+        CentersFile(path, SHA, small_model_info(), name=path.name).read()
     assert str(tmp_path) not in str(raised.value)
     assert str(raised.value).startswith("m.centers.npz is not a readable centers file")
     with pytest.raises(UserError, match="deep/m.centers.npz"):
-        CentersFile(path, SHA, _info()).read()  # the CLI's readers: the path given
+        CentersFile(path, SHA, small_model_info()).read()  # the CLI's readers: the path given
 
 
 # --------------------------------------------------------------------------- class names
@@ -152,7 +139,7 @@ def test_class_names_are_normalised_before_comparison():
     nfd = unicodedata.normalize("NFD", nfc)
     assert nfd != nfc and check_class_name(nfd) == nfc
     assert check_class_name("  cat \t") == "cat"
-    info, e = _info(), np.ones((2, 3), np.float32)
+    info, e = small_model_info(), np.ones((2, 3), np.float32)
     base = CenterSet.from_model(info, np.array([[0, 0, 0], [10, 0, 0]], np.float32), SHA)
     one = base.with_class(nfc, e, info=info).with_class(nfd, e * 2, info=info)
     two = one.with_class(" cat ", e, info=info).with_class("cat", e, info=info)

@@ -23,36 +23,21 @@ from center_embed.enrolment import (
     enrolment_threshold,
 )
 from center_embed.errors import UserError
+from tests.helpers import small_model_info
 
 SHA = "ab" * 32
 
 
-def _info(threshold: str = "2.0", quantile: float = 0.9) -> contract.ModelInfo:
-    values = {
-        "format_version": str(contract.MODEL_FORMAT_VERSION),
-        "class_names": ["a", "b"],
-        "embedding_dim": 3,
-        "input_size": [8, 8],
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "unknown_threshold": threshold,
-        "class_thresholds": {"a": 1.0, "b": 1.5},
-        "unknown_threshold_calibration": {"quantile": quantile},
-        "unknown_score": "min_distance",  # the score of squared distances: brute force below
-    }
-    return contract.parse_metadata(contract.encode_metadata(values))
-
-
 def _base(info: contract.ModelInfo | None = None) -> CenterSet:
     centers = np.array([[0, 0, 0], [10, 0, 0]], np.float32)
-    return CenterSet.from_model(info or _info(), centers, SHA)
+    return CenterSet.from_model(info or small_model_info(), centers, SHA)
 
 
 def test_enrolled_center_is_the_mean_and_scores_like_a_trained_class():
     rng = np.random.default_rng(0)
     new = rng.normal(loc=[0, 10, 0], size=(8, 3)).astype(np.float32)
     base = _base()
-    enrolled = base.with_class("c", new, info=_info(), source="test")
+    enrolled = base.with_class("c", new, info=small_model_info(), source="test")
     assert enrolled.names == ("a", "b", "c") and enrolled.version == 1 and base.version == 0
     expected = [sum(float(row[j]) for row in new) / len(new) for j in range(3)]  # brute force
     np.testing.assert_allclose(enrolled.centers[2], expected, rtol=1e-6)
@@ -84,7 +69,7 @@ def test_threshold_rule_is_the_quantile_of_held_out_distances():
 
 def test_thresholds_follow_the_models_quantile_and_the_unknown_flag():
     e = np.random.default_rng(2).normal(loc=[0, 10, 0], size=(30, 3)).astype(np.float32)
-    info = _info(quantile=0.9)
+    info = small_model_info(quantile=0.9)
     enrolled = _base(info).with_class("c", e, info=info)
     expected, _ = enrolment_threshold(e, "squared_euclidean", 0.9, 2.0)
     assert enrolled.thresholds["c"] == pytest.approx(expected)
@@ -102,7 +87,7 @@ def test_atypicality_is_part_of_the_threshold_and_of_every_distance():
     rng = np.random.default_rng(5)
     e = rng.normal(loc=[0, 10, 0], size=(12, 3)).astype(np.float32)
     atypicality = np.full(12, 40.0, np.float32) + rng.uniform(0, 5, 12).astype(np.float32)
-    info = _info(quantile=0.9)
+    info = small_model_info(quantile=0.9)
     plain = _base(info).with_class("c", e, info=info)
     other = _base(info).with_class("c", e, info=info, atypicality=atypicality)
     bare, _ = enrolment_threshold(e, "squared_euclidean", 0.9, 2.0)
@@ -137,7 +122,7 @@ def test_atypicality_is_part_of_the_threshold_and_of_every_distance():
 def test_centers_file_keeps_atypicality_and_reads_old_files(tmp_path):
     from center_embed.enrolment import decode_center_set, encode_center_set
 
-    info = _info()
+    info = small_model_info()
     e = np.ones((6, 3), np.float32)
     a = np.arange(6, dtype=np.float32)
     enrolled = _base().with_class("c", e, info=info, atypicality=a)
@@ -151,7 +136,7 @@ def test_centers_file_keeps_atypicality_and_reads_old_files(tmp_path):
 def test_replace_add_and_remove():
     rng = np.random.default_rng(3)
     first, more = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
-    info = _info()
+    info = small_model_info()
     one = _base().with_class("c", first.astype(np.float32), info=info)
     added = one.with_class("c", more.astype(np.float32), info=info, mode="add")
     np.testing.assert_allclose(added.centers[2], np.vstack([first, more]).mean(0), rtol=1e-5)
@@ -187,7 +172,7 @@ def test_bad_class_names(name, message):
 
 
 def test_refused_changes():
-    base, info = _base(), _info()
+    base, info = _base(), small_model_info()
     with pytest.raises(EnrolmentError, match="no class 'z'") as raised:
         base.without_class("z")
     assert raised.value.kind == "unknown_class"
@@ -202,7 +187,7 @@ def test_refused_changes():
 
 
 def test_centers_file_round_trip_and_other_models_refused(tmp_path):
-    info = _info()
+    info = small_model_info()
     path = centers_file_for(tmp_path / "m.onnx")
     assert path.name == "m.onnx.centers.npz"
     store = CentersFile(path, SHA, info)
@@ -225,7 +210,7 @@ def test_centers_file_round_trip_and_other_models_refused(tmp_path):
 
 
 def test_refused_change_leaves_the_file_alone(tmp_path):
-    info = _info()
+    info = small_model_info()
     store = CentersFile(tmp_path / "m.centers.npz", SHA, info)
     store.update(_base(), lambda c: c.with_class("c", np.ones((3, 3), np.float32), info=info))
     before = store.path.read_bytes()
@@ -235,7 +220,7 @@ def test_refused_change_leaves_the_file_alone(tmp_path):
 
 
 def _enrol_many(path: str, start: int) -> None:
-    info = _info()
+    info = small_model_info()
     store = CentersFile(path, SHA, info)
     for i in range(start, start + 10):
         e = np.full((2, 3), float(i), np.float32)
@@ -252,7 +237,7 @@ def test_two_processes_enrolling_lose_nothing(tmp_path: Path):
     for w in workers:
         w.join(60)
         assert w.exitcode == 0
-    final = CentersFile(path, SHA, _info()).read()
+    final = CentersFile(path, SHA, small_model_info()).read()
     expected = {f"k{i}" for i in [*range(10), *range(100, 110)]}
     assert set(final.names) == {"a", "b"} | expected and final.version == 20
     assert json.loads(json.dumps(list(final.log)))[-1]["action"] == "enrol"
