@@ -17,8 +17,9 @@ hands one to each caller for one call (`decode`, `probe`):
 Pixels come back as raw bytes (size * size * 3, read with np.frombuffer), errors as
 (kind, message) pairs re-raised here as imageio's exceptions, other values as JSON (never
 pickle: the service does not trust what a worker that decoded a hostile image says); the
-request, from the service to its worker, is one pickled tuple. Measured against decoding
-in a thread of the service: +150 to 200 µs per 32x32 image (AMD EPYC, 2 cores).
+request, from the service to its worker, is one pickled tuple. What the round trip adds
+per image: benchmarks/bench_decode_pool.py (+74 µs per 32x32 JPEG, +110 µs per PNG on a
+2-core AMD EPYC).
 
 Start method: each worker is a fresh interpreter (`python -c ...`, started by
 subprocess's fork-and-exec, which is safe in the threaded service process), importing only
