@@ -456,13 +456,17 @@ async def image_parts(
     return parts
 
 
+def require_nonempty(parts: list[ImagePart]) -> None:
+    for part in parts:
+        if not part.data:
+            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name} is empty")
+
+
 def probe_parts(parts: list[ImagePart], limits: ImageLimits) -> int:
     """Read every part's header (not its pixels): refuse an empty part, a format outside
     the allowlist, an image over max_pixels or a request over max_request_pixels before
     anything is decoded. Returns the request's total pixels. Runs in a worker thread."""
-    for part in parts:
-        if not part.data:
-            raise ApiError(ErrorCode.BAD_IMAGE, f"{part.name} is empty")
+    require_nonempty(parts)
     executor = current_executor()
     if executor is not None and executor.pool is not None and parts:
         deadline, limit = _deadline(parts[0], executor)

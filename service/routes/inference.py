@@ -42,6 +42,7 @@ from center_embed.service.images import (
     image_parts,
     probe_parts,
     read_body,
+    require_nonempty,
     require_media_type,
     vectors_body_limit,
     vectors_from_json,
@@ -83,10 +84,15 @@ class ImagePipeline:
         )
         self.metrics.images.labels(request.scope["route"].path).inc(len(parts))
         deadline = time.perf_counter() + s.timeout_s
+        limits = self.limits
         try:
-            await self._in_pool(
-                deadline, "reading the image headers", probe_parts, parts, self.limits
-            )
+            require_nonempty(parts)
+            if len(parts) > 1 or limits.max_request_pixels < limits.max_pixels:
+                # Every header before any pixel: a request's images are refused as a whole.
+                # One image's decode checks its own header first, in the same worker call.
+                await self._in_pool(
+                    deadline, "reading the image headers", probe_parts, parts, limits
+                )
             async with self.batcher.arrival(len(parts)) as arrival:
                 images = await self.decode(parts, deadline)
                 remaining = max(deadline - time.perf_counter(), 1e-3)
