@@ -272,9 +272,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (the service's decode worker
-    processes included), MB; processes that end while being read count as 0."""
+def descendants(pid: int) -> list[int]:
+    """The process ids of `pid`'s children, their children, and so on."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -282,13 +281,57 @@ def tree_rss_mb(pid: int) -> float:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
+    found, todo = [], list(children.get(pid, []))
     while todo:
         current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the service's decode worker
+    processes included), MB; processes that end while being read count as 0."""
+    total = 0.0
+    for current in [pid, *descendants(pid)]:
         with contextlib.suppress(OSError):
             total += rss_mb(current)
-        todo += children.get(current, [])
     return total
+
+
+def _cpu_of(stat_file: Path, reaped: bool = False) -> float:
+    """User + system CPU seconds from a /proc stat file (a process's or a thread's); with
+    `reaped`, its children's that ended and were waited for too (cutime + cstime)."""
+    fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11 : 15 if reaped else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a server, split: its main thread ("event_loop": uvicorn's loop), its
+    other threads ("threads": the runtime's, the inference and decode threads), and its
+    descendant processes ("workers": the decode workers, LitServe's workers; those that
+    ended and were waited for included). Threads that ended are not counted: compare two
+    readings of a server whose threads live long."""
+    split = {"event_loop": 0.0, "threads": 0.0, "workers": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            split["event_loop" if task.name == str(pid) else "threads"] += _cpu_of(task / "stat")
+    with contextlib.suppress(OSError):
+        whole = Path(f"/proc/{pid}/stat")
+        split["workers"] += _cpu_of(whole, reaped=True) - _cpu_of(whole)
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            split["workers"] += _cpu_of(Path(f"/proc/{child}/stat"), reaped=True)
+    return split
+
+
+def cpu_per_request_ms(before: dict[str, float], after: dict[str, float], requests: int
+                       ) -> dict[str, float]:  # fmt: skip
+    """Two tree_cpu_seconds readings over `requests` answers: CPU ms per request, per part
+    and in all ("total")."""
+    split = {k: (after[k] - before[k]) / max(requests, 1) * 1000 for k in before}
+    return {**split, "total": sum(split.values())}
 
 
 # --------------------------------------------------------------------------- HTTP load
