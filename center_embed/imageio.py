@@ -396,3 +396,39 @@ def decode_jpeg_fast(
     if pixels.shape[:2] == (size, size):
         return pixels
     return fit_image(Image.fromarray(pixels), size)
+
+
+# --------------------------------------------------------------------------- cost sniffing
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SNIFF_BYTES = 65536  # where the sniff looks for a JPEG's frame header, at most
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height as a PNG's IHDR or a JPEG's frame header (its first SOF, within the
+    first SNIFF_BYTES) declares them, or None for other formats and headers not found.
+
+    What a decode will cost, guessed from a few bytes in pure Python (microseconds, bounded
+    by SNIFF_BYTES whatever the file), without Pillow: the service sends images it can tell
+    are small to the decoders kept for them (service/decode_pool.py). It is a guess, never
+    a check: the decoder reads the header again and enforces every limit itself."""
+    if data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if data[:3] != JPEG_MAGIC:
+        return None
+    pos, end = 2, min(len(data), SNIFF_BYTES)
+    while pos + 9 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+        elif marker in _STANDALONE:
+            pos += 2
+        elif marker in _SOF:  # FFCn, length, precision, height, width
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return height * int.from_bytes(data[pos + 7 : pos + 9], "big")
+        elif marker == 0xDA:  # a scan before any frame header: not a JPEG to trust
+            return None
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None

@@ -25,7 +25,12 @@ from center_embed import __version__
 from center_embed.enrolment import centers_file_for
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
-from center_embed.service.decode_pool import DecodeExecutor, DecodePool
+from center_embed.service.decode_pool import (
+    LARGE_IMAGE_NICENESS,
+    SMALL_IMAGE_PIXELS,
+    DecodeExecutor,
+    DecodePool,
+)
 from center_embed.service.errors import install_handlers
 from center_embed.service.middleware import ObservabilityMiddleware
 from center_embed.service.prometheus import Metrics
@@ -105,7 +110,10 @@ async def _lifespan(
     """Open the model, start the decode pool and the batcher, and keep them on app.state
     (the one place it is set; service/deps.py reads it); at shutdown, answer what is queued."""
     workers = settings.decode_threads or os.cpu_count() or 1
-    decode_pool = DecodePool(workers, settings.max_pixels)  # its processes start meanwhile
+    # Small images and large ones in pools of their own (service/decode_pool.py); their
+    # processes start meanwhile.
+    decode_pool = DecodePool(workers, min(settings.max_pixels, SMALL_IMAGE_PIXELS))
+    large_pool = DecodePool(workers, settings.max_pixels, niceness=LARGE_IMAGE_NICENESS)
     try:
         model = given_model
         if model is None:
@@ -116,12 +124,16 @@ async def _lifespan(
         centers_file = settings.centers_file or centers_file_for(model.model.path)
         await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
         await asyncio.to_thread(decode_pool.wait_ready)
+        await asyncio.to_thread(large_pool.wait_ready)
     except BaseException:
         decode_pool.close()
+        large_pool.close()
         raise
     metrics.centers_version.set(model.current_centers().version)
     metrics.set_model(model.info.unknown_threshold)
-    decoder = DecodeExecutor(decode_pool, workers, settings.timeout_s, settings.decode_timeout_s)
+    timeouts = (settings.timeout_s, settings.decode_timeout_s)
+    large = DecodeExecutor(large_pool, workers, *timeouts)
+    decoder = DecodeExecutor(decode_pool, workers, *timeouts, large=large)
     batcher = MicroBatcher(
         lambda images: model.run(images),  # late-bound: a test may wrap model.run
         max_batch=settings.max_batch,
@@ -132,7 +144,7 @@ async def _lifespan(
     state = app.state
     state.settings, state.metrics, (state.keys, state.admin_keys) = settings, metrics, keys
     state.model, state.decoder, state.batcher = model, decoder, batcher
-    state.decode_pool = decode_pool
+    state.decode_pool, state.large_decode_pool = decode_pool, large_pool
     state.ready, state.warmup_error = False, None  # until _warm_up has passed
     batcher.start()
     warm_up = asyncio.create_task(_warm_up(app, model))
@@ -144,7 +156,7 @@ async def _lifespan(
         warm_up.cancel()
         # Past the grace time now: decodes still running are killed (their threads return
         # at once), so the shutdown never waits for one.
-        decode_pool.close()
+        decoder.close_pools()
         await batcher.close()  # answers whatever is still queued
         decoder.shutdown(wait=True, cancel_futures=True)  # queued decodes of cut requests
         log.info("stopped", extra={"fields": {"model": str(settings.model)}})

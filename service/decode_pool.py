@@ -31,6 +31,16 @@ recursively). Since a start takes that long, the pool keeps one spare worker bey
 `workers`: a killed worker's slot is taken by the spare at once, and the replacement
 becomes the next spare.
 
+Two pools, by what an image will cost: the service keeps one pool for images whose header
+(imageio.header_pixels: a PNG's IHDR, a JPEG's frame header) says they are small (at most
+SMALL_IMAGE_PIXELS, a few ms to decode) and another, of processes at a lower CPU priority
+(nice LARGE_IMAGE_NICENESS), for every other image (large ones, and formats the sniff does not
+read). Large decodes, however many a client sends, never hold the workers small images wait
+for, and they take the CPU only when the event loop, the inference threads and the small
+decodes leave it: a flood of 4096² images slows down the flood, not everyone's 32² requests.
+Header probes go to the small pool (they read headers, never pixels). `DecodeExecutor.pool_for`
+picks the pool.
+
 Each worker limits its own address space (RLIMIT_AS) to what it had after start-up (its
 VmSize, ~120 MiB) plus `address_space` bytes (default: `address_space_for(max_pixels)`,
 896 MiB at the default 4096² pixels: twice the stated per-decode bound of 320 MiB, imageio.py
@@ -66,11 +76,14 @@ from center_embed.imageio import (
     ImageTooLargeError,
     check_size,
     decode_image,
+    header_pixels,
     image_size,
 )
 
 MiB = 1024 * 1024
 START_TIMEOUT_S = 30.0
+SMALL_IMAGE_PIXELS = 1 << 20  # 1024²: decoded in a few ms (module docstring: two pools)
+LARGE_IMAGE_NICENESS = 10  # the large pool's workers: about a tenth of a core's share
 _PIXELS, _VALUE, _ERROR = b"P", b"V", b"E"  # the first byte of a reply
 _ERRORS: dict[str, type[Exception]] = {
     "format": ImageFormatError,
@@ -120,9 +133,17 @@ class DecodePool:
     Thread-safe: every call blocks its calling thread (a thread of DecodeExecutor). The
     workers start in the background: the first call to each waits for its imports."""
 
-    def __init__(self, workers: int, max_pixels: int, address_space: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        max_pixels: int,
+        address_space: int | None = None,
+        niceness: int = 0,
+    ) -> None:
         self.size = workers  # calls at once; one more process is kept as the spare
+        self.max_pixels = max_pixels  # the most a decode here may hold, whatever it is asked
         self.address_space = address_space or address_space_for(max_pixels)
+        self.niceness = niceness  # added to each worker's (os.nice), 0: the service's own
         self._lock = threading.Condition()
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -144,8 +165,10 @@ class DecodePool:
         deadline: float,
     ) -> np.ndarray:
         """imageio.decode_image(data, size, max_pixels, formats) in a worker, by `deadline`
-        (time.monotonic()): uint8 (size, size, 3)."""
-        reply = self._call("decode", (data, size, max_pixels, formats), deadline)
+        (time.monotonic()): uint8 (size, size, 3). `max_pixels` is capped at the pool's own
+        (the small images' pool refuses an image whose header lied to the sniff)."""
+        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
+        reply = self._call("decode", (data, size, limit, formats), deadline)
         return np.frombuffer(reply, np.uint8, offset=1).reshape(size, size, 3)
 
     def probe(
@@ -299,7 +322,7 @@ class DecodePool:
         ours, theirs = socket.socketpair()
         with theirs:
             command = [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno()),
-                       str(self.address_space)]  # fmt: skip
+                       str(self.address_space), str(self.niceness)]  # fmt: skip
             try:
                 process = subprocess.Popen(
                     command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
@@ -404,8 +427,13 @@ _thread = threading.local()
 
 class DecodeExecutor(ThreadPoolExecutor):
     """The service's decode threads (JSON parsing, /v1/distances' numpy, and the callers of
-    the decode pool): each thread knows the pool (`current_pool()`), so service/images.py
-    decodes through it without the routes passing it along."""
+    a decode pool): each thread knows its executor (`current_executor()`), so
+    service/images.py decodes through its pool without the routes passing it along.
+
+    The service's executor calls the small images' pool; its `large` executor, with threads
+    of its own, the large images' (module docstring): a thread waits for its pool's workers
+    only, so large images queued up hold no thread that a small one needs. `for_image`
+    picks one for an image's bytes."""
 
     def __init__(
         self,
@@ -413,13 +441,33 @@ class DecodeExecutor(ThreadPoolExecutor):
         threads: int,
         request_timeout_s: float,
         image_timeout_s: float,
+        large: DecodeExecutor | None = None,
     ) -> None:
         self.pool = pool
+        self.large = large
         self.request_timeout_s = request_timeout_s
         self.image_timeout_s = image_timeout_s
         super().__init__(
             threads, thread_name_prefix="center-embed-decode", initializer=_bind, initargs=(self,)
         )
+
+    def for_image(self, data: bytes) -> DecodeExecutor:
+        """This executor for an image its header says is small, else the large one."""
+        if self.large is None:
+            return self
+        pixels = header_pixels(data)
+        return self if pixels is not None and pixels <= SMALL_IMAGE_PIXELS else self.large
+
+    def close_pools(self) -> None:
+        """Close the pools (this one's, the large one's): decodes in flight stop at once."""
+        for executor in (self, self.large):
+            if executor is not None and executor.pool is not None:
+                executor.pool.close()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self.large is not None:
+            self.large.shutdown(wait, cancel_futures=cancel_futures)
+        super().shutdown(wait, cancel_futures=cancel_futures)
 
 
 def _bind(executor: DecodeExecutor) -> None:
@@ -441,13 +489,16 @@ _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THR
 
 
 def _worker_entry() -> None:
-    """`python -c _WORKER_COMMAND <socket fd> <address space>`: one decode worker."""
-    _worker_main(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))
+    """`python -c _WORKER_COMMAND <socket fd> <address space> <niceness>`: one decode worker."""
+    _worker_main(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
 
 
-def _worker_main(conn: socket.socket, address_space: int) -> None:
-    """One decode worker: limit the address space, then answer calls until the pipe closes."""
+def _worker_main(conn: socket.socket, address_space: int, niceness: int = 0) -> None:
+    """One decode worker: lower its priority, limit the address space, then answer calls
+    until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle
+    if niceness:
+        os.nice(niceness)
     Image.init()  # every Pillow plugin imported now, not in the first call
     limit = _vm_bytes("VmSize") + address_space
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -14,7 +14,6 @@ a hop per request that a getter does not need.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -23,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from center_embed.enrolment import CentersSnapshot
 from center_embed.errors import UserError
 from center_embed.service.batcher import MicroBatcher
+from center_embed.service.decode_pool import DecodeExecutor
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.prometheus import Metrics
@@ -49,8 +49,9 @@ async def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
-async def get_decoder(request: Request) -> Executor:
-    """The thread pool that decodes images and computes /v1/distances, off the event loop."""
+async def get_decoder(request: Request) -> DecodeExecutor:
+    """The threads that decode images (`for_image`: small and large ones apart), parse JSON
+    bodies and compute /v1/distances, off the event loop."""
     return request.app.state.decoder
 
 
@@ -75,7 +76,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
-DecoderDep = Annotated[Executor, Depends(get_decoder)]
+DecoderDep = Annotated[DecodeExecutor, Depends(get_decoder)]
 KeyCheckerDep = Annotated[KeyChecker, Depends(get_key_checker)]
 AdminKeyCheckerDep = Annotated[KeyChecker, Depends(get_admin_key_checker)]
 CentersDep = Annotated[CentersSnapshot, Depends(get_centers)]

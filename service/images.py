@@ -17,8 +17,9 @@ Nothing here lets a request cost much before it is refused:
 - then images are decoded one at a time (`decode_part`), so a request holds at most one
   thread of the pool and the caller can stop between images at its deadline.
 
-Headers are read and images decoded in worker processes (service/decode_pool.py), called
-from the decode pool's threads: each call ends by its deadline, the sooner of the image's own
+Headers are read and images decoded in worker processes (service/decode_pool.py: small
+images in one pool, large ones in another, at a lower priority), called from the decode
+threads: each call ends by its deadline, the sooner of the image's own
 limit (decode_timeout_s) and the request's (timeout_s from when its body was in); a worker
 past it is killed (504 for that image) and replaced. Called from any other thread (tests,
 tools), the same functions decode in the calling process.

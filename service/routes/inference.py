@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from center_embed.enrolment import CentersSnapshot
 from center_embed.service.batcher import BatchResult, BatchTimeout, Closed, MicroBatcher, QueueFull
+from center_embed.service.decode_pool import DecodeExecutor
 from center_embed.service.deps import (
     BatcherDep,
     CentersDep,
@@ -42,8 +43,8 @@ from center_embed.service.images import (
     image_parts,
     probe_parts,
     read_body,
-    require_nonempty,
     require_media_type,
+    require_nonempty,
     vectors_body_limit,
     vectors_from_json,
 )
@@ -68,7 +69,7 @@ class ImagePipeline:
     settings: Settings
     model: ServedModel
     batcher: MicroBatcher
-    decoder: Executor
+    decoder: DecodeExecutor
     metrics: Metrics
 
     @property
@@ -116,19 +117,25 @@ class ImagePipeline:
         limits = self.limits
         for i, part in enumerate(parts):
             what = f"decoding ({i} of {len(parts)} images done)"
-            batch[i] = await self._in_pool(deadline, what, decode_part, part, size, limits)
+            executor = self.decoder.for_image(part.data)  # small and large images apart
+            batch[i] = await self._in_pool(
+                deadline, what, decode_part, part, size, limits, executor=executor
+            )
         return batch
 
-    async def _in_pool(self, deadline: float, what: str, work: Any, *args: Any) -> Any:
-        """`work(*args)` in the decode pool, or a 504 at the deadline (the work leaves the
-        pool's queue if it has not started; a started image finishes, bounded by max_pixels)."""
+    async def _in_pool(
+        self, deadline: float, what: str, work: Any, *args: Any, executor: Executor | None = None
+    ) -> Any:
+        """`work(*args)` in the decode threads (`executor`, default: the service's), or a 504
+        at the deadline (the work leaves the executor's queue if it has not started; a started
+        image is stopped at its own deadline, its worker killed)."""
         remaining = deadline - time.perf_counter()
         timeout = ApiError(
             ErrorCode.TIMEOUT, f"no answer within {self.settings.timeout_s:g} s: {what}"
         )
         if remaining <= 0:
             raise timeout
-        job = asyncio.get_running_loop().run_in_executor(self.decoder, work, *args)
+        job = asyncio.get_running_loop().run_in_executor(executor or self.decoder, work, *args)
         try:
             return await asyncio.wait_for(job, remaining)
         except TimeoutError:

@@ -114,3 +114,30 @@ def test_a_jpeg_with_extraneous_bytes_decodes_once_like_pillow(monkeypatch):
     assert calls == [1]
     monkeypatch.setattr(imageio, "simplejpeg", None)
     np.testing.assert_array_equal(got, decode_image(junk, 32))
+
+
+# --------------------------------------------------------------------------- header_pixels
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_header_pixels_reads_a_jpegs_frame_header(progressive):
+    data = jpeg(textured(24, 40), progressive=progressive)
+    assert imageio.header_pixels(data) == 24 * 40
+    # Behind 60 KB of other segments (EXIF, comments) it is still found; further, not.
+    assert imageio.header_pixels(with_segments_before(data, comment(60_000))) == 24 * 40
+    assert imageio.header_pixels(with_segments_before(data, *[comment(60_000)] * 2)) is None
+
+
+def test_header_pixels_reads_a_pngs_ihdr_and_nothing_else():
+    def encoded(fmt: str, size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", size).save(buf, fmt)
+        return buf.getvalue()
+
+    assert imageio.header_pixels(encoded("PNG", (4096, 3))) == 4096 * 3
+    for fmt in ("WEBP", "GIF", "BMP", "TIFF"):  # the large images' pool takes these
+        assert imageio.header_pixels(encoded(fmt, (8, 8))) is None
+    assert imageio.header_pixels(b"") is None
+    assert imageio.header_pixels(b"\xff\xd8\xff") is None  # a JPEG cut after its magic
+    scan_first = b"\xff\xd8\xff\xda\x00\x08" + bytes(6) + b"\xff\xc0\x00\x11\x08\x01\x00\x01\x00"
+    assert imageio.header_pixels(scan_first) is None  # a scan before any frame header

@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from center_embed.imageio import MAX_JPEG_SCANS, PEAK_BYTES_PER_PIXEL
+from center_embed.imageio import MAX_JPEG_SCANS, PEAK_BYTES_PER_PIXEL, ImageTooLargeError
 from center_embed.service.app import create_app
-from center_embed.service.decode_pool import DecodePool, address_space_for
+from center_embed.service.decode_pool import (
+    LARGE_IMAGE_NICENESS,
+    DecodePool,
+    address_space_for,
+)
 from center_embed.service.settings import Settings
 from tests.helpers import Live, encode, multipart, wait_until
 
@@ -106,13 +110,13 @@ def test_the_repeated_scan_jpeg_is_refused_fast(server):
 
 
 def test_a_decode_past_its_deadline_is_504_and_others_go_on(server):
-    pool: DecodePool = server.app.state.decode_pool
+    pool: DecodePool = server.app.state.large_decode_pool  # a WebP: the sniff does not read it
     replaced, pids = pool.replaced, set(pool.pids)
     slow, ordinary = big_blank_webp(), one_pixel_png()
     with ThreadPoolExecutor(1) as threads:
         attack = threads.submit(post, server.url, ordinary, slow, ordinary)
         wait_until(lambda: pool.busy > 0 or attack.done(), 10, "the slow image decoding")
-        assert post(server.url, ordinary).status_code == 200  # meanwhile, on the other worker
+        assert post(server.url, ordinary).status_code == 200  # meanwhile, in the small pool
         answer = attack.result(30)
     assert answer.status_code == 504
     message = answer.json()["error"]["message"]
@@ -157,6 +161,48 @@ def test_a_decode_worker_that_dies_is_a_bad_image_and_is_replaced(server):
     assert post(server.url, one_pixel_png()).status_code == 200
 
 
+def test_large_images_never_hold_the_workers_small_ones_wait_for(tiny_onnx):
+    """Small images (their header says so) and large ones go to pools of their own: with
+    every large-image worker stuck, small images are still answered at once; the large
+    pool's workers run at a lower CPU priority."""
+    settings = Settings(model=tiny_onnx, decode_threads=1, decode_timeout_s=60, timeout_s=60)
+    large = encode(np.zeros((1100, 1000, 3), np.uint8))  # 1.1 M pixels: over 1024², a PNG
+    with serve(settings) as live, ThreadPoolExecutor(1) as threads:
+        small_pool = live.app.state.decode_pool
+        large_pool: DecodePool = live.app.state.large_decode_pool
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert {os.getpriority(os.PRIO_PROCESS, pid) - ours for pid in large_pool.pids} == {
+            LARGE_IMAGE_NICENESS
+        }
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in small_pool.pids} == {ours}
+        stopped = stop_workers(large_pool)
+        try:
+            stuck = threads.submit(post, live.url, large)
+            wait_until(lambda: large_pool.busy == 1, 10, "the large image in its worker")
+            for _ in range(4):  # one small pool worker, one large: the small is free
+                assert post(live.url, one_pixel_png(), timeout=10).status_code == 200
+            assert not stuck.done()
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        assert stuck.result(30).status_code == 200  # once its worker runs again
+
+
+def test_a_pool_caps_the_pixels_it_decodes_whatever_it_is_asked():
+    """The small images' pool refuses an image over its own size, even when the caller's
+    limit is higher (a header that lied to the sniff): its memory stays small."""
+    pool = DecodePool(1, 32 * 32)
+    try:
+        image = encode(np.zeros((40, 40, 3), np.uint8))
+        with pytest.raises(ImageTooLargeError, match="more than the limit of 1024"):
+            pool.decode(image, 8, SIDE * SIDE, None, time.monotonic() + 30)
+        small = encode(np.zeros((32, 32, 3), np.uint8))
+        assert pool.decode(small, 8, None, None, time.monotonic() + 30).shape == (8, 8, 3)
+    finally:
+        pool.close()
+
+
 def test_shutdown_with_a_stuck_decode_ends_within_its_grace(tiny_onnx):
     grace = 0.5
     settings = Settings(
@@ -168,7 +214,7 @@ def test_shutdown_with_a_stuck_decode_ends_within_its_grace(tiny_onnx):
     )
     with serve(settings) as live, ThreadPoolExecutor(1) as threads:
         pool: DecodePool = live.app.state.decode_pool
-        pids = pool.pids
+        pids = pool.pids + live.app.state.large_decode_pool.pids
         stop_workers(pool)  # a decode that holds its worker until it is killed
         stuck = threads.submit(post, live.url, one_pixel_png())
         wait_until(lambda: pool.busy > 0, 10, "the decode stuck in its worker")
