@@ -1,15 +1,25 @@
-"""Soak: `center-embed serve` under 64 clients mixing good requests with every attack of
-issue 11, for a while; the status of every answer, the server's memory over time, and the
-latency of the good requests.
+"""Soak: `center-embed serve` under 64 clients mixing good requests with every attack of the
+attack set (tests/attacks.py), for a while; the status of every answer, the server's memory
+over time, and the latency of good requests.
 
     python benchmarks/bench_soak.py model.onnx                 # 600 s, 64 clients
     python benchmarks/bench_soak.py model.onnx --seconds 60
 
-Side by side in one run: the good requests' p50/p99 latency with the attacks running, and
-without (a short quiet round first, same server). Required: no 500 at all, no 5xx to a good
-request (the attacks designed to get one get 503 too_many_connections or 504 timeout), and
-the server's peak RSS under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
-bounded in time and every read has a timeout. The payloads come from tests/attacks.py.
+Good requests' latency is measured by observers: `--observers` clients sending good requests
+only, in a process of their own (this script in a hidden mode), so that what the attacking
+process does to itself (writing 30 MB bodies, a thousand sockets) never counts against the
+server. Three rounds on one server, the observers in each:
+
+1. quiet: the observers alone (`--quiet-seconds`);
+2. busy: the observers and `--clients` clients sending good requests only (`--busy-seconds`);
+3. under attack: the observers and `--clients` clients of which 30% of requests are attacks
+   (`--seconds`).
+
+Side by side: the observers' p50/p99 in each round, and the ratios under attack / quiet and
+under attack / busy. Required: no 500 at all, no 5xx to a good request (the attacks designed
+to get one get 503 too_many_connections or 504 timeout), and the server's peak RSS (its
+decode workers included) under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
+bounded in time and every read has a timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -31,31 +43,65 @@ from PIL import Image
 from tests import attacks
 
 READ_TIMEOUT = 60.0
+ROUNDS = ("quiet", "busy", "under attack")
 
 
 def main() -> int:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    p.add_argument("model", help="an exported ONNX model")
-    p.add_argument("--seconds", type=float, default=600.0)
-    p.add_argument("--quiet-seconds", type=float, default=10.0, help="good traffic only, first")
+    p.add_argument("model", nargs="?", help="an exported ONNX model")
+    p.add_argument("--seconds", type=float, default=600.0, help="the round under attack")
+    p.add_argument("--quiet-seconds", type=float, default=10.0, help="the observers alone")
+    p.add_argument("--busy-seconds", type=float, default=30.0, help="good traffic only")
     p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--observers", type=int, default=8, help="good-only clients, apart")
     p.add_argument("--rss-bound-mb", type=float, default=1024.0)
+    p.add_argument("--observe", nargs=3, type=float, help=argparse.SUPPRESS)  # port dim seconds
     add_json_argument(p)
     args = p.parse_args()
+    if args.observe:
+        return observe(*map(int, args.observe[:2]), args.observe[2], args.observers)
+    if args.model is None:
+        p.error("the following arguments are required: model")
     with serve(args.model, log_level="error", ready_timeout=120, stop_timeout=60) as server:
-        payloads = Payloads(dim=int(model_dim(server.port)))
-        quiet = asyncio.run(soak(server, payloads, 8, args.quiet_seconds, attack=False))
-        loud = asyncio.run(soak(server, payloads, args.clients, args.seconds, attack=True))
-    ok, results = report(quiet, loud, server.exit_code, server.stderr, args.rss_bound_mb)
+        dim = int(model_dim(server.port))
+        payloads = Payloads(dim)
+        plan = {"quiet": (0, args.quiet_seconds, False), "busy": (args.clients, args.busy_seconds,
+                False), "under attack": (args.clients, args.seconds, True)}  # fmt: skip
+        runs = {name: observed(server, payloads, dim, args.observers, *plan[name])
+                for name in ROUNDS}  # fmt: skip
+    ok, results = report(runs, server.exit_code, server.stderr, args.rss_bound_mb)
     write_results("soak", results, args.json)
     return 0 if ok else 1
+
+
+def observed(server, payloads, dim: int, observers: int, clients: int, seconds: float,
+             attack: bool) -> dict:  # fmt: skip
+    """One round: the observers' process and, beside it, `clients` clients here."""
+    command = [sys.executable, __file__, "--observe", str(server.port), str(dim), str(seconds),
+               "--observers", str(observers)]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE) as process:
+        run = asyncio.run(soak(server.port, server.pid, payloads, clients, seconds, attack))
+        out, _ = process.communicate(timeout=seconds + 120)
+    seen = json.loads(out)
+    run["clients"], run["observers"] = clients, observers
+    run["observed"] = [tuple(item) for item in seen["good"]]
+    run["observer_statuses"] = Counter({(kind, status): n for kind, status, n in seen["statuses"]})
+    return run
+
+
+def observe(port: int, dim: int, seconds: float, clients: int) -> int:
+    """The observers' process: good requests only; their latencies as JSON on stdout."""
+    run = asyncio.run(soak(port, None, Payloads(dim, with_attacks=False), clients, seconds, False))
+    statuses = [[kind, status, n] for (kind, status), n in run["statuses"].items()]
+    print(json.dumps({"good": run["good"], "statuses": statuses}))
+    return 0
 
 
 class Payloads:
     """Every request of the soak, built once: (kind, raw request bytes or a callable)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, with_attacks: bool = True) -> None:
         rng = np.random.default_rng(0)
         good = attacks.encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
         vector = ('{"embeddings": [[' + ",".join(["0.5"] * dim) + "]]}").encode()
@@ -66,6 +112,9 @@ class Payloads:
             "good classify": files_request("/v1/classify", good),
             "good distances": attacks.request("POST", "/v1/distances", json_type, vector),
         }
+        self.attacks: dict[str, bytes | str] = {}
+        if not with_attacks:
+            return
         self.attacks = {
             "needle png": files_request("/v1/classify", attacks.needle_png()),
             "16-bit png": files_request("/v1/classify", attacks.deep_png(grey)),
@@ -136,11 +185,13 @@ async def exchange(port: int, data: bytes | str) -> tuple[str, float]:
             await writer.wait_closed()
 
 
-async def soak(server, payloads, clients, seconds, attack: bool) -> dict:
-    port, pid = server.port, server.pid
+async def soak(port: int, pid: int | None, payloads, clients: int, seconds: float,
+               attack: bool) -> dict:  # fmt: skip
+    """`clients` clients for `seconds`, 30% of their requests attacks when `attack`: the
+    statuses, the good requests' (kind, seconds) and, given the server's `pid`, its memory."""
     deadline = time.monotonic() + seconds
     statuses: Counter = Counter()
-    good_latency: list[float] = []
+    good_latency: list[tuple[str, float]] = []  # (kind, seconds)
     rss: list[tuple[float, float]] = []
 
     async def client(index: int) -> None:
@@ -154,12 +205,12 @@ async def soak(server, payloads, clients, seconds, attack: bool) -> dict:
                 kind = rng.choice(list(payloads.good))
                 status, seconds_taken = await exchange(port, payloads.good[kind])
                 if status == "200":
-                    good_latency.append(seconds_taken)
+                    good_latency.append((kind, seconds_taken))
             statuses[(kind, status)] += 1
 
     async def watch_memory() -> None:
         started = time.monotonic()
-        while time.monotonic() < deadline:
+        while pid is not None and time.monotonic() < deadline:
             rss.append((time.monotonic() - started, tree_rss_mb(pid)))  # decode workers too
             await asyncio.sleep(1.0)
 
@@ -167,33 +218,39 @@ async def soak(server, payloads, clients, seconds, attack: bool) -> dict:
     return {"statuses": statuses, "good": good_latency, "rss": rss, "seconds": seconds}
 
 
-def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> tuple[bool, dict]:
+def report(runs: dict[str, dict], exit_code, stderr: str, bound_mb: float) -> tuple[bool, dict]:
     """Print the soak's figures; (passed, the figures for the results file)."""
-    print(f"{'kind':<16} status counts (soak: {loud['seconds']:g} s, quiet round "
-          f"{quiet['seconds']:g} s)")  # fmt: skip
+    loud = runs["under attack"]
+    print(f"{'kind':<16} status counts (under attack: {loud['seconds']:g} s)")
     by_kind: dict[str, Counter] = {}
-    for (kind, status), count in loud["statuses"].items():
+    for (kind, status), count in (loud["statuses"] + loud["observer_statuses"]).items():
         by_kind.setdefault(kind, Counter())[status] = count
     for kind, counts in sorted(by_kind.items()):
         print(f"  {kind:<16} {dict(counts)}")
-    fives = {k: c for k, c in loud["statuses"].items() if k[1].startswith("5")}
+    every = sum((run["statuses"] + run["observer_statuses"] for run in runs.values()), Counter())
+    fives = {k: c for k, c in every.items() if k[1].startswith("5")}
     bad = {k: c for k, c in fives.items()
            if k[1] == "500" or k[0].startswith("good") or k[0] not in ("slow decode",)}  # fmt: skip
-    rss = [m for _, m in loud["rss"]]
-    timeline = [f"{t:.0f}s:{m:.0f}" for t, m in loud["rss"][:: max(1, len(rss) // 10)]]
-    print(f"server RSS MB: start {rss[0]:.0f}, max {max(rss):.0f}, end {rss[-1]:.0f} "
-          f"(bound {bound_mb:g}); over time: {' '.join(timeline)}")  # fmt: skip
-    good = {name: latency(name, run) for name, run in (("quiet", quiet), ("under attack", loud))}
-    if quiet["good"] and loud["good"]:
-        good["p99_ratio"] = p99(loud["good"]) / p99(quiet["good"])
-        print(f"good requests' p99 under attack / quiet: {good['p99_ratio']:.2f}")
+    rss = [m for run in runs.values() for _, m in run["rss"]]
+    timeline = [f"{t:.0f}s:{m:.0f}" for t, m in loud["rss"][:: max(1, len(loud["rss"]) // 10)]]
+    print(f"server RSS MB (decode workers included): start {rss[0]:.0f}, max "
+          f"{max(rss):.0f}, end {rss[-1]:.0f} (bound {bound_mb:g}); under attack: "
+          f"{' '.join(timeline)}")  # fmt: skip
+    good = {name: latency(f"observers, {name}", run["observed"]) for name, run in runs.items()}
+    good["in the attacking process"] = latency("in the attacking process", loud["good"])
+    for base in ("quiet", "busy"):
+        if good[base].get("answered") and good["under attack"].get("answered"):
+            ratio = good["under attack"]["p99_ms"] / good[base]["p99_ms"]
+            good[f"p99_ratio_over_{base}"] = ratio
+            print(f"observers' p99 under attack / {base}: {ratio:.2f}")
     asgi = "Exception in ASGI" in stderr
     print(f"5xx: {dict(fives) or 'none'}; server exit status after SIGTERM: {exit_code}")
     print(f"'Exception in ASGI application' in the server log: {asgi}")
     ok = not bad and max(rss) <= bound_mb and exit_code == 0 and not asgi
     print("PASS" if ok else f"FAIL: {bad or ''}")
     results = {
-        "seconds": loud["seconds"], "quiet_seconds": quiet["seconds"],
+        "seconds": {name: run["seconds"] for name, run in runs.items()},
+        "clients": loud["clients"], "observers": loud["observers"],
         "statuses": {kind: dict(counts) for kind, counts in sorted(by_kind.items())},
         "bad_5xx": {f"{k[0]} {k[1]}": c for k, c in bad.items()},
         "rss_mb": {"start": rss[0], "max": max(rss), "end": rss[-1], "bound": bound_mb,
@@ -203,15 +260,18 @@ def report(quiet: dict, loud: dict, exit_code, stderr: str, bound_mb: float) -> 
     return ok, results
 
 
-def latency(name: str, run: dict) -> dict:
-    """The good requests' count, p50 and p99 (ms) of one round, printed."""
-    lat = sorted(run["good"])
-    if not lat:
+def latency(name: str, good: list[tuple[str, float]]) -> dict:
+    """Good requests' count, p50 and p99 (ms), in all and by kind, printed."""
+    if not good:
         return {"answered": 0}
-    p50_ms, p99_ms = statistics.median(lat) * 1000, p99(lat) * 1000
-    print(f"good requests {name}: {len(lat)} answered 200, p50 {p50_ms:.1f} ms, "
-          f"p99 {p99_ms:.1f} ms")  # fmt: skip
-    return {"answered": len(lat), "p50_ms": p50_ms, "p99_ms": p99_ms}
+    figures = {}
+    for kind in [None, *sorted({kind for kind, _ in good})]:
+        lat = sorted(t for k, t in good if kind in (None, k))
+        p50_ms, p99_ms = statistics.median(lat) * 1000, p99(lat) * 1000
+        print(f"good requests, {name}{'' if kind is None else f', {kind}'}: {len(lat)} "
+              f"answered 200, p50 {p50_ms:.1f} ms, p99 {p99_ms:.1f} ms")  # fmt: skip
+        figures[kind or "all"] = {"answered": len(lat), "p50_ms": p50_ms, "p99_ms": p99_ms}
+    return {**figures.pop("all"), "by_kind": figures}
 
 
 def p99(values: list[float]) -> float:
