@@ -16,9 +16,10 @@ server. Three rounds on one server, the observers in each:
    (`--seconds`).
 
 Side by side: the observers' p50/p99 in each round, and the ratios under attack / quiet and
-under attack / busy. Required: no 500 at all, no 5xx to a good request (the attacks designed
-to get one get 503 too_many_connections or 504 timeout), and the server's peak RSS (its
-decode workers included) under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
+under attack / busy. Required: no 5xx to a good request, none to an attack but a 504 to
+one whose point is a costly decode (DECODE_COST_ATTACKS: large images are decoded at a low
+priority, and may time out under load), and the server's peak RSS (its decode workers
+included) under --rss-bound-mb. Traffic goes to 127.0.0.1 only; every loop is
 bounded in time and every read has a timeout.
 """
 
@@ -44,6 +45,10 @@ from tests import attacks
 
 READ_TIMEOUT = 60.0
 ROUNDS = ("quiet", "busy", "under attack")
+# Attacks whose point is a costly decode (images over 1024² pixels, or held on purpose): the
+# service decodes large images at a low CPU priority, so under load they may time out (504)
+# by design. Every other attack must be answered 4xx or have its connection closed.
+DECODE_COST_ATTACKS = ("slow decode", "float tiff", "needle png", "10k-scan jpeg")
 
 
 def main() -> int:
@@ -230,7 +235,7 @@ def report(runs: dict[str, dict], exit_code, stderr: str, bound_mb: float) -> tu
     every = sum((run["statuses"] + run["observer_statuses"] for run in runs.values()), Counter())
     fives = {k: c for k, c in every.items() if k[1].startswith("5")}
     bad = {k: c for k, c in fives.items()
-           if k[1] == "500" or k[0].startswith("good") or k[0] not in ("slow decode",)}  # fmt: skip
+           if k[1] != "504" or k[0] not in DECODE_COST_ATTACKS}  # fmt: skip
     rss = [m for run in runs.values() for _, m in run["rss"]]
     timeline = [f"{t:.0f}s:{m:.0f}" for t, m in loud["rss"][:: max(1, len(loud["rss"]) // 10)]]
     print(f"server RSS MB (decode workers included): start {rss[0]:.0f}, max "

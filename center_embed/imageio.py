@@ -400,6 +400,22 @@ def decode_jpeg_fast(
 
 # --------------------------------------------------------------------------- cost sniffing
 
+
+def looks_allowed(data: bytes, formats: Collection[str] | None) -> bool:
+    """Whether the first bytes pass the header check of a format in `formats` (every format
+    when None): Pillow's own `accept` functions on 64 bytes, microseconds. False for a format
+    outside the allowlist and for bytes of no image format at all, which decoding refuses at
+    once (415, 400)."""
+    Image.init()
+    allowed = None if formats is None else {f.upper() for f in formats}
+    prefix = data[:64]
+    return any(
+        accept is not None and accept(prefix)
+        for name, (_, accept) in Image.OPEN.items()
+        if allowed is None or name in allowed
+    )
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SNIFF_BYTES = 65536  # where the sniff looks for a JPEG's frame header, at most
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)

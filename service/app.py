@@ -110,10 +110,16 @@ async def _lifespan(
     """Open the model, start the decode pool and the batcher, and keep them on app.state
     (the one place it is set; service/deps.py reads it); at shutdown, answer what is queued."""
     workers = settings.decode_threads or os.cpu_count() or 1
-    # Small images and large ones in pools of their own (service/decode_pool.py); their
-    # processes start meanwhile.
-    decode_pool = DecodePool(workers, min(settings.max_pixels, SMALL_IMAGE_PIXELS))
-    large_pool = DecodePool(workers, settings.max_pixels, niceness=LARGE_IMAGE_NICENESS)
+    # Small images and large ones in pools of their own (service/decode_pool.py): at most
+    # half the cores decode large images at once. Their processes start meanwhile.
+    large_workers = max(1, workers // 2)
+    decode_pool = DecodePool(
+        workers, min(settings.max_pixels, SMALL_IMAGE_PIXELS), observer=metrics.decode_pool("small")
+    )
+    large_pool = DecodePool(
+        large_workers, settings.max_pixels, niceness=LARGE_IMAGE_NICENESS,
+        observer=metrics.decode_pool("large"),
+    )  # fmt: skip
     try:
         model = given_model
         if model is None:
@@ -132,7 +138,7 @@ async def _lifespan(
     metrics.centers_version.set(model.current_centers().version)
     metrics.set_model(model.info.unknown_threshold)
     timeouts = (settings.timeout_s, settings.decode_timeout_s)
-    large = DecodeExecutor(large_pool, workers, *timeouts)
+    large = DecodeExecutor(large_pool, large_workers, *timeouts)
     decoder = DecodeExecutor(decode_pool, workers, *timeouts, large=large)
     batcher = MicroBatcher(
         lambda images: model.run(images),  # late-bound: a test may wrap model.run

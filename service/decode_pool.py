@@ -33,13 +33,14 @@ becomes the next spare.
 
 Two pools, by what an image will cost: the service keeps one pool for images whose header
 (imageio.header_pixels: a PNG's IHDR, a JPEG's frame header) says they are small (at most
-SMALL_IMAGE_PIXELS, a few ms to decode) and another, of processes at a lower CPU priority
-(nice LARGE_IMAGE_NICENESS), for every other image (large ones, and formats the sniff does not
-read). Large decodes, however many a client sends, never hold the workers small images wait
-for, and they take the CPU only when the event loop, the inference threads and the small
-decodes leave it: a flood of 4096² images slows down the flood, not everyone's 32² requests.
-Header probes go to the small pool (they read headers, never pixels). `DecodeExecutor.pool_for`
-picks the pool.
+SMALL_IMAGE_PIXELS, a few ms to decode) and for bytes decoding refuses at once (a format
+outside the allowlist, no image), and another, of half as many processes at a lower CPU
+priority (nice LARGE_IMAGE_NICENESS), for every other image (large ones, and allowed formats
+the sniff does not read). Large decodes, however many a client sends, never hold the
+workers small images wait for, and they take the CPU only when the event loop, the inference
+threads and the small decodes leave it: a flood of 4096² images slows down the flood (its
+requests may time out, 504), not everyone's 32² requests. Header probes go to the small
+pool (they read headers, never pixels). `DecodeExecutor.for_image` picks the pool.
 
 Each worker limits its own address space (RLIMIT_AS) to what it had after start-up (its
 VmSize, ~120 MiB) plus `address_space` bytes (default: `address_space_for(max_pixels)`,
@@ -78,6 +79,7 @@ from center_embed.imageio import (
     decode_image,
     header_pixels,
     image_size,
+    looks_allowed,
 )
 
 MiB = 1024 * 1024
@@ -115,6 +117,17 @@ def address_space_for(max_pixels: int) -> int:
     return 2 * imageio.PEAK_BYTES_PER_PIXEL * max_pixels + 256 * MiB
 
 
+class PoolObserver:
+    """What a pool reports as it works (the service counts it in its metrics); by default,
+    nothing. Called from the pool's calling threads: keep it short and thread-safe."""
+
+    def busy(self, change: int) -> None:
+        """A call took a worker (+1) or gave it back (-1)."""
+
+    def replaced(self) -> None:
+        """A worker was killed (past a deadline) or died, and a new one is starting."""
+
+
 class _Worker:
     __slots__ = ("process", "ready_by", "sock")
 
@@ -139,8 +152,10 @@ class DecodePool:
         max_pixels: int,
         address_space: int | None = None,
         niceness: int = 0,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.size = workers  # calls at once; one more process is kept as the spare
+        self.observer = observer or PoolObserver()
         self.max_pixels = max_pixels  # the most a decode here may hold, whatever it is asked
         self.address_space = address_space or address_space_for(max_pixels)
         self.niceness = niceness  # added to each worker's (os.nice), 0: the service's own
@@ -221,6 +236,13 @@ class DecodePool:
 
     def _call(self, op: str, args: tuple, deadline: float) -> Any:
         worker = self._acquire(deadline)
+        self.observer.busy(+1)
+        try:
+            return self._call_in(worker, op, args, deadline)
+        finally:
+            self.observer.busy(-1)
+
+    def _call_in(self, worker: _Worker, op: str, args: tuple, deadline: float) -> Any:
         try:
             if worker.ready_by is not None:
                 self._await_ready(worker, deadline)
@@ -294,6 +316,7 @@ class DecodePool:
             self._all.discard(worker)
         if known and not self._closed:
             self.replaced += 1
+            self.observer.replaced()
             threading.Thread(
                 target=self._replace, args=(worker,), name="decode-pool-replace", daemon=True
             ).start()
@@ -451,12 +474,18 @@ class DecodeExecutor(ThreadPoolExecutor):
             threads, thread_name_prefix="center-embed-decode", initializer=_bind, initargs=(self,)
         )
 
-    def for_image(self, data: bytes) -> DecodeExecutor:
-        """This executor for an image its header says is small, else the large one."""
+    def for_image(self, data: bytes, formats: Collection[str] | None) -> DecodeExecutor:
+        """The large images' executor for an image of an allowed format whose header does not
+        say it is small (a large PNG or JPEG, any GIF, BMP, WebP or TIFF), this one for the
+        rest: small images, and bytes that decoding refuses at once (a format outside
+        `formats`, no image at all), so that a cheap refusal never waits behind large
+        decodes."""
         if self.large is None:
             return self
         pixels = header_pixels(data)
-        return self if pixels is not None and pixels <= SMALL_IMAGE_PIXELS else self.large
+        if pixels is not None:
+            return self if pixels <= SMALL_IMAGE_PIXELS else self.large
+        return self.large if looks_allowed(data, formats) else self
 
     def close_pools(self) -> None:
         """Close the pools (this one's, the large one's): decodes in flight stop at once."""

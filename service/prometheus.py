@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from center_embed.service.decode_pool import PoolObserver
 from center_embed.service.error_codes import ErrorCode
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -46,6 +47,22 @@ CONNECTION_REFUSALS = Counter(
 )
 for _reason in EDGE_REASONS:
     CONNECTION_REFUSALS.labels(_reason)  # every reason exported, at 0 until it happens
+
+
+DECODE_POOLS = ("small", "large")
+
+
+class DecodePoolMetrics(PoolObserver):
+    """A decode pool's calls in flight and replaced workers, as the service's metrics."""
+
+    def __init__(self, busy: Gauge, replaced: Counter) -> None:
+        self._busy, self._replaced = busy, replaced
+
+    def busy(self, change: int) -> None:
+        self._busy.inc(change)
+
+    def replaced(self) -> None:
+        self._replaced.inc()
 
 
 def multiprocess_dir() -> str | None:
@@ -107,6 +124,17 @@ class Metrics:
             "center_embed_centers_version", "version of the centers served (0: the model's own)",
             multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
+        self.decode_busy = Gauge(
+            "center_embed_decode_busy", "decode calls in flight (each holds a worker process), "
+            "by pool: small or large images", ["pool"], multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.decode_replaced = Counter(
+            "center_embed_decode_workers_replaced", "decode worker processes killed past a "
+            "deadline or dead, and replaced, by pool", ["pool"], registry=r,
+        )  # fmt: skip
+        for pool in DECODE_POOLS:  # exported at 0 from the start
+            self.decode_busy.labels(pool)
+            self.decode_replaced.labels(pool)
         self.unknown_score: Histogram | None = None
         r.register(CONNECTION_REFUSALS)
         self.connection_refusals = CONNECTION_REFUSALS
@@ -129,6 +157,10 @@ class Metrics:
         self.unknown_score = self._histogram(
             "center_embed_unknown_score", text + "; a drift signal", buckets
         )
+
+    def decode_pool(self, pool: str) -> DecodePoolMetrics:
+        """The observer that counts a decode pool's work here (service/decode_pool.py)."""
+        return DecodePoolMetrics(self.decode_busy.labels(pool), self.decode_replaced.labels(pool))
 
     def observe_batch(self, images: int, requests: int, seconds: float) -> None:
         self.batch_images.observe(images)

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="execution provider")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: one per core)")
     decode_threads: int = Field(
-        0, ge=0, description="image decoding threads and processes (0: one per core)"
+        0,
+        ge=0,
+        description="decode processes (and threads) for small images, half as many for large "
+        "ones (0: one per core)",
     )
     decode_timeout_s: float = Field(
         5.0,

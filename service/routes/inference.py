@@ -117,7 +117,7 @@ class ImagePipeline:
         limits = self.limits
         for i, part in enumerate(parts):
             what = f"decoding ({i} of {len(parts)} images done)"
-            executor = self.decoder.for_image(part.data)  # small and large images apart
+            executor = self.decoder.for_image(part.data, limits.formats)  # small, large apart
             batch[i] = await self._in_pool(
                 deadline, what, decode_part, part, size, limits, executor=executor
             )

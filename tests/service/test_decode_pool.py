@@ -21,15 +21,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from center_embed.imageio import MAX_JPEG_SCANS, PEAK_BYTES_PER_PIXEL, ImageTooLargeError
+from center_embed.imageio import (
+    MAX_JPEG_SCANS,
+    PEAK_BYTES_PER_PIXEL,
+    SAFE_FORMATS,
+    ImageTooLargeError,
+)
 from center_embed.service.app import create_app
 from center_embed.service.decode_pool import (
     LARGE_IMAGE_NICENESS,
+    DecodeExecutor,
     DecodePool,
     address_space_for,
 )
 from center_embed.service.settings import Settings
-from tests.helpers import Live, encode, multipart, wait_until
+from tests.attacks import EPS
+from tests.helpers import Live, encode, metric_samples, multipart, wait_until
 
 SIDE = 4096
 
@@ -112,6 +119,7 @@ def test_the_repeated_scan_jpeg_is_refused_fast(server):
 def test_a_decode_past_its_deadline_is_504_and_others_go_on(server):
     pool: DecodePool = server.app.state.large_decode_pool  # a WebP: the sniff does not read it
     replaced, pids = pool.replaced, set(pool.pids)
+    counted = replaced_metric(server.url)
     slow, ordinary = big_blank_webp(), one_pixel_png()
     with ThreadPoolExecutor(1) as threads:
         attack = threads.submit(post, server.url, ordinary, slow, ordinary)
@@ -123,11 +131,22 @@ def test_a_decode_past_its_deadline_is_504_and_others_go_on(server):
     assert message == 'files[1] ("image1.png"): decoding took longer than 0.05 s; stopped'
     # Its worker was killed, and a new one took its place; the pool serves as before.
     assert pool.replaced == replaced + 1
+    assert replaced_metric(server.url) == {"small": counted["small"], "large": counted["large"] + 1}
     wait_until(lambda: len(pool.pids) == pool.size + 1, 30, "the replacement started")
     assert set(pool.pids) != pids
     with ThreadPoolExecutor(4) as threads:
         answers = list(threads.map(lambda _: post(server.url, ordinary), range(8)))
     assert [a.status_code for a in answers] == [200] * 8
+
+
+def decode_metrics(url: str, name: str) -> dict[str, float]:
+    """A decode pool metric by pool, from the service's /metrics."""
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    return {labels[0][1]: v for (n, labels), v in samples.items() if n == name}
+
+
+def replaced_metric(url: str) -> dict[str, float]:
+    return decode_metrics(url, "center_embed_decode_workers_replaced_total")
 
 
 def stop_workers(pool: DecodePool) -> list[int]:
@@ -182,11 +201,32 @@ def test_large_images_never_hold_the_workers_small_ones_wait_for(tiny_onnx):
             for _ in range(4):  # one small pool worker, one large: the small is free
                 assert post(live.url, one_pixel_png(), timeout=10).status_code == 200
             assert not stuck.done()
+            busy = decode_metrics(live.url, "center_embed_decode_busy")
+            assert busy == {"small": 0, "large": 1}
+            # A refusal is answered at once too: a format outside the allowlist, no image.
+            assert post(live.url, EPS, timeout=10).status_code == 415
+            assert post(live.url, b"not an image", timeout=10).status_code == 400
         finally:
             for pid in stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         assert stuck.result(30).status_code == 200  # once its worker runs again
+
+
+def test_an_image_goes_to_the_pool_its_header_says():
+    large = DecodeExecutor(None, 1, 1.0, 1.0)
+    small = DecodeExecutor(None, 1, 1.0, 1.0, large=large)
+    webp = save(Image.new("RGB", (8, 8)), "WEBP")
+    try:
+        assert small.for_image(encode(np.zeros((32, 32, 3), np.uint8)), SAFE_FORMATS) is small
+        assert small.for_image(save(Image.new("RGB", (1024, 1024)), "JPEG"), SAFE_FORMATS) is small
+        assert small.for_image(encode(np.zeros((1025, 1024, 3), np.uint8)), SAFE_FORMATS) is large
+        assert small.for_image(webp, SAFE_FORMATS) is large  # its size is not sniffed
+        assert small.for_image(webp, ["PNG", "JPEG"]) is small  # refused at once: 415
+        assert small.for_image(EPS, SAFE_FORMATS) is small
+        assert small.for_image(b"not an image", SAFE_FORMATS) is small
+    finally:
+        small.shutdown()
 
 
 def test_a_pool_caps_the_pixels_it_decodes_whatever_it_is_asked():
