@@ -252,6 +252,9 @@ class DecodePool:
         except TimeoutError:
             self._retire(worker)
             raise DecodeTimeout(f"no answer within its deadline ({op})") from None
+        except _StartFailed:  # not the image's fault: no worker to decode it
+            self._retire(worker)
+            raise DecodeTimeout(f"no decode worker started in time ({op})") from None
         except (EOFError, OSError):
             if self._closed:
                 self._retire(worker)
@@ -281,10 +284,10 @@ class DecodePool:
             message = _receive(worker.sock, min(deadline, worker.ready_by))
         except TimeoutError:
             if time.monotonic() >= worker.ready_by:
-                raise EOFError("the worker did not start") from None
+                raise _StartFailed("the worker did not start in time") from None
             raise _NotReady() from None
         if message != b"ready":
-            raise EOFError("the worker did not start")
+            raise _StartFailed("the worker did not start")
         worker.ready_by = None
 
     # ----------------------------------------------------------------------- workers
@@ -383,6 +386,10 @@ def _reap(worker: _Worker) -> None:
 
 class _NotReady(Exception):
     pass
+
+
+class _StartFailed(EOFError):
+    """A worker that did not say b"ready" within START_TIMEOUT_S, or said something else."""
 
 
 # Messages on a worker's socket: a 4-byte big-endian length, then that many bytes.
@@ -526,11 +533,11 @@ def _worker_main(conn: socket.socket, address_space: int, niceness: int = 0) -> 
     """One decode worker: lower its priority, limit the address space, then answer calls
     until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle
-    if niceness:
-        os.nice(niceness)
     Image.init()  # every Pillow plugin imported now, not in the first call
     limit = _vm_bytes("VmSize") + address_space
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if niceness:  # after the start-up: a replacement starting on a busy CPU is not starved
+        os.nice(niceness)
     _send(conn, b"ready")
     while True:
         try:

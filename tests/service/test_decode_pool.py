@@ -27,11 +27,13 @@ from center_embed.imageio import (
     SAFE_FORMATS,
     ImageTooLargeError,
 )
+from center_embed.service import decode_pool
 from center_embed.service.app import create_app
 from center_embed.service.decode_pool import (
     LARGE_IMAGE_NICENESS,
     DecodeExecutor,
     DecodePool,
+    DecodeTimeout,
     address_space_for,
 )
 from center_embed.service.settings import Settings
@@ -240,6 +242,24 @@ def test_a_pool_caps_the_pixels_it_decodes_whatever_it_is_asked():
         small = encode(np.zeros((32, 32, 3), np.uint8))
         assert pool.decode(small, 8, None, None, time.monotonic() + 30).shape == (8, 8, 3)
     finally:
+        pool.close()
+
+
+def test_a_worker_that_never_starts_is_a_timeout_not_a_bad_image(monkeypatch):
+    """A worker that does not say it is ready within its start-up time (stopped here before
+    its imports end) is replaced, and the call raises DecodeTimeout (504), not WorkerDied
+    (400 bad_image): the image was never looked at."""
+    monkeypatch.setattr(decode_pool, "START_TIMEOUT_S", 0.5)
+    pool = DecodePool(1, 32 * 32)
+    try:
+        stopped = stop_workers(pool)  # ~0.2 s of imports each: stopped before b"ready"
+        with pytest.raises(DecodeTimeout, match="no decode worker started in time"):
+            pool.decode(one_pixel_png(), 8, None, None, time.monotonic() + 10)
+        assert pool.replaced == 1
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         pool.close()
 
 
