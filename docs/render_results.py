@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -441,6 +442,43 @@ def onnx_speed() -> str:
     return "\n\n".join([table(["images/s", "batch 1", "batch 64"], rows), note, source_line(ONNX)])
 
 
+def serving() -> str:
+    """The service under 32 clients, per runtime: throughput, server CPU per request against
+    the runtime alone, latency; and LitServe on the same file and requests."""
+    rows, files, docs = [], [], {}
+    services = [(n, d) for n, d in new_shape_files() if d["benchmark"] == "service"
+                and result(d, "load.server_cpu_ms_per_request") is not None]  # fmt: skip
+    for name, doc in services:
+        r, load_ = doc["results"], doc["results"]["load"]
+        cpu = statistics.median(c["total"] for c in load_["server_cpu_ms_per_request"])
+        ran = f"{r['runtime']['runtime']} {r['runtime']['precision']}"
+        rows.append([f"`serve`, {ran}, multipart", f"{load_['requests_per_second']:,.0f}",
+                     f"{cpu:.2f} ({load_['median_cpu_ratio']:.2f}×)",
+                     f"{r['single']['p50_ms']:.2f}"])  # fmt: skip
+        files.append(name)
+        docs[name] = doc
+    for name, doc in [(n, d) for n, d in new_shape_files() if d["benchmark"] == "litserve"]:
+        r = doc["results"]
+        ran = f"{r['ours_runtime']['runtime']} {r['ours_runtime']['precision']}"
+        for who, label in (("ours", f"`serve`, {ran}, JSON"),
+                           ("LitServe", f"LitServe {r['litserve_version']}, onnxruntime fp32, "
+                            "JSON")):  # fmt: skip
+            f = r[who]
+            rows.append([label, f"{f['requests_per_second']:,.0f}",
+                         f"{f['cpu_ms_per_request']:.2f}",
+                         f"{f['single']['p50_ms']:.2f}"])  # fmt: skip
+        files.append(name)
+        docs[name] = doc
+    if not rows:
+        return "No results file yet."
+    header = ["server, runtime, payload", "requests/s, 32 clients",
+              "server CPU ms per request (over the runtime alone)", "p50 ms, 1 client"]  # fmt: skip
+    note = ("One image per request, CIFAR-10 test JPEGs. Server CPU: the server's process "
+            "tree (decode workers included) over the requests answered; in brackets, over the "
+            "runtime's own CPU per image at the batch size the server formed.")  # fmt: skip
+    return "\n\n".join([table(header, rows), note, source_line(*files, docs=docs)])
+
+
 def new_results() -> str:
     """Every results file in the new shape, one table each."""
     found = new_shape_files()
@@ -487,6 +525,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "training-choices": training_choices,
     "single-runs": single_runs,
     "onnx-speed": onnx_speed,
+    "serving": serving,
     "new-results": new_results,
 }
 
