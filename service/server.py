@@ -54,9 +54,12 @@ def check_and_load_settings(model: Path, workers: int) -> Settings:
     if not model.is_file():
         raise UserError(f"model not found: {model}")
     os.environ["CENTER_EMBED_MODEL"] = str(model.resolve())
+    share = str(max(1, (os.cpu_count() or 1) // workers))
     if workers > 1 and "CENTER_EMBED_THREADS" not in os.environ:
         # N sessions each using every core would only fight over them.
-        os.environ["CENTER_EMBED_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["CENTER_EMBED_THREADS"] = share
+    if workers > 1 and "CENTER_EMBED_DECODE_THREADS" not in os.environ:
+        os.environ["CENTER_EMBED_DECODE_THREADS"] = share  # and N sets of decode pools
     settings = load_settings()
     settings.keys()  # an unreadable key file fails here, not in every worker
     # one-line errors for a file that is not ours, or a runtime/precision that cannot run it

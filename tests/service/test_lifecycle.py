@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -117,6 +118,23 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_onnx, images):
         assert [f.result().status_code for f in pending] == [200, 200, 200]
 
 
+def decode_workers_under(pid: int) -> list[int]:
+    """The decode worker processes among `pid`'s descendants (service/decode_pool.py)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        todo += children.get(child, [])
+        with contextlib.suppress(OSError):
+            if b"_worker_entry" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cli_serve_workers_and_sigterm(tiny_onnx, images, workers):
     port = free_port()
@@ -144,6 +162,11 @@ def test_cli_serve_workers_and_sigterm(tiny_onnx, images, workers):
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
         labels = (("method", "POST"), ("route", "/v1/embed"), ("status", "200"))
         assert samples[("center_embed_requests_total", labels)] == 4  # summed over workers
+        # Each worker runs its two decode pools on its share of the cores (and a spare each).
+        share = max(1, (os.cpu_count() or 1) // workers)
+        assert "CENTER_EMBED_DECODE_THREADS" not in os.environ
+        expected = workers * ((share + 1) + (max(1, share // 2) + 1))
+        assert len(decode_workers_under(process.pid)) == expected
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
