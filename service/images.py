@@ -13,7 +13,8 @@ Nothing here lets a request cost much before it is refused:
   only when its byte counts show no more values than an accepted request holds (413 for
   more); element types are checked before the schema, naming at most five problems;
 - image headers are read first (`probe_parts`): the format, each image's pixels and the
-  request's total pixels are checked before anything is decoded (413, 415);
+  request's total pixels are checked before anything is decoded (413, 415); a request of
+  one image skips the probe, since its decode checks the same header before any pixel;
 - then images are decoded one at a time (`decode_part`), so a request holds at most one
   thread of the pool and the caller can stop between images at its deadline.
 
