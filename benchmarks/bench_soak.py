@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--observers", type=int, default=8, help="good-only clients, apart")
     p.add_argument("--rss-bound-mb", type=float, default=1024.0)
-    p.add_argument("--observe", nargs=3, type=float, help=argparse.SUPPRESS)  # port dim seconds
+    p.add_argument("--observe", nargs=3, type=float, help=argparse.SUPPRESS)  # port dim ends
     add_json_argument(p)
     args = p.parse_args()
     if args.observe:
@@ -82,8 +82,10 @@ def main() -> int:
 
 def observed(server, payloads, dim: int, observers: int, clients: int, seconds: float,
              attack: bool) -> dict:  # fmt: skip
-    """One round: the observers' process and, beside it, `clients` clients here."""
-    command = [sys.executable, __file__, "--observe", str(server.port), str(dim), str(seconds),
+    """One round: the observers' process and, beside it, `clients` clients here; both stop
+    at the same time (the observers start later, after their imports)."""
+    ends = time.time() + seconds
+    command = [sys.executable, __file__, "--observe", str(server.port), str(dim), str(ends),
                "--observers", str(observers)]  # fmt: skip
     with subprocess.Popen(command, stdout=subprocess.PIPE) as process:
         run = asyncio.run(soak(server.port, server.pid, payloads, clients, seconds, attack))
@@ -95,9 +97,11 @@ def observed(server, payloads, dim: int, observers: int, clients: int, seconds: 
     return run
 
 
-def observe(port: int, dim: int, seconds: float, clients: int) -> int:
-    """The observers' process: good requests only; their latencies as JSON on stdout."""
-    run = asyncio.run(soak(port, None, Payloads(dim, with_attacks=False), clients, seconds, False))
+def observe(port: int, dim: int, ends: float, clients: int) -> int:
+    """The observers' process, until `ends` (time.time()): good requests only; their
+    latencies as JSON on stdout."""
+    payloads = Payloads(dim, with_attacks=False)
+    run = asyncio.run(soak(port, None, payloads, clients, max(ends - time.time(), 0.0), False))
     statuses = [[kind, status, n] for (kind, status), n in run["statuses"].items()]
     print(json.dumps({"good": run["good"], "statuses": statuses}))
     return 0
