@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from PIL import Image
 
 from center_embed import __version__
 from center_embed.enrolment import centers_file_for
@@ -131,6 +132,9 @@ async def _lifespan(
         await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
         await asyncio.to_thread(decode_pool.wait_ready)
         await asyncio.to_thread(large_pool.wait_ready)
+        # Every Pillow plugin imported now (~50 ms), not on the event loop by the first image
+        # whose format the pool picker sniffs (decode_pool.DecodeExecutor.for_image).
+        await asyncio.to_thread(Image.init)
     except BaseException:
         decode_pool.close()
         large_pool.close()
