@@ -418,23 +418,28 @@ def looks_allowed(data: bytes, formats: Collection[str] | None) -> bool:
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SNIFF_BYTES = 65536  # where the sniff looks for a JPEG's frame header, at most
+SNIFF_STEPS = 64  # segments (and fill bytes) it steps over, at most: real headers hold a dozen
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 
 
 def header_pixels(data: bytes) -> int | None:
     """Width x height as a PNG's IHDR or a JPEG's frame header (its first SOF, within the
-    first SNIFF_BYTES) declares them, or None for other formats and headers not found.
+    first SNIFF_BYTES and SNIFF_STEPS segments) declares them, or None for other formats
+    and headers not found.
 
-    What a decode will cost, guessed from a few bytes in pure Python (microseconds, bounded
-    by SNIFF_BYTES whatever the file), without Pillow: the service sends images it can tell
-    are small to the decoders kept for them (service/decode_pool.py). It is a guess, never
-    a check: the decoder reads the header again and enforces every limit itself."""
+    What a decode will cost, guessed from a few bytes in pure Python, without Pillow (at
+    most SNIFF_STEPS steps whatever the file: it runs on the service's event loop). The
+    service sends images it can tell are small to the decoders kept for them
+    (service/decode_pool.py). It is a guess, never a check: the decoder reads the header
+    again and enforces every limit itself."""
     if data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
     if data[:3] != JPEG_MAGIC:
         return None
     pos, end = 2, min(len(data), SNIFF_BYTES)
-    while pos + 9 <= end and data[pos] == 0xFF:
+    for _ in range(SNIFF_STEPS):
+        if pos + 9 > end or data[pos] != 0xFF:
+            return None
         marker = data[pos + 1]
         if marker == 0xFF:  # a fill byte
             pos += 1

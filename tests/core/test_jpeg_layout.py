@@ -141,3 +141,14 @@ def test_header_pixels_reads_a_pngs_ihdr_and_nothing_else():
     assert imageio.header_pixels(b"\xff\xd8\xff") is None  # a JPEG cut after its magic
     scan_first = b"\xff\xd8\xff\xda\x00\x08" + bytes(6) + b"\xff\xc0\x00\x11\x08\x01\x00\x01\x00"
     assert imageio.header_pixels(scan_first) is None  # a scan before any frame header
+
+
+def test_header_pixels_takes_a_bounded_number_of_steps():
+    """It runs on the event loop: a header of fill bytes or restart markers (64 KB of them,
+    65,536 steps of Python) is given up after SNIFF_STEPS, before its frame header."""
+    data = jpeg(textured(24, 40))
+    few = imageio.SNIFF_STEPS - 10
+    assert imageio.header_pixels(data[:2] + b"\xff" * few + data[2:]) == 24 * 40
+    for filler in (b"\xff", b"\xff\xd0"):
+        padded = data[:2] + filler * (60_000 // len(filler)) + data[2:]
+        assert imageio.header_pixels(padded) is None
