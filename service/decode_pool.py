@@ -32,15 +32,16 @@ recursively). Since a start takes that long, the pool keeps one spare worker bey
 becomes the next spare.
 
 Two pools, by what an image will cost: the service keeps one pool for images whose header
-(imageio.header_pixels: a PNG's IHDR, a JPEG's frame header) says they are small (at most
-SMALL_IMAGE_PIXELS, a few ms to decode) and for bytes decoding refuses at once (a format
-outside the allowlist, no image), and another, of half as many processes at a lower CPU
-priority (nice LARGE_IMAGE_NICENESS), for every other image (large ones, and allowed formats
-the sniff does not read). Large decodes, however many a client sends, never hold the
-workers small images wait for, and they take the CPU only when the event loop, the inference
-threads and the small decodes leave it: a flood of 4096² images slows down the flood (its
-requests may time out, 504), not everyone's 32² requests. Header probes go to the small
-pool (they read headers, never pixels). `DecodeExecutor.for_image` picks the pool.
+(imageio.decode_cost: a PNG's IHDR, a JPEG's frame header, a progressive JPEG counted 16
+times) says they are cheap (at most SMALL_IMAGE_PIXELS: a few tens of ms at worst) and for
+bytes decoding refuses at once (a format outside the allowlist, no image), and another, of
+half as many processes at a lower CPU priority (nice LARGE_IMAGE_NICENESS), for every other
+image (large ones, and allowed formats the sniff does not read). Large decodes, however many
+a client sends, never hold the workers small images wait for, and they take the CPU only
+when the event loop, the inference threads and the small decodes leave it: a flood of 4096²
+images slows down the flood (its requests may time out, 504), not everyone's 32² requests.
+Header probes go to the small pool (they read headers, never pixels).
+`DecodeExecutor.for_image` picks the pool.
 
 Each worker limits its own address space (RLIMIT_AS) to what it had after start-up (its
 VmSize, ~120 MiB) plus `address_space` bytes (default: `address_space_for(max_pixels)`,
@@ -76,15 +77,15 @@ from center_embed.imageio import (
     ImageFormatError,
     ImageTooLargeError,
     check_size,
+    decode_cost,
     decode_image,
-    header_pixels,
     image_size,
     looks_allowed,
 )
 
 MiB = 1024 * 1024
 START_TIMEOUT_S = 30.0
-SMALL_IMAGE_PIXELS = 1 << 20  # 1024²: decoded in a few ms (module docstring: two pools)
+SMALL_IMAGE_PIXELS = 1 << 20  # 1024² (module docstring: two pools)
 LARGE_IMAGE_NICENESS = 10  # the large pool's workers: about a tenth of a core's share
 _PIXELS, _VALUE, _ERROR = b"P", b"V", b"E"  # the first byte of a reply
 _ERRORS: dict[str, type[Exception]] = {
@@ -489,9 +490,9 @@ class DecodeExecutor(ThreadPoolExecutor):
         decodes."""
         if self.large is None:
             return self
-        pixels = header_pixels(data)
-        if pixels is not None:
-            return self if pixels <= SMALL_IMAGE_PIXELS else self.large
+        cost = decode_cost(data)
+        if cost is not None:
+            return self if cost <= SMALL_IMAGE_PIXELS else self.large
         return self.large if looks_allowed(data, formats) else self
 
     def close_pools(self) -> None:

@@ -116,39 +116,40 @@ def test_a_jpeg_with_extraneous_bytes_decodes_once_like_pillow(monkeypatch):
     np.testing.assert_array_equal(got, decode_image(junk, 32))
 
 
-# --------------------------------------------------------------------------- header_pixels
+# --------------------------------------------------------------------------- decode_cost
 
 
 @pytest.mark.parametrize("progressive", [False, True])
-def test_header_pixels_reads_a_jpegs_frame_header(progressive):
+def test_decode_cost_reads_a_jpegs_frame_header(progressive):
     data = jpeg(textured(24, 40), progressive=progressive)
-    assert imageio.header_pixels(data) == 24 * 40
+    cost = 24 * 40 * (imageio.PROGRESSIVE_PASSES if progressive else 1)
+    assert imageio.decode_cost(data) == cost
     # Behind 60 KB of other segments (EXIF, comments) it is still found; further, not.
-    assert imageio.header_pixels(with_segments_before(data, comment(60_000))) == 24 * 40
-    assert imageio.header_pixels(with_segments_before(data, *[comment(60_000)] * 2)) is None
+    assert imageio.decode_cost(with_segments_before(data, comment(60_000))) == cost
+    assert imageio.decode_cost(with_segments_before(data, *[comment(60_000)] * 2)) is None
 
 
-def test_header_pixels_reads_a_pngs_ihdr_and_nothing_else():
+def test_decode_cost_reads_a_pngs_ihdr_and_nothing_else():
     def encoded(fmt: str, size: tuple[int, int]) -> bytes:
         buf = io.BytesIO()
         Image.new("RGB", size).save(buf, fmt)
         return buf.getvalue()
 
-    assert imageio.header_pixels(encoded("PNG", (4096, 3))) == 4096 * 3
+    assert imageio.decode_cost(encoded("PNG", (4096, 3))) == 4096 * 3
     for fmt in ("WEBP", "GIF", "BMP", "TIFF"):  # the large images' pool takes these
-        assert imageio.header_pixels(encoded(fmt, (8, 8))) is None
-    assert imageio.header_pixels(b"") is None
-    assert imageio.header_pixels(b"\xff\xd8\xff") is None  # a JPEG cut after its magic
+        assert imageio.decode_cost(encoded(fmt, (8, 8))) is None
+    assert imageio.decode_cost(b"") is None
+    assert imageio.decode_cost(b"\xff\xd8\xff") is None  # a JPEG cut after its magic
     scan_first = b"\xff\xd8\xff\xda\x00\x08" + bytes(6) + b"\xff\xc0\x00\x11\x08\x01\x00\x01\x00"
-    assert imageio.header_pixels(scan_first) is None  # a scan before any frame header
+    assert imageio.decode_cost(scan_first) is None  # a scan before any frame header
 
 
-def test_header_pixels_takes_a_bounded_number_of_steps():
+def test_decode_cost_takes_a_bounded_number_of_steps():
     """It runs on the event loop: a header of fill bytes or restart markers (64 KB of them,
     65,536 steps of Python) is given up after SNIFF_STEPS, before its frame header."""
     data = jpeg(textured(24, 40))
     few = imageio.SNIFF_STEPS - 10
-    assert imageio.header_pixels(data[:2] + b"\xff" * few + data[2:]) == 24 * 40
+    assert imageio.decode_cost(data[:2] + b"\xff" * few + data[2:]) == 24 * 40
     for filler in (b"\xff", b"\xff\xd0"):
         padded = data[:2] + filler * (60_000 // len(filler)) + data[2:]
-        assert imageio.header_pixels(padded) is None
+        assert imageio.decode_cost(padded) is None

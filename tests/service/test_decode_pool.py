@@ -222,6 +222,12 @@ def test_an_image_goes_to_the_pool_its_header_says():
     try:
         assert small.for_image(encode(np.zeros((32, 32, 3), np.uint8)), SAFE_FORMATS) is small
         assert small.for_image(save(Image.new("RGB", (1024, 1024)), "JPEG"), SAFE_FORMATS) is small
+        # A progressive JPEG may take 100 passes: counted 16 times its pixels.
+        progressive = {"progressive": True}
+        square = Image.new("RGB", (256, 256))
+        assert small.for_image(save(square, "JPEG", **progressive), SAFE_FORMATS) is small
+        assert small.for_image(save(square.resize((257, 256)), "JPEG", **progressive),
+                               SAFE_FORMATS) is large  # fmt: skip
         assert small.for_image(encode(np.zeros((1025, 1024, 3), np.uint8)), SAFE_FORMATS) is large
         assert small.for_image(webp, SAFE_FORMATS) is large  # its size is not sniffed
         assert small.for_image(webp, ["PNG", "JPEG"]) is small  # refused at once: 415
