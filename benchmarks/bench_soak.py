@@ -48,7 +48,8 @@ ROUNDS = ("quiet", "busy", "under attack")
 # Attacks whose point is a costly decode (images over 1024² pixels, or held on purpose): the
 # service decodes large images at a low CPU priority, so under load they may time out (504)
 # by design. Every other attack must be answered 4xx or have its connection closed.
-DECODE_COST_ATTACKS = ("slow decode", "float tiff", "needle png", "10k-scan jpeg")
+DECODE_COST_ATTACKS = ("slow decode", "float tiff", "needle png", "10k-scan jpeg",
+                       "100-scan jpeg")  # fmt: skip
 
 
 def main() -> int:
@@ -139,6 +140,8 @@ class Payloads:
             "short body": attacks.short_body(),
             "64 KB path": attacks.request("GET", attacks.long_path(), {}),
             "10k-scan jpeg": files_request("/v1/classify", attacks.repeated_scan_jpeg()),
+            # as many scans as allowed, on a size the small images' pool takes when baseline
+            "100-scan jpeg": files_request("/v1/classify", attacks.repeated_scan_jpeg(1024, 100)),
             "float tiff": files_request("/v1/classify", attacks.float_tiff()),
             "4M [] body": attacks.request("POST", "/v1/embed", json_type,
                                           attacks.empty_lists_body()),
