@@ -248,11 +248,15 @@ def _sniff_format(source: io.BytesIO | Path | str) -> str | None:
     else:
         with open(source, "rb") as f:
             prefix = f.read(64)
+    return next(_accepting(prefix), None)
+
+
+def _accepting(prefix: bytes) -> Iterator[str]:
+    """The Pillow formats whose header check (`accept`) passes on these first bytes."""
     Image.init()
     for name, (_, accept) in Image.OPEN.items():
         if accept is not None and accept(prefix):
-            return name
-    return None
+            yield name
 
 
 # --------------------------------------------------------------------------- JPEG layout
@@ -406,14 +410,8 @@ def looks_allowed(data: bytes, formats: Collection[str] | None) -> bool:
     when None): Pillow's own `accept` functions on 64 bytes, microseconds. False for a format
     outside the allowlist and for bytes of no image format at all, which decoding refuses at
     once (415, 400)."""
-    Image.init()
     allowed = None if formats is None else {f.upper() for f in formats}
-    prefix = data[:64]
-    return any(
-        accept is not None and accept(prefix)
-        for name, (_, accept) in Image.OPEN.items()
-        if allowed is None or name in allowed
-    )
+    return any(allowed is None or name in allowed for name in _accepting(data[:64]))
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -110,17 +110,7 @@ async def _lifespan(
 ) -> AsyncIterator[None]:
     """Open the model, start the decode pool and the batcher, and keep them on app.state
     (the one place it is set; service/deps.py reads it); at shutdown, answer what is queued."""
-    workers = settings.decode_threads or os.cpu_count() or 1
-    # Small images and large ones in pools of their own (service/decode_pool.py): at most
-    # half the cores decode large images at once. Their processes start meanwhile.
-    large_workers = max(1, workers // 2)
-    decode_pool = DecodePool(
-        workers, min(settings.max_pixels, SMALL_IMAGE_PIXELS), observer=metrics.decode_pool("small")
-    )
-    large_pool = DecodePool(
-        large_workers, settings.max_pixels, niceness=LARGE_IMAGE_NICENESS,
-        observer=metrics.decode_pool("large"),
-    )  # fmt: skip
+    pools = _decode_pools(settings, metrics)  # their processes start meanwhile
     try:
         model = given_model
         if model is None:
@@ -130,20 +120,17 @@ async def _lifespan(
             log.info("model opened", extra={"fields": {"runtime": model.runtime}})
         centers_file = settings.centers_file or centers_file_for(model.model.path)
         await asyncio.to_thread(model.use_centers_file, centers_file)  # another model's: refused
-        await asyncio.to_thread(decode_pool.wait_ready)
-        await asyncio.to_thread(large_pool.wait_ready)
-        # Every Pillow plugin imported now (~50 ms), not on the event loop by the first image
-        # whose format the pool picker sniffs (decode_pool.DecodeExecutor.for_image).
-        await asyncio.to_thread(Image.init)
+        await _decoding_ready(pools)
     except BaseException:
-        decode_pool.close()
-        large_pool.close()
+        for pool in pools:
+            pool.close()
         raise
     metrics.centers_version.set(model.current_centers().version)
     metrics.set_model(model.info.unknown_threshold)
+    small_pool, large_pool = pools
     timeouts = (settings.timeout_s, settings.decode_timeout_s)
-    large = DecodeExecutor(large_pool, large_workers, *timeouts)
-    decoder = DecodeExecutor(decode_pool, workers, *timeouts, large=large)
+    large = DecodeExecutor(large_pool, large_pool.size, *timeouts)  # a thread per worker
+    decoder = DecodeExecutor(small_pool, small_pool.size, *timeouts, large=large)
     batcher = MicroBatcher(
         lambda images: model.run(images),  # late-bound: a test may wrap model.run
         max_batch=settings.max_batch,
@@ -154,7 +141,7 @@ async def _lifespan(
     state = app.state
     state.settings, state.metrics, (state.keys, state.admin_keys) = settings, metrics, keys
     state.model, state.decoder, state.batcher = model, decoder, batcher
-    state.decode_pool, state.large_decode_pool = decode_pool, large_pool
+    state.decode_pool, state.large_decode_pool = small_pool, large_pool
     state.ready, state.warmup_error = False, None  # until _warm_up has passed
     batcher.start()
     warm_up = asyncio.create_task(_warm_up(app, model))
@@ -170,6 +157,28 @@ async def _lifespan(
         await batcher.close()  # answers whatever is still queued
         decoder.shutdown(wait=True, cancel_futures=True)  # queued decodes of cut requests
         log.info("stopped", extra={"fields": {"model": str(settings.model)}})
+
+
+def _decode_pools(settings: Settings, metrics: Metrics) -> tuple[DecodePool, DecodePool]:
+    """Small images' pool and large ones' (service/decode_pool.py): at most half the cores
+    decode large images at once, at a lower priority."""
+    workers = settings.decode_threads or os.cpu_count() or 1
+    small = DecodePool(
+        workers, min(settings.max_pixels, SMALL_IMAGE_PIXELS), observer=metrics.decode_pool("small")
+    )
+    large = DecodePool(
+        max(1, workers // 2), settings.max_pixels, niceness=LARGE_IMAGE_NICENESS,
+        observer=metrics.decode_pool("large"),
+    )  # fmt: skip
+    return small, large
+
+
+async def _decoding_ready(pools: tuple[DecodePool, ...]) -> None:
+    for pool in pools:
+        await asyncio.to_thread(pool.wait_ready)
+    # Every Pillow plugin imported now (~50 ms), not on the event loop by the first image
+    # whose format the pool picker sniffs (decode_pool.DecodeExecutor.for_image).
+    await asyncio.to_thread(Image.init)
 
 
 async def _warm_up(app: FastAPI, model: ServedModel) -> None:

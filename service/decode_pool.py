@@ -86,7 +86,7 @@ from center_embed.imageio import (
 MiB = 1024 * 1024
 START_TIMEOUT_S = 30.0
 SMALL_IMAGE_PIXELS = 1 << 20  # 1024² (module docstring: two pools)
-LARGE_IMAGE_NICENESS = 10  # the large pool's workers: about a tenth of a core's share
+LARGE_IMAGE_NICENESS = 10  # the large pool's workers: CFS weight 110 against nice 0's 1024
 _PIXELS, _VALUE, _ERROR = b"P", b"V", b"E"  # the first byte of a reply
 _ERRORS: dict[str, type[Exception]] = {
     "format": ImageFormatError,
@@ -183,8 +183,7 @@ class DecodePool:
         """imageio.decode_image(data, size, max_pixels, formats) in a worker, by `deadline`
         (time.monotonic()): uint8 (size, size, 3). `max_pixels` is capped at the pool's own
         (the small images' pool refuses an image whose header lied to the sniff)."""
-        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
-        reply = self._call("decode", (data, size, limit, formats), deadline)
+        reply = self._call("decode", (data, size, self._cap(max_pixels), formats), deadline)
         return np.frombuffer(reply, np.uint8, offset=1).reshape(size, size, 3)
 
     def probe(
@@ -212,7 +211,10 @@ class DecodePool:
     ) -> dict[str, int]:
         """Tests: decode as `decode` does, and say what it cost the worker: its VmRSS before,
         its peak VmHWM after (reset to VmRSS first), its VmSize and its RLIMIT_AS, in bytes."""
-        return self._call("measure", (data, size, max_pixels, formats), deadline)
+        return self._call("measure", (data, size, self._cap(max_pixels), formats), deadline)
+
+    def _cap(self, max_pixels: int | None) -> int:
+        return self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
 
     @property
     def busy(self) -> int:

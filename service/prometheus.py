@@ -124,17 +124,7 @@ class Metrics:
             "center_embed_centers_version", "version of the centers served (0: the model's own)",
             multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
-        self.decode_busy = Gauge(
-            "center_embed_decode_busy", "decode calls in flight (each holds a worker process), "
-            "by pool: small or large images", ["pool"], multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
-        self.decode_replaced = Counter(
-            "center_embed_decode_workers_replaced", "decode worker processes killed past a "
-            "deadline or dead, and replaced, by pool", ["pool"], registry=r,
-        )  # fmt: skip
-        for pool in DECODE_POOLS:  # exported at 0 from the start
-            self.decode_busy.labels(pool)
-            self.decode_replaced.labels(pool)
+        self._add_decode_metrics()
         self.unknown_score: Histogram | None = None
         r.register(CONNECTION_REFUSALS)
         self.connection_refusals = CONNECTION_REFUSALS
@@ -157,6 +147,20 @@ class Metrics:
         self.unknown_score = self._histogram(
             "center_embed_unknown_score", text + "; a drift signal", buckets
         )
+
+    def _add_decode_metrics(self) -> None:
+        self.decode_busy = Gauge(
+            "center_embed_decode_busy", "decode calls in flight (each holds a worker process), "
+            "by pool: small or large images", ["pool"], multiprocess_mode="livesum",
+            registry=self.registry,
+        )  # fmt: skip
+        self.decode_replaced = Counter(
+            "center_embed_decode_workers_replaced", "decode worker processes killed past a "
+            "deadline or dead, and replaced, by pool", ["pool"], registry=self.registry,
+        )  # fmt: skip
+        for pool in DECODE_POOLS:  # exported at 0 from the start
+            self.decode_busy.labels(pool)
+            self.decode_replaced.labels(pool)
 
     def decode_pool(self, pool: str) -> DecodePoolMetrics:
         """The observer that counts a decode pool's work here (service/decode_pool.py)."""

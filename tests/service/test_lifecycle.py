@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks._common import descendants
 from center_embed.runtime import RuntimeOptions
 from center_embed.service.app import create_app
 from center_embed.service.served_model import ServedModel
@@ -120,15 +121,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_onnx, images):
 
 def decode_workers_under(pid: int) -> list[int]:
     """The decode worker processes among `pid`'s descendants (service/decode_pool.py)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        todo += children.get(child, [])
+    found = []
+    for child in descendants(pid):
         with contextlib.suppress(OSError):
             if b"_worker_entry" in Path(f"/proc/{child}/cmdline").read_bytes():
                 found.append(child)
