@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import struct
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -255,7 +256,11 @@ def _accepting(prefix: bytes) -> Iterator[str]:
     """The Pillow formats whose header check (`accept`) passes on these first bytes."""
     Image.init()
     for name, (_, accept) in Image.OPEN.items():
-        if accept is not None and accept(prefix):
+        try:
+            accepted = accept is not None and accept(prefix)
+        except struct.error:  # some checks (DIB's) unpack 4 bytes from any prefix
+            accepted = False
+        if accepted:
             yield name
 
 

@@ -29,6 +29,11 @@ JSON_TYPE = {"content-type": "application/json"}
             id="text-file",
         ),
         pytest.param(
+            {"files": multipart(b"ab", names=["two.bytes"])},  # shorter than any header check
+            400, "bad_image", 'files[0] ("two.bytes"): not an image format Pillow can read',
+            id="two-bytes",
+        ),
+        pytest.param(
             {"files": multipart(b"", names=["empty.png"])},
             400, "bad_image", 'files[0] ("empty.png") is empty', id="empty-file",
         ),

@@ -233,6 +233,9 @@ def test_an_image_goes_to_the_pool_its_header_says():
         assert small.for_image(webp, ["PNG", "JPEG"]) is small  # refused at once: 415
         assert small.for_image(EPS, SAFE_FORMATS) is small
         assert small.for_image(b"not an image", SAFE_FORMATS) is small
+        for short in (b"", b"ab", b"abc"):  # DIB's header check needs 4 bytes
+            assert small.for_image(short, SAFE_FORMATS) is small
+            assert small.for_image(short, None) is small
     finally:
         small.shutdown()
 
