@@ -34,6 +34,7 @@ from center_embed.service.decode_pool import (
 )
 from center_embed.service.errors import install_handlers
 from center_embed.service.middleware import ObservabilityMiddleware
+from center_embed.service.pipeline import ImagePipeline
 from center_embed.service.prometheus import Metrics
 from center_embed.service.routes import enrolment, health, inference, model_info, v2
 from center_embed.service.security import KeyChecker
@@ -142,6 +143,7 @@ async def _lifespan(
     state.settings, state.metrics, (state.keys, state.admin_keys) = settings, metrics, keys
     state.model, state.decoder, state.batcher = model, decoder, batcher
     state.decode_pool, state.large_decode_pool = small_pool, large_pool
+    state.pipeline = ImagePipeline(settings, model, batcher, decoder, metrics)
     state.ready, state.warmup_error = False, None  # until _warm_up has passed
     batcher.start()
     warm_up = asyncio.create_task(_warm_up(app, model))

@@ -30,12 +30,11 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from center_embed.enrolment import CenterSet, CentersSnapshot, EnrolmentError, check_class_name
 from center_embed.errors import UserError
-from center_embed.service.deps import ADMIN_GUARDS, MetricsDep, ModelDep
+from center_embed.service.deps import ADMIN_GUARDS, ImagePipelineDep, MetricsDep, ModelDep
 from center_embed.service.error_codes import ErrorCode
 from center_embed.service.errors import ApiError
 from center_embed.service.prometheus import Metrics
 from center_embed.service.routes.common import errors, ok
-from center_embed.service.routes.inference import ImagePipelineDep
 from center_embed.service.schemas import EnrolmentResponse, images_body
 from center_embed.service.served_model import ServedModel
 

@@ -64,6 +64,7 @@ from center_embed.service.inference_protocol import (
     images_array,
     parse_request,
 )
+from center_embed.service.pipeline import require_finite
 from center_embed.service.routes.inference import scored, timing_headers
 from center_embed.service.served_model import ServedModel
 
@@ -231,6 +232,7 @@ async def infer(
     except Closed as e:
         raise ApiError(ErrorCode.SHUTTING_DOWN, str(e)) from None
     metrics.queue_time.observe(result.queue_s)
+    require_finite(result.outputs, [f"images[{i}]" for i in range(parsed.images.count)])
     out = scored(result.outputs, centers)
     metrics.observe_scores(out["unknown_scores"], centers.unknown(out), out["atypicality"])
     content, headers = encode_response(

@@ -146,10 +146,10 @@ def test_another_models_centers_file_is_refused(model_copy, pictures, tmp_path):
 def test_requests_in_flight_keep_the_centers_they_started_with(model_copy, pictures, monkeypatch):
     """A classify held back in decoding while a PUT completes answers with the old set;
     one that starts after the PUT returned answers with the new."""
-    from center_embed.service.routes import inference
+    from center_embed.service import pipeline
 
     gate, started = threading.Event(), threading.Event()
-    decode = inference.decode_part
+    decode = pipeline.decode_part
 
     def held_decode(part, *args):
         if "held.png" in part.name:
@@ -157,7 +157,7 @@ def test_requests_in_flight_keep_the_centers_they_started_with(model_copy, pictu
             assert gate.wait(20)
         return decode(part, *args)
 
-    monkeypatch.setattr(inference, "decode_part", held_decode)
+    monkeypatch.setattr(pipeline, "decode_part", held_decode)
     held = [("files", ("held.png", pictures[0], "image/png"))]
     answers: dict[str, dict] = {}
     with running(model_copy) as client:

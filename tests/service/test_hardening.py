@@ -244,6 +244,33 @@ def test_non_finite_model_outputs_are_a_422_naming_the_input(tiny_onnx):
         )
 
 
+@pytest.mark.parametrize(
+    ("poison", "named"),
+    [(np.nan, "b"), (np.inf, "b"), (-np.inf, "b"), (None, None), ("overflow", None)],
+)
+def test_require_finite_names_the_first_bad_row_and_passes_large_finite_values(poison, named):
+    """The check sums every value first (NaN and infinity carry into a sum); a sum that
+    overflows on finite values looks at the rows before it answers."""
+    from center_embed.service.errors import ApiError
+    from center_embed.service.pipeline import require_finite
+
+    outputs = {"embeddings": np.ones((3, 4), np.float32), "labels": np.arange(3)}
+    outputs["distances"] = np.ones((3, 2), np.float64)
+    if poison == "overflow":
+        outputs["distances"][:] = 1e308  # finite, but they sum past float64's range
+    elif poison is not None:
+        outputs["distances"][1, 1] = poison
+        outputs["embeddings"][2, 0] = -poison
+    if named is None:
+        require_finite(outputs, ["a", "b", "c"])
+        return
+    with pytest.raises(ApiError) as raised:
+        require_finite(outputs, ["a", "b", "c"])
+    assert raised.value.code == "non_finite_output"
+    assert str(raised.value).startswith("the model's outputs for b are not finite")
+    assert "2 of 3 inputs affected" in str(raised.value)
+
+
 def test_sigterm_answers_every_admitted_request_200_or_503(tiny_onnx):
     """Item 5: SIGTERM with slow requests in flight once cut two of them with a 500."""
     blank = attacks.big_blank(4096)
