@@ -121,7 +121,8 @@ def require_finite(outputs: dict[str, np.ndarray], names: list[str]) -> None:
     refuse them (a 500), and no client can use them. A finite sum of every value is proof
     enough (NaN and infinity carry into a sum), so rows are looked at only when it is not."""
     floats = [value for value in outputs.values() if value.dtype.kind == "f"]
-    if math.isfinite(sum(float(value.sum(dtype=np.float64)) for value in floats)):
+    total = sum(float(np.add.reduce(value.ravel(), dtype=np.float64)) for value in floats)
+    if math.isfinite(total):
         return
     bad = np.zeros(len(names), bool)
     for value in floats:
