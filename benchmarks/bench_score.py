@@ -1,22 +1,26 @@
-"""Scoring throughput against onnxruntime's own, on the same model and batch size.
+"""Scoring throughput against the runtime's own, on the same model and batch size.
 
     CENTER_EMBED_CACHE=/tmp/cecache .venv/bin/python benchmarks/bench_score.py \
         --model model.onnx --data /work/shared/data/cifar10
 
-The baseline is onnxruntime alone on the test split already decoded into a uint8 array
-(center_embed.data's cache), batch after batch, with onnxruntime's default threading (one
-intra-op thread per core). The scorer reads the same 10,000 images from their JPEG files
-(`<data>/test`, recursively), decodes, runs the same model file at the same batch size with
-its own default settings (workers = cores + 1, one intra-op thread each; see
-service/score.py for why) and writes Parquet. A second baseline runs onnxruntime on the
-decoded arrays with the scorer's threading (single-threaded calls, `workers` at once), so
-that the ratio cannot come from a better use of onnxruntime alone: the ratio printed is
-against the faster of the two baselines.
+The scorer reads the 10,000 test images from their JPEG files (`<data>/test`, recursively),
+decodes them, runs the model file at the batch size given with its own default settings
+(`--runtime auto --precision auto`, as `center-embed score`; workers = cores + 1, one
+intra-op thread each; see center_embed/score/local.py for why) and writes Parquet. The
+baselines run the same file on the same images already decoded into a uint8 array
+(center_embed.data's cache), batch after batch, in this process:
 
-All are measured in this one run, alternating, so that a load that comes and goes (another
-job on the machine) weighs on each alike (--pairing class alternates every 1,000 images);
-the target is a ratio of at least 0.9. CPU milliseconds per image are printed too: they
-show what decoding and writing cost even when the wall-clock figures are noisy.
+- onnxruntime fp32 with its default threading (one intra-op thread per core), and with the
+  scorer's threading (single-threaded calls, `workers` at once);
+- the runtime and precision the scorer chose, with the scorer's threading (when that is not
+  onnxruntime fp32).
+
+Two ratios per round: the scorer against the faster run of its own runtime (target >= 0.9:
+decoding and writing Parquet cost little) and against the faster onnxruntime fp32 run (what
+the defaults gain over the plain runtime). All are measured in this one run, alternating,
+so that a load that comes and goes (another job on the machine) weighs on each alike
+(--pairing class alternates every 1,000 images). CPU milliseconds per image are printed
+too: they show what decoding and writing cost even when the wall-clock figures are noisy.
 
 Without --model, --checkpoint is exported to a temporary ONNX file first (needs torch).
 """
@@ -38,7 +42,7 @@ from _common import add_json_argument, write_results
 
 from center_embed.data import load_dataset
 from center_embed.runtime import OnnxModel, RuntimeOptions
-from center_embed.score.local import default_workers, score
+from center_embed.score.local import default_workers, open_scoring_model, score
 
 TARGET = 0.9
 
@@ -120,6 +124,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="scorer workers (0: its default)")
     p.add_argument("--threads", type=int, default=1, help="scorer's intra-op threads")
+    p.add_argument("--runtime", default="auto", help="the scorer's --runtime (default: auto)")
+    p.add_argument("--precision", default="auto", help="the scorer's --precision")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--pairing",
@@ -133,28 +139,36 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def rounds(model, scorer_model, work, workers: int, tmp: Path, args):
-    """Per round, the scorer against the faster onnxruntime baseline: (wall, CPU) ratios,
-    and the scorer's own images/s."""
-    ratios, cpu_ratios, rates = [], [], []
+def rounds(baselines: dict[str, tuple], scorer_model, work, own: list[str], tmp: Path, args):
+    """Per round, the scorer against the faster of its own runtime's baselines (`own`) and
+    against the faster onnxruntime fp32 one: wall ratios, CPU ratios, the scorer's images/s."""
+    ratios: dict[str, list[float]] = {"own": [], "onnxruntime": [], "own_cpu": []}
+    rates = []
     for r in range(args.rounds):
-        default, same, scoring, rows = Clock.zero(), Clock.zero(), Clock.zero(), 0
+        clocks = dict.fromkeys(baselines, Clock.zero())
+        scoring, rows = Clock.zero(), 0
         for arrays, folder in work:
-            default += onnxruntime_pass(model, arrays, args.batch_size, 1)
-            same += onnxruntime_pass(scorer_model, arrays, args.batch_size, workers)
+            for name, (model, calls) in baselines.items():
+                clocks[name] += onnxruntime_pass(model, arrays, args.batch_size, calls)
             timed, n = scoring_pass(scorer_model, folder, tmp / "s.parquet", args)
             scoring, rows = scoring + timed, rows + n
         assert rows == sum(len(arrays) for arrays, _ in work), rows
-        best = min(default, same, key=lambda c: c.wall)
-        ratios.append(best.wall / scoring.wall)
+        best_own = min((clocks[name] for name in own), key=lambda c: c.wall)
+        best_ort = min((clocks[name] for name in ORT_BASELINES), key=lambda c: c.wall)
+        ratios["own"].append(best_own.wall / scoring.wall)
+        ratios["own_cpu"].append(best_own.cpu / scoring.cpu)
+        ratios["onnxruntime"].append(best_ort.wall / scoring.wall)
         rates.append(rows / scoring.wall)
-        cpu_ratios.append(best.cpu / scoring.cpu)
+        shown = "; ".join(f"{name} {show(clock, rows)}" for name, clock in clocks.items())
         print(
-            f"round {r + 1}: onnxruntime on decoded arrays, default threads "
-            f"{show(default, rows)}, scorer's threads {show(same, rows)}; scoring {rows} "
-            f"files to Parquet {show(scoring, rows)}; ratio to the faster {ratios[-1]:.3f}"
+            f"round {r + 1}: in process on decoded arrays: {shown}; scoring {rows} files to "
+            f"Parquet {show(scoring, rows)}; ratio to its own runtime {ratios['own'][-1]:.3f}, "
+            f"to onnxruntime fp32 {ratios['onnxruntime'][-1]:.3f}"
         )
-    return ratios, cpu_ratios, rates
+    return ratios, rates
+
+
+ORT_BASELINES = ("onnxruntime fp32, default threads", "onnxruntime fp32, scorer's threads")
 
 
 def main() -> int:
@@ -166,37 +180,50 @@ def main() -> int:
             from center_embed.export.onnx_export import export_checkpoint
 
             export_checkpoint(args.checkpoint, model_path)
-        model = OnnxModel(model_path, RuntimeOptions(device="cpu"))  # onnxruntime's defaults
-        scorer_model = OnnxModel(
-            model_path, RuntimeOptions(device="cpu", threads=args.threads)
-        )  # the scorer's settings
+        chosen = RuntimeOptions("cpu", args.threads, args.runtime, args.precision)
+        scorer_model = open_scoring_model(model_path, chosen)  # as `center-embed score`
+        ort = RuntimeOptions("cpu", args.threads, "onnxruntime", "fp32")
         workers = args.workers or default_workers()
-        size = model.info.input_size[0]
+        baselines = {
+            ORT_BASELINES[0]: (OnnxModel(model_path, RuntimeOptions("cpu", 0, "onnxruntime",
+                                                                    "fp32")), 1),
+            ORT_BASELINES[1]: (open_scoring_model(model_path, ort), workers),
+        }  # fmt: skip
+        runtime = scorer_model.runtime  # {"runtime": ..., "precision": ..., "reason": ...}
+        own = list(ORT_BASELINES)
+        if (runtime["runtime"], runtime["precision"]) != ("onnxruntime", "fp32"):
+            own = [f"{runtime['runtime']} {runtime['precision']}, scorer's threads"]
+            baselines[own[0]] = (scorer_model, workers)
+        size = scorer_model.info.input_size[0]
         dataset = load_dataset(args.data, size)
         images = np.ascontiguousarray(dataset.test.images)
         work = pairs(args, images, np.asarray(dataset.test.labels), dataset.class_names)
-        info = model.info
+        info = scorer_model.info
         print(
             f"model {model_path.name}: {info.embedding_dim}-d, {info.num_classes} classes, "
-            f"{size}px, {model.provider}; {len(images)} test images, batch size "
+            f"{size}px; scorer on {runtime['runtime']} {runtime['precision']} "
+            f"({runtime.get('reason', '')}); {len(images)} test images, batch size "
             f"{args.batch_size}, pairing {args.pairing}; {os.cpu_count()} cores, scorer "
             f"{workers} workers x {args.threads} thread; load average "
             f"{os.getloadavg()[0]:.1f} at start"
         )
-        for m in (model, scorer_model):
-            m.run(images[: args.batch_size])  # warm-up: first-run allocations
-        ratios, cpu_ratios, rates = rounds(model, scorer_model, work, workers, Path(tmp), args)
-    overall = statistics.median(ratios)
+        for model, _ in baselines.values():
+            model.run(images[: args.batch_size])  # warm-up: first-run allocations
+        ratios, rates = rounds(baselines, scorer_model, work, own, Path(tmp), args)
+    overall = statistics.median(ratios["own"])
     print(
-        f"median ratio {overall:.3f} (target >= {TARGET}); median CPU-time ratio "
-        f"{statistics.median(cpu_ratios):.3f}; load average {os.getloadavg()[0]:.1f} "
+        f"median ratio to its own runtime {overall:.3f} (target >= {TARGET}); to onnxruntime "
+        f"fp32 {statistics.median(ratios['onnxruntime']):.3f}; median CPU-time ratio "
+        f"{statistics.median(ratios['own_cpu']):.3f}; load average {os.getloadavg()[0]:.1f} "
         f"at end"
     )
     results = {"model": str(model_path), "images": len(images), "batch_size": args.batch_size,
                "workers": workers, "threads": args.threads, "pairing": args.pairing,
-               "ratios": ratios, "cpu_ratios": cpu_ratios, "median_ratio": overall,
-               "median_cpu_ratio": statistics.median(cpu_ratios), "target": TARGET,
-               "images_per_second": statistics.median(rates),
+               "runtime": runtime, "ratios": ratios["own"], "cpu_ratios": ratios["own_cpu"],
+               "median_ratio": overall, "median_cpu_ratio": statistics.median(ratios["own_cpu"]),
+               "ratios_to_onnxruntime_fp32": ratios["onnxruntime"],
+               "median_ratio_to_onnxruntime_fp32": statistics.median(ratios["onnxruntime"]),
+               "target": TARGET, "images_per_second": statistics.median(rates),
                "rounds_images_per_second": rates}  # fmt: skip
     write_results("score", results, args.json)
     return 0 if overall >= TARGET else 1
