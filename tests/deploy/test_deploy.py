@@ -77,7 +77,8 @@ def instructions(lines: list[str], keyword: str) -> list[str]:
 def test_dockerfile_key_lines(dockerfile):
     assert instructions(dockerfile, "FROM") == ["python:3.11-slim"]
     (install,) = [r for r in instructions(dockerfile, "RUN") if "pip install" in r]
-    assert '".[serve,cpu]"' in install and "train" not in install  # no torch in the image
+    # No torch in the image; OpenVINO beside onnxruntime, for `--runtime auto` to choose.
+    assert '".[serve,cpu,openvino]"' in install and "train" not in install
     (user,) = instructions(dockerfile, "USER")
     assert user not in ("root", "0")
     assert any(f"--uid {user}" in r for r in instructions(dockerfile, "RUN"))
