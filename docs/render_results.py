@@ -82,10 +82,13 @@ def new_shape_files() -> list[tuple[str, dict[str, Any]]]:
     return sorted(found, key=lambda item: (str(item[1].get("date", "")), item[0]))
 
 
-def newest(benchmark: str, key: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest new-shape file of `benchmark` whose results hold `key` (dotted: nested)."""
+def newest(benchmark: str, key: str, defaults: bool = False) -> tuple[str, dict[str, Any]] | None:
+    """The newest new-shape file of `benchmark` whose results hold `key` (dotted: nested);
+    `defaults`: only runs with the command's default runtime (no --runtime in the command)."""
     hits = [(n, d) for n, d in new_shape_files() if d["benchmark"] == benchmark]
     hits = [(n, d) for n, d in hits if result(d, key) is not None]
+    if defaults:
+        hits = [(n, d) for n, d in hits if "--runtime" not in d.get("command", "")]
     return hits[-1] if hits else None
 
 
@@ -191,8 +194,8 @@ def headline() -> str:
     mean, worst, worst_auc = far_ood_mean(s)
     n = s["nearest_center_accuracy_onnx"]["n"]
     n_splits = o["open_set_auroc"]["n"]
-    served = newest("service", "load.requests_per_second")
-    scored = newest("score", "images_per_second")
+    served = newest("service", "load.requests_per_second", defaults=True)
+    scored = newest("score", "images_per_second", defaults=True)
     seeds, over_splits = f"{n} seeds", f"{n_splits} splits"
     far = f"{mean:.3f} (worst: {worst.replace('_', ' ')}, {worst_auc:.3f})"
     rows = [
@@ -479,6 +482,26 @@ def serving() -> str:
     return "\n\n".join([table(header, rows), note, source_line(*files, docs=docs)])
 
 
+def scoring() -> str:
+    """`score` with its defaults against the runtimes alone, in process, on decoded images."""
+    found = newest("score", "median_ratio_to_onnxruntime_fp32")
+    if found is None:
+        return "No results file yet."
+    name, doc = found
+    r = doc["results"]
+    ran = f"{r['runtime']['runtime']} {r['runtime']['precision']}"
+    speed = [f"{r['images_per_second']:,.0f}", f"{r['median_ratio']:.2f}×",
+             f"{r['median_ratio_to_onnxruntime_fp32']:.2f}×"]  # fmt: skip
+    rows = [[f"`score`, {ran}, {r['images']:,} JPEGs to Parquet", *speed]]
+    header = ["scorer, runtime, input", "images/s", f"over {ran} alone",
+              "over onnxruntime fp32 alone"]  # fmt: skip
+    note = (f"Batch size {r['batch_size']}, {r['workers']} workers. The runs alone take the "
+            "same images already decoded, in one process, with the faster of their threading "
+            "choices; the scorer also decodes the JPEGs and writes Parquet. Median of "
+            f"{len(r['ratios'])} rounds.")  # fmt: skip
+    return "\n\n".join([table(header, rows), note, source_line(name, docs={name: doc})])
+
+
 def new_results() -> str:
     """Every results file in the new shape, one table each."""
     found = new_shape_files()
@@ -526,6 +549,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "single-runs": single_runs,
     "onnx-speed": onnx_speed,
     "serving": serving,
+    "scoring": scoring,
     "new-results": new_results,
 }
 
