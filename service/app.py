@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -58,6 +60,16 @@ routes: `x-queue-time` and `x-inference-time`, in milliseconds.
 """
 
 
+# The service's telemetry is /metrics (Prometheus) and JSON log lines. FastAPI's own
+# OpenTelemetry hook (in recent versions) asks three global providers on every request
+# (~20 µs); older versions have no hook, and no `telemetry` argument.
+NO_FASTAPI_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(settings: Settings | None = None, model: ServedModel | None = None) -> FastAPI:
     """An app for `settings` (default: from the environment). `model`: an already opened
     model to serve instead of opening `settings.model` (tests wrap one this way)."""
@@ -76,9 +88,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
-        # The service's telemetry is /metrics (Prometheus) and JSON log lines. FastAPI's
-        # own OpenTelemetry hook asks three global providers on every request (~20 µs).
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        **NO_FASTAPI_TELEMETRY,
     )
     install_handlers(app)
     app.include_router(health.router)
