@@ -182,13 +182,12 @@ def main() -> int:
             export_checkpoint(args.checkpoint, model_path)
         chosen = RuntimeOptions("cpu", args.threads, args.runtime, args.precision)
         scorer_model = open_scoring_model(model_path, chosen)  # as `center-embed score`
-        ort = RuntimeOptions("cpu", args.threads, "onnxruntime", "fp32")
         workers = args.workers or default_workers()
-        baselines = {
-            ORT_BASELINES[0]: (OnnxModel(model_path, RuntimeOptions("cpu", 0, "onnxruntime",
-                                                                    "fp32")), 1),
-            ORT_BASELINES[1]: (open_scoring_model(model_path, ort), workers),
-        }  # fmt: skip
+        ort_default = OnnxModel(model_path, RuntimeOptions("cpu", 0, "onnxruntime", "fp32"))
+        ort_scorer = open_scoring_model(
+            model_path, RuntimeOptions("cpu", args.threads, "onnxruntime", "fp32")
+        )
+        baselines = {ORT_BASELINES[0]: (ort_default, 1), ORT_BASELINES[1]: (ort_scorer, workers)}
         runtime = scorer_model.runtime  # {"runtime": ..., "precision": ..., "reason": ...}
         own = list(ORT_BASELINES)
         if (runtime["runtime"], runtime["precision"]) != ("onnxruntime", "fp32"):
