@@ -294,10 +294,7 @@ def distances(
     if kind == "squared_euclidean":
         d = squared_distances(embeddings, centers, center_norms)
     elif kind == "squared_euclidean_minus_norm":
-        e = embeddings.astype(np.float32, copy=False)
-        if center_norms is None:
-            center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
-        d = center_norms[None, :] - 2 * e @ centers.T
+        d = _minus_norm(embeddings.astype(np.float32, copy=False), centers, center_norms)
     else:
         raise ValueError(f"unknown distance kind {kind!r}")
     if atypicality is not None:
@@ -314,6 +311,14 @@ def class_center(embeddings: np.ndarray, kind: str = DISTANCE) -> np.ndarray:
     if kind in ("squared_euclidean", "squared_euclidean_minus_norm"):
         return embeddings.astype(np.float64).mean(0).astype(np.float32)
     raise ValueError(f"unknown distance kind {kind!r}")
+
+
+def _minus_norm(e: np.ndarray, centers: np.ndarray, center_norms: np.ndarray | None) -> np.ndarray:
+    """‖c‖² − 2·e·Cᵀ (N, C) for float32 embeddings `e`: the one matrix product the squared
+    distance and the minus-norm score share."""
+    if center_norms is None:
+        center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    return center_norms[None, :] - 2 * e @ centers.T
 
 
 def squared_distances(
@@ -343,9 +348,7 @@ def center_scores(
     image has none: pass nothing). `true_distances` (format 2): `distances` are ‖e − c‖²;
     False (format 1): they are the per-center scores themselves, atypicality included."""
     e = embeddings.astype(np.float32, copy=False)
-    if center_norms is None:
-        center_norms = (centers.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    minus_norm = center_norms[None, :] - 2 * e @ centers.T  # (N, C), the one matmul
+    minus_norm = _minus_norm(e, centers, center_norms)  # (N, C), the one matmul
     squared = np.maximum(minus_norm + (e * e).sum(1, keepdims=True), 0)  # ‖e − c‖²
     by_kind = {"squared_euclidean": squared, "squared_euclidean_minus_norm": minus_norm}
     if score_kind not in by_kind:
@@ -560,8 +563,7 @@ class SelfCheck:
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise UserError(f"{source} has a malformed self_check ({e!r:.200})") from None
         n = len(check.images)
-        if check.images.ndim != 4 or any(
-            len(a) != n for a in (check.labels, check.unknown, check.unknown_scores)
-        ):
+        rows = (check.labels, check.unknown, check.min_distances, check.unknown_scores)
+        if check.images.ndim != 4 or any(len(a) != n for a in rows):
             raise UserError(f"{source} has a malformed self_check (shapes disagree)")
         return check

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from center_embed.errors import UserError
 from center_embed.imageio import SAFE_FORMATS, known_formats
-from center_embed.runtime import RuntimeOptions
+from center_embed.runtime import SERVING_DEFAULT_RUNTIME, RuntimeOptions
 
 MiB = 1024 * 1024
 
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
         description="longest decode of one image (its worker process is then killed); 504",
     )
     runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
-        "auto",
+        SERVING_DEFAULT_RUNTIME,
         description="inference runtime; auto picks by what is installed and the CPU "
         "(checked by the model's self-check)",
     )

@@ -341,6 +341,24 @@ def test_a_model_checks_itself_under_another_runtime_and_falls_back(tiny_onnx, t
     np.testing.assert_array_equal(fell.run(check.images)["labels"], own.run(check.images)["labels"])
 
 
+@pytest.mark.parametrize("field", ["labels", "unknown", "min_distances", "unknown_scores"])
+def test_a_self_check_whose_rows_disagree_is_refused_by_name(field):
+    """Every recorded column must have a row per image: a short one is a UserError naming
+    the file, never a numpy broadcast error later in the comparison."""
+    import json
+
+    from center_embed.contract import SelfCheck
+
+    n = 4
+    check = SelfCheck(np.zeros((n, 8, 8, 3), np.uint8), np.zeros(n, np.int64), np.zeros(n, bool),
+                      np.zeros(n, np.float32), np.zeros(n, np.float32))  # fmt: skip
+    values = check.to_metadata()
+    assert SelfCheck.from_metadata(json.dumps(values)).images.shape == (n, 8, 8, 3)
+    values[field] = values[field][:-1]
+    with pytest.raises(UserError, match=r"m\.onnx has a malformed self_check \(shapes disagree"):
+        SelfCheck.from_metadata(json.dumps(values), "m.onnx")
+
+
 def test_serve_and_score_default_to_auto_checked_by_the_self_check(tiny_onnx, monkeypatch):
     """With no flag nor setting, serve and score ask for auto; the model then runs what
     choose_runtime picks here, and a pick other than the export's own ran the self-check."""
